@@ -1,0 +1,1 @@
+"""Model, config schema, losses, optimizer, schedules, checkpoints and the training loop."""

@@ -1,0 +1,308 @@
+"""Configuration schema: typed dataclasses with the defaults and the validation.
+
+YAML files in ``conf/`` only hold values; a preset is chosen with ``+conf=NAME`` and any field is
+overridden with ``section.field=value``. A wrong value fails at start-up with the field's dotted
+name and the fix (``ConfigError``). Numbers of the report are in ``conf/671b.yaml``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CONF_DIR = REPO_ROOT / "conf"
+
+
+class ConfigError(ValueError):
+    """A configuration value is wrong; the message names the field and the fix."""
+
+
+@dataclass
+class ModelConfig:
+    """DeepSeek-V3 architecture (report sec 2; spec.md, Model). Defaults: a toy shape."""
+
+    vocab_size: int = 4096
+    dim: int = 128
+    inter_dim: int = 384  # dense FFN hidden size (first n_dense_layers blocks)
+    moe_inter_dim: int = 64  # hidden size of each routed / shared expert
+    n_layers: int = 3
+    n_dense_layers: int = 1
+    n_heads: int = 4
+    q_lora_rank: int = 0  # 0 = no query compression (V2-Lite style)
+    kv_lora_rank: int = 64
+    qk_nope_head_dim: int = 32
+    qk_rope_head_dim: int = 16
+    v_head_dim: int = 32
+    n_routed_experts: int = 8
+    n_shared_experts: int = 1
+    n_activated_experts: int = 2
+    n_expert_groups: int = 1
+    topk_groups: int = 1
+    route_scale: float = 1.0
+    mtp_depth: int = 1  # D, number of sequential MTP modules (0 = none)
+    max_seq_len: int = 4096  # longest sequence the rotary tables cover
+    rope_theta: float = 10000.0
+    rope_factor: float = 1.0  # YaRN scale s (sec 4.3); 1 = no extension
+    original_seq_len: int = 4096  # pretraining context that YaRN extends
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float = 1.0
+    mscale_all_dim: float = 1.0
+    norm_eps: float = 1e-6
+    init_std: float = 0.006
+    expert_impl: str = "auto"  # auto | loop | grouped_mm  (grouped_mm needs CUDA)
+
+
+@dataclass
+class DataConfig:
+    """Corpus, tokenizer, FIM and loader (report sec 4.1)."""
+
+    source: str = "stdlib"  # "stdlib" = Python standard library sources, or a path / glob / datasets dir
+    text_field: str = "text"  # field of jsonl / parquet / datasets records
+    tokenizer: str = ""  # path to a tokenizer.json; "" = train byte-level BPE on the corpus
+    tokenizer_train_bytes: int = 32_000_000  # at most this much text trains the BPE
+    fim_rate: float = 0.1
+    max_bytes: int = 0  # use at most this many bytes of the corpus (0 = all)
+    cache_dir: str = "~/.cache/dsv3"
+    workers: int = 0  # tokenizer processes for preparation (0 = all cores)
+
+
+@dataclass
+class OptimConfig:
+    """AdamW and the learning-rate schedule (report sec 3.3.3, 4.2)."""
+
+    lr: float = 2.2e-4  # peak
+    warmup_steps: int = 2000
+    lr_hold_tokens: float = 10.0e12  # constant peak LR until this many tokens
+    lr_decay_tokens: float = 4.3e12  # then cosine decay to lr_min over this many tokens
+    lr_min: float = 2.2e-5
+    lr_tail_tokens: list[float] = field(default_factory=lambda: [333.0e9, 167.0e9])  # then constants
+    lr_tail_values: list[float] = field(default_factory=lambda: [2.2e-5, 7.3e-6])
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    moment_dtype: str = "bfloat16"  # AdamW first and second moments
+
+
+@dataclass
+class TrainConfig:
+    """Steps, batch ramp and the loss-weight schedules (report sec 2.1.2, 2.2, 4.2)."""
+
+    steps: int = 100  # optimizer steps to run in this launch (counting from step 0 of the run)
+    seed: int = 0
+    seq_len: int = 4096
+    micro_batch_size: int = 1  # sequences per forward pass per data-parallel rank
+    batch_size: int = 15360  # global sequences per optimizer step after the ramp
+    batch_size_start: int = 3072  # global sequences per step at token 0
+    batch_ramp_tokens: float = 469.0e9  # tokens over which the batch grows linearly
+    total_tokens: float = 14.8e12  # the run's token budget (schedules are relative to it)
+    mtp_weight: float = 0.3  # lambda
+    mtp_weight_late: float = 0.1  # lambda after mtp_weight_switch_tokens
+    mtp_weight_switch_tokens: float = 10.0e12
+    bias_update_speed: float = 0.001  # gamma
+    bias_update_stop_tokens: float = 14.3e12  # gamma = 0 afterwards
+    balance_alpha: float = 0.0001  # alpha of the sequence-wise balance loss
+    dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | float32 | bfloat16
+    device: str = "auto"  # auto | cpu | cuda
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 0  # save every N optimizer steps (0 = only at the end)
+    keep: int = 3  # keep the newest K complete checkpoints
+    resume: str = "auto"  # auto (newest complete one in run.dir) | none | PATH
+
+
+@dataclass
+class LoggingConfig:
+    wandb: str = "disabled"  # disabled | offline | online
+    project: str = "dsv3"
+    every: int = 1  # console line every N steps
+
+
+@dataclass
+class ParallelConfig:
+    pp: int = 1
+    ep: int = 1
+    schedule: str = "dualpipe"  # 1f1b | dualpipe | dualpipev
+    ranks_per_node: int = 0  # 0 = LOCAL_WORLD_SIZE
+
+
+@dataclass
+class FP8Config:
+    enabled: bool = False
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/default"
+    name: str = ""  # free text, shown in wandb
+
+
+@dataclass
+class PlanConfig:
+    json: str = ""  # launch/plan.py writes its numbers here too when set
+    gpu_memory_gib: float = 80.0  # memory of one accelerator assumed by the plan
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    fp8: FP8Config = field(default_factory=FP8Config)
+    run: RunConfig = field(default_factory=RunConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def validate(cfg: Config, world_size: int = 1) -> Config:
+    """Check cross-field constraints; raise ConfigError naming the field and the fix."""
+    m, t, o = cfg.model, cfg.train, cfg.optim
+    for name in ("vocab_size", "dim", "inter_dim", "moe_inter_dim", "n_layers", "n_heads", "kv_lora_rank",
+                 "qk_nope_head_dim", "v_head_dim", "n_routed_experts", "n_activated_experts",
+                 "n_expert_groups", "topk_groups", "max_seq_len", "original_seq_len"):
+        _require(getattr(m, name) > 0, f"model.{name} ({getattr(m, name)}) must be > 0")
+    for name in ("q_lora_rank", "n_shared_experts", "mtp_depth", "n_dense_layers"):
+        _require(getattr(m, name) >= 0, f"model.{name} ({getattr(m, name)}) must be >= 0")
+    _require(m.qk_rope_head_dim > 0 and m.qk_rope_head_dim % 2 == 0,
+             f"model.qk_rope_head_dim ({m.qk_rope_head_dim}) must be a positive even number (rotary pairs)")
+    _require(m.n_dense_layers <= m.n_layers,
+             f"model.n_dense_layers ({m.n_dense_layers}) must be <= model.n_layers ({m.n_layers})")
+    _require(m.n_routed_experts % m.n_expert_groups == 0,
+             f"model.n_routed_experts ({m.n_routed_experts}) must be divisible by model.n_expert_groups "
+             f"({m.n_expert_groups})")
+    _require(m.topk_groups <= m.n_expert_groups,
+             f"model.topk_groups ({m.topk_groups}) must be <= model.n_expert_groups ({m.n_expert_groups})")
+    per_group = m.n_routed_experts // m.n_expert_groups
+    _require(m.n_activated_experts <= m.topk_groups * per_group,
+             f"model.n_activated_experts ({m.n_activated_experts}) must be <= model.topk_groups x experts per "
+             f"group ({m.topk_groups} x {per_group}); raise model.topk_groups or lower n_activated_experts")
+    _require(m.n_expert_groups == 1 or per_group >= 2,
+             f"model.n_expert_groups ({m.n_expert_groups}) leaves fewer than 2 experts per group; group scores "
+             "sum the top-2 experts of a group")
+    _require(m.rope_factor >= 1.0, f"model.rope_factor ({m.rope_factor}) must be >= 1 (1 = no YaRN)")
+    _require(m.expert_impl in ("auto", "loop", "grouped_mm"),
+             f"model.expert_impl ({m.expert_impl!r}) must be auto, loop or grouped_mm")
+    _require(m.init_std > 0, f"model.init_std ({m.init_std}) must be > 0")
+
+    _require(t.seq_len > 0, f"train.seq_len ({t.seq_len}) must be > 0")
+    _require(t.seq_len <= m.max_seq_len,
+             f"train.seq_len ({t.seq_len}) must be <= model.max_seq_len ({m.max_seq_len})")
+    _require(t.seq_len > m.mtp_depth,
+             f"train.seq_len ({t.seq_len}) must exceed model.mtp_depth ({m.mtp_depth})")
+    _require(t.steps >= 0, f"train.steps ({t.steps}) must be >= 0")
+    _require(t.micro_batch_size > 0, f"train.micro_batch_size ({t.micro_batch_size}) must be > 0")
+    quantum = t.micro_batch_size * world_size
+    for name in ("batch_size", "batch_size_start"):
+        value = getattr(t, name)
+        _require(value > 0 and value % quantum == 0,
+                 f"train.{name} ({value}) must be a positive multiple of train.micro_batch_size x data-parallel "
+                 f"ranks ({t.micro_batch_size} x {world_size} = {quantum})")
+    _require(t.batch_size_start <= t.batch_size,
+             f"train.batch_size_start ({t.batch_size_start}) must be <= train.batch_size ({t.batch_size})")
+    _require(t.dtype in ("auto", "float32", "bfloat16"), f"train.dtype ({t.dtype!r}) must be auto, float32 or bfloat16")
+    _require(t.device in ("auto", "cpu", "cuda"), f"train.device ({t.device!r}) must be auto, cpu or cuda")
+    for name in ("mtp_weight", "mtp_weight_late", "bias_update_speed", "balance_alpha"):
+        _require(getattr(t, name) >= 0, f"train.{name} ({getattr(t, name)}) must be >= 0")
+
+    _require(o.lr > 0, f"optim.lr ({o.lr}) must be > 0")
+    _require(0 <= o.lr_min <= o.lr, f"optim.lr_min ({o.lr_min}) must be within [0, optim.lr ({o.lr})]")
+    _require(o.warmup_steps >= 0, f"optim.warmup_steps ({o.warmup_steps}) must be >= 0")
+    _require(len(o.lr_tail_tokens) == len(o.lr_tail_values),
+             f"optim.lr_tail_tokens ({len(o.lr_tail_tokens)} entries) and optim.lr_tail_values "
+             f"({len(o.lr_tail_values)} entries) must have the same length")
+    _require(0 <= o.beta1 < 1 and 0 <= o.beta2 < 1, f"optim.beta1/beta2 ({o.beta1}, {o.beta2}) must be in [0, 1)")
+    _require(o.moment_dtype in ("bfloat16", "float32"),
+             f"optim.moment_dtype ({o.moment_dtype!r}) must be bfloat16 or float32")
+    _require(o.grad_clip >= 0, f"optim.grad_clip ({o.grad_clip}) must be >= 0 (0 = off)")
+    _require(math.isfinite(o.weight_decay) and o.weight_decay >= 0,
+             f"optim.weight_decay ({o.weight_decay}) must be >= 0")
+
+    d = cfg.data
+    _require(0.0 <= d.fim_rate <= 1.0, f"data.fim_rate ({d.fim_rate}) must be within [0, 1]")
+    _require(cfg.checkpoint.every >= 0, f"checkpoint.every ({cfg.checkpoint.every}) must be >= 0")
+    _require(cfg.checkpoint.keep >= 1, f"checkpoint.keep ({cfg.checkpoint.keep}) must be >= 1")
+    _require(cfg.logging.wandb in ("disabled", "offline", "online"),
+             f"logging.wandb ({cfg.logging.wandb!r}) must be disabled, offline or online")
+    _require(cfg.logging.every >= 1, f"logging.every ({cfg.logging.every}) must be >= 1")
+    p = cfg.parallel
+    _require(p.schedule in ("1f1b", "dualpipe", "dualpipev"),
+             f"parallel.schedule ({p.schedule!r}) must be 1f1b, dualpipe or dualpipev")
+    _require(p.pp >= 1 and p.ep >= 1, f"parallel.pp ({p.pp}) and parallel.ep ({p.ep}) must be >= 1")
+    return cfg
+
+
+def pipeline_and_experts_supported(cfg: Config) -> None:
+    """Parallel layouts the trainer can execute today; planned layouts fail with a clear line."""
+    _require(cfg.parallel.pp == 1,
+             f"parallel.pp ({cfg.parallel.pp}): pipeline parallelism is not available in the trainer yet; "
+             "use parallel.pp=1 (launch/plan.py sizes larger layouts)")
+    _require(cfg.parallel.ep == 1,
+             f"parallel.ep ({cfg.parallel.ep}): expert parallelism is not available in the trainer yet; "
+             "use parallel.ep=1")
+    _require(not cfg.fp8.enabled, "fp8.enabled=true: FP8 training is not available yet; use fp8.enabled=false")
+
+
+# ---------------------------------------------------------------------------------------------
+# Hydra glue: the schema is the primary config; conf/NAME.yaml presets are the group "conf".
+
+SCHEMA_NAME = "dsv3"
+_HYDRA_DEFAULTS: list[Any] = [
+    "_self_",
+    {"override hydra/job_logging": "none"},
+    {"override hydra/hydra_logging": "none"},
+]
+
+
+@dataclass
+class _HydraRoot(Config):
+    defaults: list[Any] = field(default_factory=lambda: list(_HYDRA_DEFAULTS))
+
+
+def register_schema() -> None:
+    """Store the schema in Hydra's ConfigStore (idempotent)."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name=SCHEMA_NAME, node=_HydraRoot)
+
+
+HYDRA_RUN_OVERRIDES = ["hydra.run.dir=.", "hydra.output_subdir=null", "hydra.job.chdir=false"]
+
+
+def to_config(node: Any, world_size: int = 1) -> Config:
+    """Turn a composed DictConfig into a validated Config."""
+    from omegaconf import OmegaConf
+
+    obj = OmegaConf.to_object(node)
+    cfg = Config(**{k: getattr(obj, k) for k in Config.__dataclass_fields__})
+    return validate(cfg, world_size)
+
+
+def load_config(overrides: list[str] | None = None, world_size: int = 1) -> Config:
+    """Compose the config as the launch scripts do (for tests, notebooks and tools)."""
+    from hydra import compose, initialize_config_dir
+
+    register_schema()
+    with initialize_config_dir(config_dir=str(REPO_ROOT), version_base=None):
+        node = compose(config_name=SCHEMA_NAME, overrides=list(overrides or []))
+    return to_config(node, world_size)
+
+
+def config_to_yaml(cfg: Config) -> str:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))

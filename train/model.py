@@ -1,0 +1,445 @@
+"""DeepSeek-V3 in plain PyTorch, single-device semantics (report sec 2).
+
+Multi-head Latent Attention with decoupled RoPE and YaRN (sec 2.1.1, 4.3), DeepSeekMoE with sigmoid
+gating, group-limited top-k and the auxiliary-loss-free bias (sec 2.1.2), and Multi-Token Prediction
+sharing the embedding and output head (sec 2.2). The math is that of HF transformers'
+``DeepseekV3ForCausalLM`` and DeepSeek's released inference code; ``train/hf.py`` maps the names.
+Nothing here knows about ranks: parallelism is applied from outside (``parallel/``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from train.config import ModelConfig
+
+
+# --------------------------------------------------------------------------------------------------
+# Rotary embedding with YaRN (sec 2.1.1 decoupled RoPE, sec 4.3 YaRN on the rope dims only)
+
+
+def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    """YaRN attention temperature sqrt(1/t) = 0.1 * mscale * ln(s) + 1 (1 when s <= 1)."""
+    return 1.0 if scale <= 1.0 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def rope_inv_freq(cfg: ModelConfig) -> Tensor:
+    """Per-pair inverse frequencies of the rope dims; YaRN's NTK-by-parts blend when rope_factor > 1."""
+    dim, base = cfg.qk_rope_head_dim, cfg.rope_theta
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    if cfg.rope_factor <= 1.0:
+        return inv_freq
+
+    def correction_dim(rotations: float) -> float:
+        return dim * math.log(cfg.original_seq_len / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low = max(math.floor(correction_dim(cfg.beta_fast)), 0)
+    high = min(math.ceil(correction_dim(cfg.beta_slow)), dim - 1)
+    if low == high:
+        high += 0.001  # avoid a zero-width ramp
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    extrapolate = 1.0 - ramp  # 1 for high-frequency pairs (kept), 0 for low-frequency ones (interpolated)
+    return inv_freq / cfg.rope_factor * (1 - extrapolate) + inv_freq * extrapolate
+
+
+def rope_tables(cfg: ModelConfig, device: torch.device | str | None = None) -> tuple[Tensor, Tensor]:
+    """cos/sin tables [max_seq_len, rope_dim/2] in fp32, scaled by YaRN's mscale ratio."""
+    inv_freq = rope_inv_freq(cfg).to(device)
+    angles = torch.outer(torch.arange(cfg.max_seq_len, dtype=torch.float32, device=device), inv_freq)
+    attention_factor = yarn_mscale(cfg.rope_factor, cfg.mscale) / yarn_mscale(cfg.rope_factor, cfg.mscale_all_dim)
+    return angles.cos() * attention_factor, angles.sin() * attention_factor
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate interleaved pairs (x0, x1), (x2, x3), ... as DeepSeek's release does.
+
+    x: [B, T, H, rope_dim]; cos, sin: [T, rope_dim/2]. Computed in fp32, returned in x's dtype.
+    """
+    pairs = x.float().unflatten(-1, (-1, 2))
+    real, imag = pairs[..., 0], pairs[..., 1]
+    cos, sin = cos[:, None, :], sin[:, None, :]
+    rotated = torch.stack((real * cos - imag * sin, real * sin + imag * cos), dim=-1)
+    return rotated.flatten(-2).to(x.dtype)
+
+
+def attention_softmax_scale(cfg: ModelConfig) -> float:
+    """1/sqrt(d_h + d_h^R), times YaRN's mscale^2 when the context is extended."""
+    scale = (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim) ** -0.5
+    return scale * yarn_mscale(cfg.rope_factor, cfg.mscale_all_dim) ** 2
+
+
+# --------------------------------------------------------------------------------------------------
+# Building blocks
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in fp32, weight applied in the input dtype (as HF / DeepSeek)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+
+
+class MLA(nn.Module):
+    """Multi-head Latent Attention (sec 2.1.1, eqs. 1-11).
+
+    Keys and values come from a compressed latent c_kv (kv_lora_rank) through up-projections; a single
+    rotary key k_rope is shared by all heads; queries are optionally compressed (q_lora_rank > 0).
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.q_lora_rank = cfg.q_lora_rank
+        self.kv_lora_rank = cfg.kv_lora_rank
+        self.qk_nope_head_dim = cfg.qk_nope_head_dim
+        self.qk_rope_head_dim = cfg.qk_rope_head_dim
+        self.v_head_dim = cfg.v_head_dim
+        qk_head_dim = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
+        if cfg.q_lora_rank == 0:
+            self.wq = nn.Linear(cfg.dim, cfg.n_heads * qk_head_dim, bias=False)
+        else:
+            self.wq_a = nn.Linear(cfg.dim, cfg.q_lora_rank, bias=False)  # W^DQ
+            self.q_norm = RMSNorm(cfg.q_lora_rank, cfg.norm_eps)
+            self.wq_b = nn.Linear(cfg.q_lora_rank, cfg.n_heads * qk_head_dim, bias=False)  # W^UQ and W^QR
+        self.wkv_a = nn.Linear(cfg.dim, cfg.kv_lora_rank + cfg.qk_rope_head_dim, bias=False)  # W^DKV and W^KR
+        self.kv_norm = RMSNorm(cfg.kv_lora_rank, cfg.norm_eps)
+        self.wkv_b = nn.Linear(cfg.kv_lora_rank, cfg.n_heads * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
+        self.wo = nn.Linear(cfg.n_heads * cfg.v_head_dim, cfg.dim, bias=False)
+        self.softmax_scale = attention_softmax_scale(cfg)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        batch, seqlen, _ = x.shape
+        q = self.wq(x) if self.q_lora_rank == 0 else self.wq_b(self.q_norm(self.wq_a(x)))
+        q = q.view(batch, seqlen, self.n_heads, -1)
+        q_nope, q_rope = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
+        q_rope = apply_rope(q_rope, cos, sin)
+
+        latent, k_rope = self.wkv_a(x).split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
+        k_rope = apply_rope(k_rope.unsqueeze(2), cos, sin)  # one rotary key shared by all heads
+        kv = self.wkv_b(self.kv_norm(latent)).view(batch, seqlen, self.n_heads, -1)
+        k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
+
+        q = torch.cat([q_nope, q_rope], dim=-1)
+        k = torch.cat([k_nope, k_rope.expand(-1, -1, self.n_heads, -1)], dim=-1)
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, scale=self.softmax_scale
+        )
+        return self.wo(out.transpose(1, 2).reshape(batch, seqlen, -1))
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: the dense FFN of the first layers and the shared experts."""
+
+    def __init__(self, dim: int, inter_dim: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, inter_dim, bias=False)  # gate
+        self.w2 = nn.Linear(inter_dim, dim, bias=False)  # down
+        self.w3 = nn.Linear(dim, inter_dim, bias=False)  # up
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+@dataclass
+class Routing:
+    """Result of the gate for N tokens: K experts each, and the affinities of all experts."""
+
+    weights: Tensor  # [N, K] fp32, normalised unbiased affinities times route_scale
+    indices: Tensor  # [N, K] selected expert ids
+    scores: Tensor  # [N, E] fp32 sigmoid affinities s_i (unbiased)
+
+
+class Gate(nn.Module):
+    """Sigmoid gating with the aux-loss-free bias and group-limited top-k (sec 2.1.2, eqs. 12-16).
+
+    The bias b_i (buffer ``bias``) shifts only the selection; the gate weights come from the unbiased
+    affinities. All router arithmetic runs in fp32 whatever the autocast dtype.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.topk = cfg.n_activated_experts
+        self.n_groups = cfg.n_expert_groups
+        self.topk_groups = cfg.topk_groups
+        self.route_scale = cfg.route_scale
+        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.dim, dtype=torch.float32))
+        self.register_buffer("bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
+
+    def forward(self, x: Tensor) -> Routing:
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            scores = F.linear(x.float(), self.weight.float()).sigmoid()
+            biased = scores.detach() + self.bias
+            if self.n_groups > 1:
+                grouped = biased.unflatten(-1, (self.n_groups, -1))
+                group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)
+                kept = group_scores.topk(self.topk_groups, dim=-1).indices
+                keep_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, kept, True)
+                biased = grouped.masked_fill(~keep_mask.unsqueeze(-1), float("-inf")).flatten(1)
+            indices = biased.topk(self.topk, dim=-1).indices
+            weights = scores.gather(1, indices)
+            weights = weights / weights.sum(dim=-1, keepdim=True) * self.route_scale
+        return Routing(weights=weights, indices=indices, scores=scores)
+
+
+def expert_ffn_loop(x_sorted: Tensor, counts: list[int], w1: Tensor, w2: Tensor, w3: Tensor) -> Tensor:
+    """SwiGLU of each expert on its contiguous slice of the expert-sorted tokens (reference path)."""
+    outputs = []
+    for expert, xs in enumerate(x_sorted.split(counts)):
+        if xs.shape[0] == 0:
+            continue
+        outputs.append((F.silu(xs @ w1[expert].t()) * (xs @ w3[expert].t())) @ w2[expert].t())
+    return torch.cat(outputs) if outputs else x_sorted.new_zeros(0, w2.shape[1])
+
+
+def expert_ffn_grouped(x_sorted: Tensor, counts: Tensor, w1: Tensor, w2: Tensor, w3: Tensor) -> Tensor:
+    """The same SwiGLU as one grouped GEMM per projection (``torch._grouped_mm``, CUDA)."""
+    offsets = counts.cumsum(0).to(torch.int32)
+    gate = torch._grouped_mm(x_sorted, w1.transpose(-2, -1), offs=offsets)
+    up = torch._grouped_mm(x_sorted, w3.transpose(-2, -1), offs=offsets)
+    return torch._grouped_mm(F.silu(gate) * up, w2.transpose(-2, -1), offs=offsets)
+
+
+class RoutedExperts(nn.Module):
+    """Fine-grained routed experts with weights stacked per layer ([E, ...]) for grouped GEMMs."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        n, dim, inter = cfg.n_routed_experts, cfg.dim, cfg.moe_inter_dim
+        self.n_experts = n
+        self.impl = cfg.expert_impl
+        self.w1 = nn.Parameter(torch.empty(n, inter, dim))  # gate projections
+        self.w2 = nn.Parameter(torch.empty(n, dim, inter))  # down projections
+        self.w3 = nn.Parameter(torch.empty(n, inter, dim))  # up projections
+
+    def use_grouped_mm(self, x: Tensor) -> bool:
+        if self.impl == "auto":
+            return x.is_cuda and x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
+        return self.impl == "grouped_mm"
+
+    def forward(self, x: Tensor, routing: Routing) -> Tensor:
+        """x: [N, dim]. Tokens are sorted by expert, computed per expert, weighted and summed back."""
+        topk = routing.indices.shape[1]
+        flat_experts = routing.indices.flatten()
+        order = flat_experts.argsort(stable=True)
+        token_of = order // topk
+        counts = torch.bincount(flat_experts, minlength=self.n_experts)
+        x_sorted = x[token_of]
+        w1, w2, w3 = self.w1.to(x.dtype), self.w2.to(x.dtype), self.w3.to(x.dtype)
+        if self.use_grouped_mm(x):
+            out = expert_ffn_grouped(x_sorted, counts, w1, w2, w3)
+        else:
+            out = expert_ffn_loop(x_sorted, counts.tolist(), w1, w2, w3)
+        weighted = (out.float() * routing.weights.flatten()[order, None]).to(x.dtype)
+        return torch.zeros_like(x).index_add_(0, token_of, weighted)
+
+
+def sequence_balance_loss(scores: Tensor, indices: Tensor, batch: int, n_experts: int) -> Tensor:
+    """Complementary sequence-wise balance loss without alpha (sec 2.1.2, eqs. 17-20), mean over sequences.
+
+    f_i = N_r / (K_r T) * #{t : i in topk(t)};  P_i = mean_t s_i,t / sum_j s_j,t;  L = sum_i f_i P_i.
+    """
+    seqlen = scores.shape[0] // batch
+    topk = indices.shape[1]
+    normalised = (scores / scores.sum(dim=-1, keepdim=True)).view(batch, seqlen, n_experts)
+    probability = normalised.mean(dim=1)
+    hits = torch.zeros(batch, n_experts, device=scores.device, dtype=scores.dtype)
+    hits.scatter_add_(1, indices.view(batch, seqlen * topk), torch.ones_like(indices, dtype=scores.dtype).view(batch, -1))
+    fraction = hits * n_experts / (topk * seqlen)
+    return (fraction * probability).sum(dim=-1).mean()
+
+
+@dataclass
+class MoEStats:
+    """What one MoE layer reports per forward: its balance loss and how many tokens each expert got."""
+
+    balance_loss: Tensor  # scalar, without alpha
+    expert_load: Tensor  # [E] token counts
+
+
+class MoE(nn.Module):
+    """DeepSeekMoE: shared experts plus gated fine-grained routed experts, no token dropping (sec 2.1.2)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_experts = cfg.n_routed_experts
+        self.gate = Gate(cfg)
+        self.experts = RoutedExperts(cfg)
+        self.shared_experts = MLP(cfg.dim, cfg.n_shared_experts * cfg.moe_inter_dim) if cfg.n_shared_experts else None
+
+    def forward(self, x: Tensor) -> tuple[Tensor, MoEStats]:
+        batch, seqlen, dim = x.shape
+        flat = x.reshape(-1, dim)
+        routing = self.gate(flat)
+        out = self.experts(flat, routing)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(flat)
+        stats = MoEStats(
+            balance_loss=sequence_balance_loss(routing.scores, routing.indices, batch, self.n_experts),
+            expert_load=torch.bincount(routing.indices.flatten(), minlength=self.n_experts),
+        )
+        return out.view(batch, seqlen, dim), stats
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: MLA then a dense FFN or a DeepSeekMoE layer."""
+
+    def __init__(self, cfg: ModelConfig, layer_id: int):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attn = MLA(cfg)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.ffn = MLP(cfg.dim, cfg.inter_dim) if layer_id < cfg.n_dense_layers else MoE(cfg)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, MoEStats | None]:
+        x = x + self.attn(self.attn_norm(x), cos, sin)
+        if isinstance(self.ffn, MoE):
+            out, stats = self.ffn(self.ffn_norm(x))
+            return x + out, stats
+        return x + self.ffn(self.ffn_norm(x)), None
+
+
+class MTPModule(nn.Module):
+    """One Multi-Token Prediction depth (sec 2.2, eqs. 21-23).
+
+    h'_i = M [RMSNorm(Emb(t_{i+k})); RMSNorm(h_i^{k-1})], then a transformer block; the output goes
+    through this module's norm and the shared head. Order: embedding first, as the released weights
+    (``eh_proj``) expect; the report writes the hidden state first, which is the same map with M's two
+    column blocks swapped.
+    """
+
+    def __init__(self, cfg: ModelConfig, layer_id: int):
+        super().__init__()
+        self.enorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.hnorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.eh_proj = nn.Linear(2 * cfg.dim, cfg.dim, bias=False)
+        self.block = Block(cfg, layer_id)
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+
+    def forward(self, hidden: Tensor, next_embed: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, MoEStats | None]:
+        x = self.eh_proj(torch.cat([self.enorm(next_embed), self.hnorm(hidden)], dim=-1))
+        return self.block(x, cos, sin)
+
+
+@dataclass
+class ModelOutput:
+    logits: Tensor  # [B, T, V]: position i predicts token i+1
+    mtp_logits: list[Tensor]  # depth k: [B, T-k, V], position i predicts token i+k+1
+    balance_loss: Tensor  # sum over MoE layers (main and MTP) of the sequence balance loss, without alpha
+    expert_load: Tensor  # [n_moe_layers, E] tokens per expert, in the order of Transformer.moe_layers()
+
+
+class Transformer(nn.Module):
+    """DeepSeek-V3: embedding, blocks, final norm, output head, and D MTP modules sharing both ends."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.mtp = nn.ModuleList(MTPModule(cfg, cfg.n_layers + k) for k in range(cfg.mtp_depth))
+        cos, sin = rope_tables(cfg)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    def moe_layers(self) -> list[MoE]:
+        """The MoE layers in a fixed order (main blocks, then MTP blocks): the rows of expert_load."""
+        return [m for m in self.modules() if isinstance(m, MoE)]
+
+    @torch.no_grad()
+    def init_weights(self, std: float | None = None) -> None:
+        """Normal(0, std) for every matrix (report: 0.006), ones for norms, zero gate biases, rope tables."""
+        std = self.cfg.init_std if std is None else std
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+            elif isinstance(module, Gate):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+                module.bias.zero_()
+            elif isinstance(module, RoutedExperts):
+                for weight in (module.w1, module.w2, module.w3):
+                    nn.init.normal_(weight, mean=0.0, std=std)
+        cos, sin = rope_tables(self.cfg, device=self.rope_cos.device)
+        self.rope_cos.copy_(cos)
+        self.rope_sin.copy_(sin)
+
+    def forward(self, tokens: Tensor) -> ModelOutput:
+        """tokens: [B, T] input ids. Returns main and MTP logits plus MoE statistics."""
+        seqlen = tokens.shape[1]
+        cos, sin = self.rope_cos[:seqlen], self.rope_sin[:seqlen]
+        embed = self.embed(tokens)
+        h = embed
+        stats: list[MoEStats] = []
+        for layer in self.layers:
+            h, layer_stats = layer(h, cos, sin)
+            if layer_stats is not None:
+                stats.append(layer_stats)
+        logits = self.head(self.norm(h))
+
+        mtp_logits = []
+        for depth, module in enumerate(self.mtp, start=1):
+            length = seqlen - depth
+            h, layer_stats = module(h[:, :length], embed[:, depth:], cos[:length], sin[:length])
+            if layer_stats is not None:
+                stats.append(layer_stats)
+            mtp_logits.append(self.head(module.norm(h)))
+
+        if stats:
+            balance_loss = torch.stack([s.balance_loss for s in stats]).sum()
+            expert_load = torch.stack([s.expert_load for s in stats])
+        else:
+            balance_loss = logits.new_zeros((), dtype=torch.float32)
+            expert_load = torch.zeros(0, self.cfg.n_routed_experts, dtype=torch.long, device=tokens.device)
+        return ModelOutput(logits, mtp_logits, balance_loss, expert_load)
+
+
+# --------------------------------------------------------------------------------------------------
+# Parameter counts (analytic, so that 671B is counted without allocating it)
+
+
+@dataclass
+class ParamCounts:
+    total: int  # main model: embedding, blocks, final norm, head (no MTP)
+    active: int  # per token: everything but the routed experts not selected (embedding row and head counted)
+    mtp: int  # MTP modules including the shared embedding and head
+    mtp_unique: int  # MTP modules' own parameters
+
+
+def count_parameters(cfg: ModelConfig) -> ParamCounts:
+    """Count parameters from the config; equals sum(p.numel()) of a built Transformer (tested)."""
+    d, h = cfg.dim, cfg.n_heads
+    qk = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
+    if cfg.q_lora_rank == 0:
+        attn = d * h * qk
+    else:
+        attn = d * cfg.q_lora_rank + cfg.q_lora_rank + cfg.q_lora_rank * h * qk
+    attn += d * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) + cfg.kv_lora_rank
+    attn += cfg.kv_lora_rank * h * (cfg.qk_nope_head_dim + cfg.v_head_dim) + h * cfg.v_head_dim * d
+    norms = 2 * d
+    dense = 3 * d * cfg.inter_dim
+    expert = 3 * d * cfg.moe_inter_dim
+    gate = cfg.n_routed_experts * d
+    moe_total = gate + (cfg.n_routed_experts + cfg.n_shared_experts) * expert
+    moe_active = gate + (cfg.n_activated_experts + cfg.n_shared_experts) * expert
+    n_moe = cfg.n_layers - cfg.n_dense_layers
+    ends = 2 * cfg.vocab_size * d + d  # embedding, head, final norm
+    base = cfg.n_dense_layers * (attn + norms + dense) + ends
+    total = base + n_moe * (attn + norms + moe_total)
+    active = base + n_moe * (attn + norms + moe_active)
+    mtp_block = attn + norms + moe_total  # MTP blocks always sit past the dense layers
+    mtp_unique = cfg.mtp_depth * (mtp_block + 2 * d * d + 3 * d)
+    shared = 2 * cfg.vocab_size * d if cfg.mtp_depth else 0
+    return ParamCounts(total=total, active=active, mtp=mtp_unique + shared, mtp_unique=mtp_unique)
