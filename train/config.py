@@ -233,6 +233,13 @@ def validate(cfg: Config, world_size: int = 1) -> Config:
     _require(o.grad_clip >= 0, f"optim.grad_clip ({o.grad_clip}) must be >= 0 (0 = off)")
     _require(math.isfinite(o.weight_decay) and o.weight_decay >= 0,
              f"optim.weight_decay ({o.weight_decay}) must be >= 0")
+    _require(o.eps >= 0, f"optim.eps ({o.eps}) must be >= 0")
+    for name in ("lr_hold_tokens", "lr_decay_tokens"):
+        _require(getattr(o, name) >= 0, f"optim.{name} ({getattr(o, name)}) must be >= 0")
+    _require(all(n >= 0 for n in o.lr_tail_tokens), f"optim.lr_tail_tokens ({o.lr_tail_tokens}) must all be >= 0")
+    _require(all(v >= 0 for v in o.lr_tail_values), f"optim.lr_tail_values ({o.lr_tail_values}) must all be >= 0")
+    for name in ("batch_ramp_tokens", "mtp_weight_switch_tokens", "bias_update_stop_tokens"):
+        _require(getattr(t, name) >= 0, f"train.{name} ({getattr(t, name)}) must be >= 0")
 
     d = cfg.data
     _require(0.0 <= d.fim_rate <= 1.0, f"data.fim_rate ({d.fim_rate}) must be within [0, 1]")
