@@ -10,6 +10,7 @@ Files that are not valid UTF-8 are skipped and counted in ``CorpusStats.skipped_
 
 from __future__ import annotations
 
+import codecs
 import glob
 import os
 import sysconfig
@@ -88,13 +89,29 @@ def resolve_source(cfg: DataConfig) -> list[Path]:
     raise DataError(f"data.source {path}: no such file or directory; give {SUPPORTED}")
 
 
+def _is_utf8(path: Path) -> bool:
+    """Whether a file decodes as UTF-8, checked in 1 MiB pieces."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    try:
+        with open(path, "rb") as f:
+            while piece := f.read(1 << 20):
+                decoder.decode(piece)
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
 def _record_texts(path: Path, cfg: DataConfig, stats: CorpusStats) -> Iterator[str]:
     """Texts of field ``data.text_field`` of a jsonl/json/parquet file or a saved dataset."""
+    if path.suffix.lower() in (".jsonl", ".json") and not _is_utf8(path):
+        stats.skipped_files.append(str(path))
+        return
     import datasets
-    from datasets.utils import tqdm as hf_tqdm
+    from datasets.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
 
-    bars_were_off = hf_tqdm.are_progress_bars_disabled()
-    hf_tqdm.disable_progress_bars()
+    bars_were_off = are_progress_bars_disabled()
+    disable_progress_bars()  # restored below: datasets' bars are a library-wide switch
     try:
         if path.is_dir():
             ds: Any = datasets.load_from_disk(str(path))
@@ -103,14 +120,11 @@ def _record_texts(path: Path, cfg: DataConfig, stats: CorpusStats) -> Iterator[s
             hf_cache = Path(cfg.cache_dir).expanduser() / "hf-datasets"
             ds = datasets.load_dataset(builder, data_files=str(path), split="train", cache_dir=str(hf_cache))
     except Exception as exc:  # datasets raises many types; a bad file is the user's to fix
-        if isinstance(exc, UnicodeDecodeError) or isinstance(exc.__cause__, UnicodeDecodeError):
-            stats.skipped_files.append(str(path))
-            return
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise DataError(f"data.source {path}: datasets cannot read it ({reason}); check the file format") from exc
     finally:
         if not bars_were_off:
-            hf_tqdm.enable_progress_bars()
+            enable_progress_bars()
     if isinstance(ds, datasets.DatasetDict):
         if "train" not in ds:
             raise DataError(f"data.source {path}: saved DatasetDict has no 'train' split (splits: {', '.join(ds)})")
@@ -119,7 +133,20 @@ def _record_texts(path: Path, cfg: DataConfig, stats: CorpusStats) -> Iterator[s
     if name not in ds.column_names:
         raise DataError(f"data.source {path}: records have no field '{name}' (fields: {', '.join(ds.column_names)}); "
                         "set data.text_field=NAME")
-    for batch in ds.select_columns([name]).iter(batch_size=1024):
+    yield from _column_texts(ds.select_columns([name]), name, path)
+
+
+def _column_texts(ds: Any, name: str, path: Path) -> Iterator[str]:
+    """Non-null strings of column ``name``, read 1024 rows at a time."""
+    batches = ds.iter(batch_size=1024)
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except UnicodeDecodeError as exc:  # binary formats may hold bytes that are not UTF-8
+            raise DataError(f"data.source {path}: field '{name}' holds text that is not valid UTF-8 ({exc}); "
+                            "fix or remove the file") from exc
         for text in batch[name]:
             if text is None:
                 continue
