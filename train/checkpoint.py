@@ -9,18 +9,22 @@ therefore leaves either the complete new checkpoint or only the previous ones: a
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import pickle
 import re
 import shutil
+import warnings
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from train.config import ModelConfig
@@ -96,7 +100,8 @@ def save_checkpoint(
         "trainer": pickle.dumps({"step": step, "tokens": tokens, **trainer_state}),
         _rank_key(): pickle.dumps(per_rank_state),
     }
-    dcp.save(state, checkpoint_id=str(tmp), no_dist=not dist.is_initialized())
+    with _quiet_single_process():
+        dcp.save(state, checkpoint_id=str(tmp), no_dist=not dist.is_initialized())
     _barrier()
     if _rank() == 0:
         meta = {"step": step, "tokens": tokens, "model": dataclasses.asdict(model_cfg),
@@ -111,6 +116,14 @@ def save_checkpoint(
             shutil.rmtree(old, ignore_errors=True)
     _barrier()
     return final
+
+
+@contextlib.contextmanager
+def _quiet_single_process() -> Iterator[None]:
+    """DCP warns that it runs without a process group; in a one-process run that is the intent."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
 
 
 def _fsync_dir(path: Path) -> None:
@@ -144,6 +157,14 @@ def check_model_config(path: Path, meta: dict[str, Any], model_cfg: ModelConfig)
                               "use the checkpoint's model config or checkpoint.resume=none")
 
 
+def _root_cause(err: BaseException) -> str:
+    """The last line of the innermost failure DCP reports (e.g. torch.load's 'failed finding central directory')."""
+    if isinstance(err, CheckpointException) and err.failures:
+        err = next(iter(err.failures.values()))[0]  # failures: rank -> (exception, traceback)
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    return f"{type(err).__name__}: {lines[-1]}" if lines else type(err).__name__
+
+
 def load_checkpoint(
     path: str | Path,
     model: torch.nn.Module,
@@ -163,9 +184,10 @@ def load_checkpoint(
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd, "trainer": b"", _rank_key(): b""}
     try:
-        dcp.load(state, checkpoint_id=str(path), no_dist=not dist.is_initialized())
-    except Exception as err:  # DCP raises CheckpointException wrapping per-rank failures
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        with _quiet_single_process():
+            dcp.load(state, checkpoint_id=str(path), no_dist=not dist.is_initialized())
+    except (Exception, CheckpointException) as err:  # CheckpointException (a BaseException) wraps rank failures
+        first_line = _root_cause(err)
         raise CheckpointError(f"{path}: cannot be loaded ({first_line[:300]}); the checkpoint is corrupt or "
                               "from a different run: pass another checkpoint.resume=PATH") from err
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])

@@ -1,0 +1,39 @@
+"""Pretrain a DeepSeek-V3 model: `python launch/pretrain.py +conf=tiny`, or under torchrun.
+
+Any field of train/config.py can be overridden (`train.steps=50 run.dir=runs/x`). Errors in the
+config, data or checkpoint print one line and exit with status 1.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from train.config import HYDRA_RUN_OVERRIDES, SCHEMA_NAME, check_preset_args, register_schema, to_config
+from train.errors import UserError
+
+register_schema()
+
+
+@hydra.main(config_path="..", config_name=SCHEMA_NAME, version_base=None)
+def main(node: DictConfig) -> None:
+    try:
+        cfg = to_config(node, world_size=int(os.environ.get("WORLD_SIZE", "1")))
+        from train.trainer import train
+
+        train(cfg)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    try:
+        check_preset_args(sys.argv[1:])
+    except UserError as err:
+        sys.exit(f"error: {err}")
+    sys.argv += HYDRA_RUN_OVERRIDES
+    main()

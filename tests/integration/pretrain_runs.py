@@ -1,0 +1,24 @@
+"""Run launch/pretrain.py in a subprocess on the tiny preset."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+# A smaller corpus than the tiny preset's default keeps the first (uncached) preparation short in CI.
+TINY_DATA = ["data.max_bytes=1500000"]
+
+
+def pretrain_command(run_dir: Path, data_cache: Path, *overrides: str) -> list[str]:
+    return [sys.executable, str(REPO / "launch" / "pretrain.py"), "+conf=tiny", f"run.dir={run_dir}",
+            f"data.cache_dir={data_cache}", *TINY_DATA, *overrides]
+
+
+def run_pretrain(run_dir: Path, data_cache: Path, *overrides: str, timeout: float = 900) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true"}
+    return subprocess.run(pretrain_command(run_dir, data_cache, *overrides), cwd=REPO, env=env, capture_output=True,
+                           text=True, timeout=timeout)
