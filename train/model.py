@@ -387,7 +387,8 @@ class Transformer(nn.Module):
             h, layer_stats = layer(h, cos, sin)
             if layer_stats is not None:
                 stats.append(layer_stats)
-        logits = self.head(self.norm(h))
+        h = self.norm(h)  # MTP depth 1 takes the normalised hidden state (as HF's MtpModel / the released weights)
+        logits = self.head(h)
 
         mtp_logits = []
         for depth, module in enumerate(self.mtp, start=1):
@@ -395,7 +396,8 @@ class Transformer(nn.Module):
             h, layer_stats = module(h[:, :length], embed[:, depth:], cos[:length], sin[:length])
             if layer_stats is not None:
                 stats.append(layer_stats)
-            mtp_logits.append(self.head(module.norm(h)))
+            h = module.norm(h)  # and depth k+1 takes depth k's normalised output
+            mtp_logits.append(self.head(h))
 
         if stats:
             balance_loss = torch.stack([s.balance_loss for s in stats]).sum()
