@@ -19,6 +19,11 @@ from train.config import OptimConfig
 
 MOMENT_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
+# Elements per foreach call when chunk_numel is None: cache-sized chunks on the CPU (about twice as
+# fast there as one call over everything), large ones on accelerators (few kernel launches).
+CPU_CHUNK_NUMEL = 2**18
+ACCELERATOR_CHUNK_NUMEL = 2**27
+
 # State entries whose dtype is the optimizer's choice, not the parameter's (see AdamW.load_state_dict).
 _TYPED_STATE_KEYS = ("step", "exp_avg", "exp_avg_sq", "master")
 
@@ -35,7 +40,8 @@ class AdamW(torch.optim.Optimizer):
     Per group: ``lr`` (the trainer sets it every step), ``betas``, ``eps``, ``weight_decay``.
     Parameters whose ``grad`` is None are skipped (their ``step`` does not advance).
     Tensors are updated with ``torch._foreach_*`` ops, grouped by (device, dtype) and cut into chunks
-    of at most ``chunk_numel`` elements, which bounds the FP32 temporaries of the BF16 moments.
+    of at most ``chunk_numel`` elements (None: CPU_CHUNK_NUMEL on the CPU, ACCELERATOR_CHUNK_NUMEL
+    elsewhere), which bounds the FP32 temporaries of the BF16 moments. A larger tensor is a chunk alone.
     """
 
     def __init__(
@@ -46,7 +52,7 @@ class AdamW(torch.optim.Optimizer):
         eps: float = 1e-8,
         weight_decay: float = 0.1,
         moment_dtype: torch.dtype = torch.bfloat16,
-        chunk_numel: int = 2**27,
+        chunk_numel: int | None = None,
     ):
         if not lr >= 0.0:
             raise ValueError(f"AdamW: lr ({lr}) must be >= 0")
@@ -58,7 +64,7 @@ class AdamW(torch.optim.Optimizer):
             raise ValueError(f"AdamW: weight_decay ({weight_decay}) must be >= 0")
         if moment_dtype not in MOMENT_DTYPES.values():
             raise ValueError(f"AdamW: moment_dtype ({moment_dtype}) must be torch.bfloat16 or torch.float32")
-        if chunk_numel <= 0:
+        if chunk_numel is not None and chunk_numel <= 0:
             raise ValueError(f"AdamW: chunk_numel ({chunk_numel}) must be > 0")
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
         super().__init__(params, defaults)
@@ -74,11 +80,14 @@ class AdamW(torch.optim.Optimizer):
             state["master"] = p.detach().to(dtype=torch.float32, copy=True)
 
     def _chunks(self, params: list[Tensor]) -> Iterator[list[Tensor]]:
-        """Consecutive runs of parameters with at most chunk_numel elements (a larger tensor goes alone)."""
+        """Consecutive runs of parameters (one device and dtype) with at most chunk_numel elements."""
+        limit = self.chunk_numel
+        if limit is None:
+            limit = CPU_CHUNK_NUMEL if params[0].device.type == "cpu" else ACCELERATOR_CHUNK_NUMEL
         chunk: list[Tensor] = []
         numel = 0
         for p in params:
-            if chunk and numel + p.numel() > self.chunk_numel:
+            if chunk and numel + p.numel() > limit:
                 yield chunk
                 chunk, numel = [], 0
             chunk.append(p)
