@@ -23,7 +23,8 @@ from train.errors import DataError
 
 TEXT_SUFFIXES = (".txt", ".md", ".py")
 RECORD_SUFFIXES = (".jsonl", ".json", ".parquet")
-SUPPORTED = "a .txt/.md/.py/.jsonl/.json/.parquet file, a directory or glob of them, a datasets save_to_disk directory, or 'stdlib'"
+SUPPORTED = ("a .txt/.md/.py/.jsonl/.json/.parquet file, a directory or glob of them, a datasets save_to_disk "
+             "directory, or 'stdlib'")
 STDLIB_SKIPPED_DIRS = frozenset({"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"})
 
 

@@ -72,20 +72,31 @@ def open_prepared(directory: str | Path, cache_hit: bool = True) -> PreparedData
     """Open a complete prepared directory; DataError if it is incomplete or damaged."""
     directory = Path(directory)
     index_path = directory / INDEX_FILE
+    tokens_path = directory / TOKENS_FILE
     try:
         index = json.loads(index_path.read_text())
-    except (OSError, ValueError) as exc:
-        raise DataError(f"{index_path}: missing or unreadable ({exc}); delete {directory} and prepare again") from exc
-    tokens_path = directory / TOKENS_FILE
-    expected = index["n_tokens"] * TOKEN_DTYPE.itemsize
+        prepared = PreparedData(
+            directory=directory, tokens_path=tokens_path, offsets_path=directory / OFFSETS_FILE,
+            tokenizer_path=directory / TOKENIZER_FILE, n_tokens=index["n_tokens"], n_documents=index["n_documents"],
+            n_fim=index["n_fim"], n_bytes=index["n_bytes"], skipped_files=index["skipped_files"],
+            tokenizer_vocab_size=index["tokenizer_vocab_size"], cache_hit=cache_hit)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise DataError(f"{index_path}: missing or unreadable ({type(exc).__name__}: {exc}); delete {directory} "
+                        "and prepare again") from exc
+    expected = prepared.n_tokens * TOKEN_DTYPE.itemsize
     if not tokens_path.is_file() or tokens_path.stat().st_size != expected:
         raise DataError(f"{tokens_path}: missing or not {expected} bytes as index.json says; delete {directory} "
                         "and prepare again")
-    return PreparedData(
-        directory=directory, tokens_path=tokens_path, offsets_path=directory / OFFSETS_FILE,
-        tokenizer_path=directory / TOKENIZER_FILE, n_tokens=index["n_tokens"], n_documents=index["n_documents"],
-        n_fim=index["n_fim"], n_bytes=index["n_bytes"], skipped_files=index["skipped_files"],
-        tokenizer_vocab_size=index["tokenizer_vocab_size"], cache_hit=cache_hit)
+    return prepared
+
+
+def _check_settings(cfg: DataConfig) -> None:
+    """The data fields train/config.py does not validate."""
+    for name, zero in (("max_bytes", "no limit"), ("tokenizer_train_bytes", "no limit"), ("workers", "all cores")):
+        if getattr(cfg, name) < 0:
+            raise DataError(f"data.{name} ({getattr(cfg, name)}) must be >= 0 (0 = {zero})")
+    if not 0.0 <= cfg.fim_rate <= 1.0:
+        raise DataError(f"data.fim_rate ({cfg.fim_rate}) must be within [0, 1]")
 
 
 def _settings(cfg: DataConfig, vocab_size: int, seed: int) -> dict[str, Any]:
@@ -238,35 +249,42 @@ def _remove_dead_temporaries(root: Path) -> None:
 
 
 def _prepare_here(cfg: DataConfig, vocab_size: int, seed: int) -> PreparedData:
+    """Prepare in this process, or open the complete directory the inputs hash to."""
     start = time.perf_counter()
-    console = Console(stderr=True)
+    _check_settings(cfg)
     total = CorpusStats()
     key = cache_key(cfg, vocab_size, seed, total)
     root = Path(cfg.cache_dir).expanduser()
     final = root / f"tokens-{key[:20]}"
-    if not (final / INDEX_FILE).is_file():
-        root.mkdir(parents=True, exist_ok=True)
-        _remove_dead_temporaries(root)
-        tmp = root / f".tmp-{key[:20]}-{socket.gethostname()}-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-        try:
-            with Progress(*columns, console=console, disable=not console.is_terminal) as progress:
-                _build(tmp, cfg, vocab_size, seed, key, total, progress)
-            if total.skipped_files:
-                console.print(f"warning: skipped {len(total.skipped_files)} files that are not valid UTF-8 "
-                              f"(first: {total.skipped_files[0]})", markup=False, highlight=False)
-            try:
-                os.rename(tmp, final)  # atomic; fails if another process completed `final` first
-            except OSError:
-                if not (final / INDEX_FILE).is_file():
-                    raise DataError(f"{final}: exists but is incomplete (no {INDEX_FILE}); delete it and prepare again")
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        result = open_prepared(final, cache_hit=False)
-    else:
+    if (final / INDEX_FILE).is_file():
         result = open_prepared(final, cache_hit=True)
+        result.seconds = time.perf_counter() - start
+        return result
+
+    root.mkdir(parents=True, exist_ok=True)
+    _remove_dead_temporaries(root)
+    tmp = root / f".tmp-{key[:20]}-{socket.gethostname()}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    console = Console(stderr=True)
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    try:
+        with Progress(*columns, console=console, disable=not console.is_terminal) as progress:
+            _build(tmp, cfg, vocab_size, seed, key, total, progress)
+        if total.skipped_files:
+            console.print(f"warning: skipped {len(total.skipped_files)} files that are not valid UTF-8 "
+                          f"(first: {total.skipped_files[0]})", markup=False, highlight=False)
+        try:
+            os.rename(tmp, final)  # atomic; refuses to replace a non-empty directory
+        except OSError:
+            if not final.exists():
+                raise
+            if not (final / INDEX_FILE).is_file():
+                raise DataError(f"{final}: exists but is incomplete (no {INDEX_FILE}); delete it and prepare again")
+            # another process completed the same directory first: use theirs
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    result = open_prepared(final, cache_hit=False)
     result.seconds = time.perf_counter() - start
     return result
 

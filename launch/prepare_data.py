@@ -8,16 +8,13 @@ with the same inputs is a cache hit.
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from any directory
+import hydra
+from omegaconf import DictConfig
 
-import hydra  # noqa: E402
-from omegaconf import DictConfig  # noqa: E402
-
-from data.prepare import PreparedData, prepare_data  # noqa: E402
-from train.config import HYDRA_RUN_OVERRIDES, SCHEMA_NAME, register_schema, to_config  # noqa: E402
-from train.errors import UserError  # noqa: E402
+from data.prepare import PreparedData, prepare_data
+from train.config import HYDRA_RUN_OVERRIDES, SCHEMA_NAME, register_schema, to_config
+from train.errors import UserError
 
 register_schema()
 

@@ -44,7 +44,8 @@ def test_psm_layout_and_pieces(tok, specials, docs):
         assert ids[0] == specials.fim_begin and ids[-1] == specials.eos
         prefix, rest = split_on(ids[1:-1], specials.fim_hole)
         suffix, middle = split_on(rest, specials.fim_end)
-        assert not {specials.fim_begin, specials.fim_hole, specials.fim_end, specials.eos} & set(prefix + suffix + middle)
+        markers = {specials.fim_begin, specials.fim_hole, specials.fim_end, specials.eos}
+        assert not markers & set(prefix + suffix + middle)
         split = fim_split(7, i, len(doc), 1.0)
         pre, mid, suf = (tok.decode(p, skip_special_tokens=False) for p in (prefix, middle, suffix))
         assert (pre, mid, suf) == (doc[: split.start], doc[split.start: split.end], doc[split.end:])
@@ -89,6 +90,7 @@ def test_chunking_does_not_change_the_stream(tok, specials, docs):
     """Workers get arbitrary chunks; (seed, global index) keeps the stream identical."""
     small = [d[:1500] for d in docs[:12]]
     whole = encode_documents(tok, specials, small, 0, seed=11, fim_rate=0.5)
-    parts = [encode_documents(tok, specials, small[a:b], a, seed=11, fim_rate=0.5) for a, b in ((0, 5), (5, 6), (6, 12))]
+    bounds = ((0, 5), (5, 6), (6, 12))
+    parts = [encode_documents(tok, specials, small[a:b], a, seed=11, fim_rate=0.5) for a, b in bounds]
     assert np.array_equal(whole.tokens, np.concatenate([p.tokens for p in parts]))
     assert whole.n_fim == sum(p.n_fim for p in parts) > 0

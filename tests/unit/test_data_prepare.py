@@ -142,20 +142,23 @@ def test_given_tokenizer_is_used_and_checked(prepared, tmp_path):
         prepare_data(small_cfg(tmp_path, tokenizer=str(tmp_path / "absent.json")), 1024, SEED)
 
 
-def run_launcher(*args: str) -> subprocess.CompletedProcess:
+def run_launcher(cwd: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(REPO / "launch" / "prepare_data.py"), *args], capture_output=True,
-                          text=True, cwd=REPO, timeout=120)
+                          text=True, cwd=cwd, timeout=120)
 
 
 def test_launcher_summary_and_error_line(tmp_path):
-    ok = run_launcher("+conf=tiny", "data.max_bytes=200000", "model.vocab_size=512", f"data.cache_dir={tmp_path}")
+    cache = tmp_path / "cache"
+    ok = run_launcher(tmp_path, "+conf=tiny", "data.max_bytes=200000", "model.vocab_size=512",
+                      f"data.cache_dir={cache}")
     assert ok.returncode == 0, ok.stderr
     assert "prepared in" in ok.stdout and "tokens/byte" in ok.stdout and "with FIM" in ok.stdout
-    assert not list(REPO.glob("outputs")) and not (REPO / ".hydra").exists()
-    bad = run_launcher(f"data.source={tmp_path / 'missing'}", f"data.cache_dir={tmp_path}")
+    assert os.listdir(tmp_path) == ["cache"]  # Hydra wrote no outputs/ or .hydra/
+    missing = tmp_path / "missing"
+    bad = run_launcher(tmp_path, f"data.source={missing}", f"data.cache_dir={cache}")
     assert bad.returncode == 1
-    assert bad.stderr.strip().splitlines() == [f"error: data.source {tmp_path / 'missing'}: no such file or "
-                                               "directory; give " + bad.stderr.split("; give ", 1)[1].strip()]
+    lines = bad.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: data.source {missing}: no such file or directory; give ")
 
 
 DIST_SCRIPT = """
@@ -183,3 +186,14 @@ def test_rank0_prepares_and_other_ranks_open_it(tmp_path):
     assert [r["rank"] for r in lines] == [0, 1]
     assert lines[0]["dir"] == lines[1]["dir"] and lines[0]["n"] == lines[1]["n"] > 0
     assert not lines[0]["hit"] and lines[1]["hit"]  # built once, by rank 0
+
+
+def test_damaged_directory_and_bad_settings_are_refused(tmp_path):
+    cfg = small_cfg(tmp_path, max_bytes=20_000, workers=1)
+    first = prepare_data(cfg, VOCAB, SEED)
+    with open(first.tokens_path, "r+b") as f:
+        f.truncate(first.n_tokens * 4 - 4)
+    with pytest.raises(DataError, match=f"{first.tokens_path}: missing or not .*delete {first.directory}"):
+        prepare_data(cfg, VOCAB, SEED)
+    with pytest.raises(DataError, match=r"data.max_bytes \(-1\) must be >= 0"):
+        prepare_data(small_cfg(tmp_path, max_bytes=-1), VOCAB, SEED)

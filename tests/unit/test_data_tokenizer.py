@@ -57,7 +57,7 @@ def test_save_load_and_vocab_check(tok, tmp_path):
     tok.save(str(path))
     loaded = load_tokenizer(path)
     assert check_vocab_fits(loaded, 512) == 512
-    with pytest.raises(DataError, match=r"tokenizer vocab \(512\) exceeds model.vocab_size \(300\): raise model.vocab_size"):
+    with pytest.raises(DataError, match=r"tokenizer vocab \(512\) exceeds model.vocab_size \(300\): raise model"):
         check_vocab_fits(loaded, 300)
 
 
