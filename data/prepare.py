@@ -35,8 +35,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from data.corpus import CorpusStats, iter_documents, take_bytes
 from data.fim import EncodedChunk, encode_documents
-from data.tokenizer import (SpecialTokens, check_vocab_fits, for_encoding, load_tokenizer, tokenizer_vocab_size,
-                            train_tokenizer)
+from data.tokenizer import (SpecialTokens, check_vocab_fits, for_encoding, load_tokenizer, tokenizer_file,
+                            tokenizer_vocab_size, train_tokenizer)
 from tokenizers import Tokenizer
 from train.config import DataConfig
 from train.errors import DataError, UserError
@@ -91,12 +91,10 @@ def open_prepared(directory: str | Path, cache_hit: bool = True) -> PreparedData
 
 
 def _check_settings(cfg: DataConfig) -> None:
-    """The data fields train/config.py does not validate."""
+    """The data fields train/config.py's validate does not check."""
     for name, zero in (("max_bytes", "no limit"), ("tokenizer_train_bytes", "no limit"), ("workers", "all cores")):
         if getattr(cfg, name) < 0:
             raise DataError(f"data.{name} ({getattr(cfg, name)}) must be >= 0 (0 = {zero})")
-    if not 0.0 <= cfg.fim_rate <= 1.0:
-        raise DataError(f"data.fim_rate ({cfg.fim_rate}) must be within [0, 1]")
 
 
 def _settings(cfg: DataConfig, vocab_size: int, seed: int) -> dict[str, Any]:
@@ -109,11 +107,7 @@ def cache_key(cfg: DataConfig, vocab_size: int, seed: int, stats: CorpusStats | 
     """SHA-256 of the settings, the tokenizer file's bytes and the documents read, in order."""
     digest = hashlib.sha256(json.dumps(_settings(cfg, vocab_size, seed), sort_keys=True).encode())
     if cfg.tokenizer:
-        path = Path(cfg.tokenizer).expanduser()
-        if not path.is_file():
-            raise DataError(f"data.tokenizer {path}: file not found; give a tokenizer.json or data.tokenizer='' "
-                            "to train one")
-        digest.update(path.read_bytes())
+        digest.update(tokenizer_file(cfg.tokenizer).read_bytes())
     for text in iter_documents(cfg, stats):
         data = text.encode("utf-8")
         digest.update(len(data).to_bytes(8, "little"))
@@ -197,15 +191,20 @@ def _fsync_write(path: Path, text: str) -> None:
 
 def _build(tmp: Path, cfg: DataConfig, vocab_size: int, seed: int, key: str, total: CorpusStats,
            progress: Progress) -> None:
+    """Write tokenizer.json, tokens.bin, doc_offsets.npy and, last, index.json into ``tmp``."""
     tokenizer_path = tmp / TOKENIZER_FILE
     if cfg.tokenizer:
         tok = load_tokenizer(cfg.tokenizer)
-        shutil.copyfile(Path(cfg.tokenizer).expanduser(), tokenizer_path)
+        shutil.copyfile(tokenizer_file(cfg.tokenizer), tokenizer_path)
     else:
         task = progress.add_task("training tokenizer", total=None)
         tok = train_tokenizer(take_bytes(iter_documents(cfg), cfg.tokenizer_train_bytes), vocab_size)
         tok.save(str(tokenizer_path))
         progress.update(task, total=1, completed=1)
+        if tokenizer_vocab_size(tok) < vocab_size:
+            progress.console.print(f"warning: the corpus only supports {tokenizer_vocab_size(tok)} BPE tokens, not "
+                                   f"model.vocab_size ({vocab_size}); add data or lower model.vocab_size",
+                                   markup=False, highlight=False, soft_wrap=True)
     check_vocab_fits(tok, vocab_size)
     n_chunks = -(-total.bytes // CHUNK_BYTES)
     workers = max(1, min(cfg.workers or os.cpu_count() or 1, n_chunks))  # no idle worker start-ups
@@ -273,7 +272,7 @@ def _prepare_here(cfg: DataConfig, vocab_size: int, seed: int) -> PreparedData:
             _build(tmp, cfg, vocab_size, seed, key, total, progress)
         if total.skipped_files:
             console.print(f"warning: skipped {len(total.skipped_files)} files that are not valid UTF-8 "
-                          f"(first: {total.skipped_files[0]})", markup=False, highlight=False)
+                          f"(first: {total.skipped_files[0]})", markup=False, highlight=False, soft_wrap=True)
         try:
             os.rename(tmp, final)  # atomic; refuses to replace a non-empty directory
         except OSError:

@@ -65,12 +65,19 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
     return tok
 
 
+def tokenizer_file(path: str | Path) -> Path:
+    """The ``data.tokenizer`` file; DataError if it does not exist."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise DataError(f"data.tokenizer {file}: file not found; give a tokenizer.json or data.tokenizer='' to "
+                        "train one")
+    return file
+
+
 def load_tokenizer(path: str | Path) -> Tokenizer:
     """Load a ``tokenizer.json``; DataError if it is missing, unreadable or lacks EOS/FIM tokens."""
-    file = Path(path).expanduser()
+    file = tokenizer_file(path)
     where = f"data.tokenizer {file}"
-    if not file.is_file():
-        raise DataError(f"{where}: file not found; give a tokenizer.json or data.tokenizer='' to train one")
     try:
         tok = Tokenizer.from_file(str(file))
     except Exception as exc:  # tokenizers raises bare Exception for bad JSON
