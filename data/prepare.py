@@ -302,6 +302,8 @@ def prepare_data(cfg: DataConfig, vocab_size: int, seed: int) -> PreparedData:
 
     Under an initialized torch.distributed process group rank 0 prepares while the other ranks wait
     at a broadcast, then open rank 0's directory (``data.cache_dir`` must be shared between nodes).
+    Workers are spawned processes, so a script calling this needs the ``if __name__ == "__main__":``
+    guard (or ``data.workers=1``).
     """
     dist = _initialized_distributed()
     if dist is None:
