@@ -289,6 +289,22 @@ def register_schema() -> None:
     ConfigStore.instance().store(name=SCHEMA_NAME, node=_HydraRoot)
 
 
+def presets() -> list[str]:
+    return sorted(p.stem for p in CONF_DIR.glob("*.yaml"))
+
+
+def check_preset_args(argv: list[str]) -> None:
+    """Fail with one line on `+conf=NAME` naming a preset that does not exist (before Hydra's longer message)."""
+    for arg in argv:
+        if arg.startswith(("+conf=", "conf=")):
+            name = arg.split("=", 1)[1]
+            if not (CONF_DIR / f"{name}.yaml").is_file():
+                raise ConfigError(f"unknown preset +conf={name}: choose one of {', '.join(presets())} "
+                                  f"(files in {CONF_DIR})")
+            if arg.startswith("conf="):
+                raise ConfigError(f"select a preset with a leading plus: +{arg}")
+
+
 HYDRA_RUN_OVERRIDES = ["hydra.run.dir=.", "hydra.output_subdir=null", "hydra.job.chdir=false"]
 
 
