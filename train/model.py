@@ -131,9 +131,12 @@ class MLA(nn.Module):
 
         q = torch.cat([q_nope, q_rope], dim=-1)
         k = torch.cat([k_nope, k_rope.expand(-1, -1, self.n_heads, -1)], dim=-1)
+        # Fused (flash) SDPA kernels want one head dim for q, k and v: pad v with zeros, drop the padding after.
+        v_padded = F.pad(v, (0, q.shape[-1] - self.v_head_dim)) if q.shape[-1] > self.v_head_dim else v
         out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, scale=self.softmax_scale
+            q.transpose(1, 2), k.transpose(1, 2), v_padded.transpose(1, 2), is_causal=True, scale=self.softmax_scale
         )
+        out = out[..., : self.v_head_dim]
         return self.wo(out.transpose(1, 2).reshape(batch, seqlen, -1))
 
 
@@ -194,10 +197,11 @@ class Gate(nn.Module):
 def expert_ffn_loop(x_sorted: Tensor, counts: list[int], w1: Tensor, w2: Tensor, w3: Tensor) -> Tensor:
     """SwiGLU of each expert on its contiguous slice of the expert-sorted tokens (reference path)."""
     outputs = []
-    for expert, xs in enumerate(x_sorted.split(counts)):
+    # unbind once: indexing w1[e] per expert would make autograd add E full-size zero tensors per weight
+    for xs, gate, down, up in zip(x_sorted.split(counts), w1.unbind(0), w2.unbind(0), w3.unbind(0)):
         if xs.shape[0] == 0:
             continue
-        outputs.append((F.silu(xs @ w1[expert].t()) * (xs @ w3[expert].t())) @ w2[expert].t())
+        outputs.append((F.silu(xs @ gate.t()) * (xs @ up.t())) @ down.t())
     return torch.cat(outputs) if outputs else x_sorted.new_zeros(0, w2.shape[1])
 
 
@@ -228,6 +232,11 @@ class RoutedExperts(nn.Module):
 
     def forward(self, x: Tensor, routing: Routing) -> Tensor:
         """x: [N, dim]. Tokens are sorted by expert, computed per expert, weighted and summed back."""
+        # The residual stream stays fp32 under autocast: compute the experts in the autocast dtype
+        # (bf16 on GPUs), which grouped GEMMs need and which halves the bytes of the token shuffle.
+        device = x.device.type
+        if torch.is_autocast_enabled(device):
+            x = x.to(torch.get_autocast_dtype(device))
         topk = routing.indices.shape[1]
         flat_experts = routing.indices.flatten()
         order = flat_experts.argsort(stable=True)
