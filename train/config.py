@@ -26,35 +26,35 @@ class ConfigError(UserError, ValueError):
 class ModelConfig:
     """DeepSeek-V3 architecture (report sec 2; spec.md, Model). Defaults: a toy shape."""
 
-    vocab_size: int = 4096
-    dim: int = 128
+    vocab_size: int = 4096  # embedding rows / head outputs (>= the tokenizer's vocab)
+    dim: int = 128  # hidden size d
     inter_dim: int = 384  # dense FFN hidden size (first n_dense_layers blocks)
     moe_inter_dim: int = 64  # hidden size of each routed / shared expert
-    n_layers: int = 3
-    n_dense_layers: int = 1
-    n_heads: int = 4
+    n_layers: int = 3  # transformer blocks of the main model
+    n_dense_layers: int = 1  # the first blocks use a dense FFN instead of MoE
+    n_heads: int = 4  # attention heads n_h
     q_lora_rank: int = 0  # 0 = no query compression (V2-Lite style)
-    kv_lora_rank: int = 64
-    qk_nope_head_dim: int = 32
-    qk_rope_head_dim: int = 16
-    v_head_dim: int = 32
-    n_routed_experts: int = 8
-    n_shared_experts: int = 1
-    n_activated_experts: int = 2
-    n_expert_groups: int = 1
-    topk_groups: int = 1
-    route_scale: float = 1.0
+    kv_lora_rank: int = 64  # KV compression rank d_c
+    qk_nope_head_dim: int = 32  # per-head non-rotary query/key dim d_h
+    qk_rope_head_dim: int = 16  # per-head decoupled rotary dim d_h^R (one shared rotary key)
+    v_head_dim: int = 32  # per-head value dim
+    n_routed_experts: int = 8  # N_r fine-grained routed experts per MoE layer
+    n_shared_experts: int = 1  # N_s always-on experts
+    n_activated_experts: int = 2  # K_r routed experts per token
+    n_expert_groups: int = 1  # groups of experts (one per node in the report)
+    topk_groups: int = 1  # groups a token may use (node limit M)
+    route_scale: float = 1.0  # routed gate weights are multiplied by this after normalisation
     mtp_depth: int = 1  # D, number of sequential MTP modules (0 = none)
     max_seq_len: int = 4096  # longest sequence the rotary tables cover
-    rope_theta: float = 10000.0
+    rope_theta: float = 10000.0  # rotary base
     rope_factor: float = 1.0  # YaRN scale s (sec 4.3); 1 = no extension
     original_seq_len: int = 4096  # pretraining context that YaRN extends
-    beta_fast: float = 32.0
-    beta_slow: float = 1.0
-    mscale: float = 1.0
-    mscale_all_dim: float = 1.0
-    norm_eps: float = 1e-6
-    init_std: float = 0.006
+    beta_fast: float = 32.0  # YaRN beta (high-frequency boundary)
+    beta_slow: float = 1.0  # YaRN alpha (low-frequency boundary)
+    mscale: float = 1.0  # YaRN: cos/sin scaled by mscale(s, mscale) / mscale(s, mscale_all_dim)
+    mscale_all_dim: float = 1.0  # YaRN: softmax scale times mscale(s, mscale_all_dim)^2
+    norm_eps: float = 1e-6  # RMSNorm epsilon
+    init_std: float = 0.006  # normal init of every matrix (report: 0.006)
     expert_impl: str = "auto"  # auto | loop | grouped_mm  (grouped_mm needs CUDA)
 
 
@@ -83,11 +83,11 @@ class OptimConfig:
     lr_min: float = 2.2e-5
     lr_tail_tokens: list[float] = field(default_factory=lambda: [333.0e9, 167.0e9])  # then constants
     lr_tail_values: list[float] = field(default_factory=lambda: [2.2e-5, 7.3e-6])
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
+    beta1: float = 0.9  # AdamW beta1
+    beta2: float = 0.95  # AdamW beta2
+    eps: float = 1e-8  # AdamW epsilon
+    weight_decay: float = 0.1  # on matrices; not on norms, biases or gate biases
+    grad_clip: float = 1.0  # global gradient-norm clipping (0 = off)
     moment_dtype: str = "bfloat16"  # AdamW first and second moments
 
 
@@ -102,7 +102,7 @@ class TrainConfig:
     batch_size: int = 15360  # global sequences per optimizer step after the ramp
     batch_size_start: int = 3072  # global sequences per step at token 0
     batch_ramp_tokens: float = 469.0e9  # tokens over which the batch grows linearly
-    total_tokens: float = 14.8e12  # the run's token budget (schedules are relative to it)
+    total_tokens: float = 14.8e12  # the run's token budget: with train.steps=0 training stops here
     mtp_weight: float = 0.3  # lambda
     mtp_weight_late: float = 0.1  # lambda after mtp_weight_switch_tokens
     mtp_weight_switch_tokens: float = 10.0e12
@@ -123,33 +123,26 @@ class CheckpointConfig:
 @dataclass
 class LoggingConfig:
     wandb: str = "disabled"  # disabled | offline | online
-    project: str = "dsv3"
+    project: str = "dsv3"  # wandb project
     every: int = 1  # console line every N steps
 
 
 @dataclass
 class ParallelConfig:
-    pp: int = 1
-    ep: int = 1
+    pp: int = 1  # pipeline stages (the trainer runs pp=1 until the pipeline runtime lands)
+    ep: int = 1  # expert-parallel ranks (the trainer runs ep=1 until expert parallelism lands)
     schedule: str = "dualpipe"  # 1f1b | dualpipe | dualpipev
-    ranks_per_node: int = 0  # 0 = LOCAL_WORLD_SIZE
 
 
 @dataclass
 class FP8Config:
-    enabled: bool = False
+    enabled: bool = False  # FP8 training (not available yet)
 
 
 @dataclass
 class RunConfig:
-    dir: str = "runs/default"
+    dir: str = "runs/default"  # RUN_DIR: config.yaml, metrics.jsonl, checkpoints/
     name: str = ""  # free text, shown in wandb
-
-
-@dataclass
-class PlanConfig:
-    json: str = ""  # launch/plan.py writes its numbers here too when set
-    gpu_memory_gib: float = 80.0  # memory of one accelerator assumed by the plan
 
 
 @dataclass
@@ -163,7 +156,6 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     fp8: FP8Config = field(default_factory=FP8Config)
     run: RunConfig = field(default_factory=RunConfig)
-    plan: PlanConfig = field(default_factory=PlanConfig)
 
 
 def _require(ok: bool, message: str) -> None:
