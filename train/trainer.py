@@ -94,19 +94,25 @@ def check_fits(cfg: Config, runtime: Runtime) -> None:
             f"on this machine use +conf=tiny or +conf=small")
 
 
-def build_model(cfg: Config, runtime: Runtime) -> Transformer:
-    """Build on the meta device, apply parallelism (later: FP8 swap, pipeline split, expert sharding,
-    recompute), then materialize on the device and initialise the weights (std 0.006)."""
+def build_meta_model(cfg: Config) -> Transformer:
+    """The model on the meta device: shapes and parameter counts without allocating anything."""
     with torch.device("meta"):
-        model = Transformer(cfg.model)
+        return Transformer(cfg.model)
+
+
+def materialize(model: Transformer, cfg: Config, runtime: Runtime) -> Transformer:
+    """After the parallelism steps (later: FP8 swap, pipeline split, expert sharding, recompute),
+    allocate on the device and initialise the weights (std 0.006), identically on every rank."""
     model.to_empty(device=runtime.device)
-    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+    torch.manual_seed(cfg.train.seed)
     model.init_weights()
     return model
 
 
-def print_model_summary(cfg: Config, log: MetricsLogger) -> None:
-    c = count_parameters(cfg.model)
+def print_model_summary(model: Transformer, log: MetricsLogger) -> None:
+    c = count_parameters(model.cfg)
+    built = sum(p.numel() for p in model.parameters())
+    assert built == c.total + c.mtp_unique, (built, c)  # the analytic counts describe this model
     log.info(f"model: {c.total / 1e6:,.2f}M parameters, {c.active / 1e6:,.2f}M activated per token, "
              f"MTP {c.mtp / 1e6:,.2f}M ({c.mtp_unique / 1e6:,.2f}M unique)")
 
@@ -139,7 +145,8 @@ def train(cfg: Config) -> list[dict[str, Any]]:
 
 
 def _train(cfg: Config, runtime: Runtime, log: MetricsLogger) -> list[dict[str, Any]]:
-    print_model_summary(cfg, log)
+    model = build_meta_model(cfg)
+    print_model_summary(model, log)
     check_fits(cfg, runtime)
     pipeline_and_experts_supported(cfg)
     run_dir = Path(cfg.run.dir)
@@ -152,7 +159,7 @@ def _train(cfg: Config, runtime: Runtime, log: MetricsLogger) -> list[dict[str, 
     loader = TokenLoader(prepared.tokens_path, cfg.train.seq_len, cfg.train.micro_batch_size, cfg.train.seed,
                          dp_rank=runtime.rank, dp_size=runtime.world_size)
 
-    model = build_model(cfg, runtime)
+    model = materialize(model, cfg, runtime)
     optimizer = build_optimizer(model, cfg.optim)
     moe_layers = model.moe_layers()
     step, tokens = 0, 0
@@ -161,7 +168,7 @@ def _train(cfg: Config, runtime: Runtime, log: MetricsLogger) -> list[dict[str, 
         trainer_state, rank_state = checkpoint.load_checkpoint(start, model, optimizer, cfg.model)
         step, tokens = trainer_state["step"], trainer_state["tokens"]
         loader.load_state_dict(rank_state["loader"])
-        torch.set_rng_state(rank_state["rng"])
+        set_rng_states(rank_state["rng"])
         log.info(f"resumed from {start} at step {step:,} ({tokens:,} tokens)")
     log.start(first_step=step)
 
@@ -232,9 +239,22 @@ def _save(cfg: Config, runtime: Runtime, model, optimizer, loader, step: int, to
     checkpoint.save_checkpoint(
         cfg.run.dir, step, tokens, model, optimizer, cfg.model,
         trainer_state={"config": dataclasses.asdict(cfg)},
-        per_rank_state={"loader": loader.state_dict(), "rng": torch.get_rng_state()},
+        per_rank_state={"loader": loader.state_dict(), "rng": rng_states()},
         keep=cfg.checkpoint.keep,
     )
+
+
+def rng_states() -> dict[str, Any]:
+    states = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state()
+    return states
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    torch.set_rng_state(states["cpu"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state(states["cuda"])
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
