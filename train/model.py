@@ -256,6 +256,8 @@ def sequence_balance_loss(scores: Tensor, indices: Tensor, batch: int, n_experts
     """Complementary sequence-wise balance loss without alpha (sec 2.1.2, eqs. 17-20), mean over sequences.
 
     f_i = N_r / (K_r T) * #{t : i in topk(t)};  P_i = mean_t s_i,t / sum_j s_j,t;  L = sum_i f_i P_i.
+    topk(t) is the routing actually used (bias- and group-adjusted), so f_i is the load the loss
+    balances; eq. 18 writes Top-k of the raw affinities, which differs only once biases are non-zero.
     """
     seqlen = scores.shape[0] // batch
     topk = indices.shape[1]
@@ -424,7 +426,7 @@ class Transformer(nn.Module):
 @dataclass
 class ParamCounts:
     total: int  # main model: embedding, blocks, final norm, head (no MTP)
-    active: int  # per token: everything but the routed experts not selected (embedding row and head counted)
+    active: int  # per token: everything but the routed experts not selected (embedding and head counted in full)
     mtp: int  # MTP modules including the shared embedding and head
     mtp_unique: int  # MTP modules' own parameters
 
