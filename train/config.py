@@ -132,6 +132,8 @@ class ParallelConfig:
     pp: int = 1  # pipeline stages (the trainer runs pp=1 until the pipeline runtime lands)
     ep: int = 1  # expert-parallel ranks (the trainer runs ep=1 until expert parallelism lands)
     schedule: str = "dualpipe"  # 1f1b | dualpipe | dualpipev
+    ranks_per_node: int = 0  # processes per node for the layout (0 = LOCAL_WORLD_SIZE); emulate nodes on one machine
+    dispatch: str = "flat"  # expert-parallel all-to-all: flat (one hop) | hierarchical (across nodes, then inside)
 
 
 @dataclass
@@ -244,6 +246,8 @@ def validate(cfg: Config, world_size: int = 1) -> Config:
     _require(p.schedule in ("1f1b", "dualpipe", "dualpipev"),
              f"parallel.schedule ({p.schedule!r}) must be 1f1b, dualpipe or dualpipev")
     _require(p.pp >= 1 and p.ep >= 1, f"parallel.pp ({p.pp}) and parallel.ep ({p.ep}) must be >= 1")
+    _require(p.ranks_per_node >= 0, f"parallel.ranks_per_node ({p.ranks_per_node}) must be >= 0 (0 = LOCAL_WORLD_SIZE)")
+    _require(p.dispatch in ("flat", "hierarchical"), f"parallel.dispatch ({p.dispatch!r}) must be flat or hierarchical")
     return cfg
 
 
