@@ -115,7 +115,9 @@ class ProcessGroups:
     layout: Layout
     mesh: DeviceMesh  # dims (pp, edp, ep_node, ep_local)
     dp_mesh: DeviceMesh  # 1-D over the dp ranks of this stage
-    expert_mesh: DeviceMesh  # 2-D (edp, ep): expert parameters are Shard(0) over ep, replicated over edp
+    # 3-D (edp, ep_node, ep_local): an expert parameter [E, ...] is (Replicate(), Shard(0), Shard(0)) on it,
+    # i.e. split over the ep group in ep_rank order and replicated over edp
+    expert_mesh: DeviceMesh
     dp: dist.ProcessGroup
     ep: dist.ProcessGroup
     edp: dist.ProcessGroup
@@ -131,7 +133,7 @@ def build_process_groups(layout: Layout, device_type: str) -> ProcessGroups:
     ep_mesh = mesh["ep_node", "ep_local"]._flatten("ep")
     dp_mesh = mesh["edp", "ep_node", "ep_local"]._flatten("dp")
     return ProcessGroups(
-        layout=layout, mesh=mesh, dp_mesh=dp_mesh, expert_mesh=mesh["edp", "ep"],
+        layout=layout, mesh=mesh, dp_mesh=dp_mesh, expert_mesh=mesh["edp", "ep_node", "ep_local"],
         dp=dp_mesh.get_group(), ep=ep_mesh.get_group(), edp=mesh["edp"].get_group(), pp=mesh["pp"].get_group(),
         ep_local=mesh["ep_local"].get_group(), ep_node=mesh["ep_node"].get_group(),
     )
