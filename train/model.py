@@ -220,6 +220,7 @@ class RoutedExperts(nn.Module):
         super().__init__()
         n, dim, inter = cfg.n_routed_experts, cfg.dim, cfg.moe_inter_dim
         self.n_experts = n
+        self.expert_offset = 0  # global id of local expert 0 (non-zero when experts are sharded, parallel/expert.py)
         self.impl = cfg.expert_impl
         self.w1 = nn.Parameter(torch.empty(n, inter, dim))  # gate projections
         self.w2 = nn.Parameter(torch.empty(n, dim, inter))  # down projections
