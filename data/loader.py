@@ -6,6 +6,10 @@ cut into windows of ``seq_len + 1`` tokens with stride ``seq_len`` (window ``j``
 exactly once per epoch. Each epoch visits the windows in a permutation seeded by ``(seed, epoch)``;
 data-parallel rank ``r`` of ``dp_size`` takes positions ``r, r + dp_size, ...`` of it, with the
 remainder dropped so all ranks have the same count. The file is memory-mapped, never read whole.
+
+The state is global, the same on every rank: the epoch and how many windows of its permutation all
+ranks together have consumed. Resuming under another data-parallel size re-splits the rest of the
+epoch from that point, so no window is repeated or skipped.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import torch
 from data.prepare import TOKEN_DTYPE, TOKENS_FILE, PreparedData
 from train.errors import DataError
 
-STATE_KEYS = ("epoch", "position", "seed", "seq_len", "dp_rank", "dp_size", "n_windows")
+STATE_KEYS = ("epoch", "consumed", "seed", "seq_len", "n_windows")
 
 
 def _tokens_path(source: str | Path | PreparedData) -> Path:
@@ -59,18 +63,27 @@ class TokenLoader:
                             "add data (data.source, data.max_bytes) or lower train.seq_len")
         self._tokens = np.memmap(path, dtype=TOKEN_DTYPE, mode="r", shape=(n_tokens,))
         self.epoch = 0
-        self.position = 0  # next index into this rank's windows of the epoch
+        self.start = 0  # windows of the epoch's permutation consumed before this dp_size took over
+        self.position = 0  # rounds (one window per rank) since ``start``
         self._order_epoch = -1
         self._order = np.empty(0, dtype=np.int64)
 
-    def rank_windows(self, epoch: int) -> np.ndarray:
-        """Window indices this rank reads in ``epoch``, in order."""
+    @property
+    def consumed(self) -> int:
+        """Windows of this epoch's permutation consumed by all ranks together."""
+        return self.start + self.position * self.dp_size
+
+    def permutation(self, epoch: int) -> np.ndarray:
         if epoch != self._order_epoch:
-            rng = np.random.default_rng([self.seed % 2**64, epoch])
-            permutation = rng.permutation(self.n_windows)
-            self._order = permutation[self.dp_rank: self.windows_per_rank * self.dp_size: self.dp_size]
+            self._order = np.random.default_rng([self.seed % 2**64, epoch]).permutation(self.n_windows)
             self._order_epoch = epoch
         return self._order
+
+    def rank_windows(self, epoch: int) -> np.ndarray:
+        """Window indices this rank reads in ``epoch`` (from its start), in order."""
+        start = self.start if epoch == self.epoch else 0
+        rounds = (self.n_windows - start) // self.dp_size
+        return self.permutation(epoch)[start + self.dp_rank: start + rounds * self.dp_size: self.dp_size]
 
     def window(self, j: int) -> np.ndarray:
         """Tokens of window ``j``: ``seq_len + 1`` of them starting at ``j * seq_len``."""
@@ -81,9 +94,9 @@ class TokenLoader:
         """The next ``[micro_batch_size, seq_len + 1]`` int64 batch; epochs roll over seamlessly."""
         rows = []
         for _ in range(self.micro_batch_size):
-            if self.position == self.windows_per_rank:
-                self.epoch, self.position = self.epoch + 1, 0
-            rows.append(self.window(int(self.rank_windows(self.epoch)[self.position])))
+            if self.consumed + self.dp_size > self.n_windows:  # the remainder is dropped
+                self.epoch, self.start, self.position = self.epoch + 1, 0, 0
+            rows.append(self.window(int(self.permutation(self.epoch)[self.consumed + self.dp_rank])))
             self.position += 1
         return torch.from_numpy(np.stack(rows).astype(np.int64))
 
@@ -92,20 +105,21 @@ class TokenLoader:
         return {key: int(getattr(self, key)) for key in STATE_KEYS}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        """Resume exactly at ``state`` (seed included; dp_rank stays this loader's, as every rank is at the
-        same position). DataError if the state describes different data or a different DP size."""
+        """Resume exactly at ``state`` (seed included). The state is the same on every rank; under another
+        dp_size the rest of the epoch is re-split from the consumed point. DataError if it describes other data."""
         missing = [key for key in STATE_KEYS if key not in state]
         if missing:
             raise DataError(f"data loader state lacks {', '.join(missing)}; it was not saved by TokenLoader")
         differ = [f"{key} {state[key]} (checkpoint) != {getattr(self, key)} (now)"
-                  for key in ("seq_len", "n_windows", "dp_size") if int(state[key]) != getattr(self, key)]
+                  for key in ("seq_len", "n_windows") if int(state[key]) != getattr(self, key)]
         if differ:
             raise DataError(f"data loader state does not match this run: {'; '.join(differ)}; resume with the same "
-                            "train.seq_len, data and data-parallel size, or start a new run")
-        if not 0 <= int(state["position"]) <= self.windows_per_rank or int(state["epoch"]) < 0:
-            raise DataError(f"data loader state has epoch {state['epoch']} / position {state['position']} outside "
-                            f"[0, {self.windows_per_rank}]; the checkpoint is damaged")
+                            "train.seq_len and data, or start a new run")
+        if not 0 <= int(state["consumed"]) <= self.n_windows or int(state["epoch"]) < 0:
+            raise DataError(f"data loader state has epoch {state['epoch']} / consumed {state['consumed']} outside "
+                            f"[0, {self.n_windows}]; the checkpoint is damaged")
         self.seed = int(state["seed"])
         self.epoch = int(state["epoch"])
-        self.position = int(state["position"])
+        self.start = int(state["consumed"])
+        self.position = 0
         self._order_epoch = -1

@@ -9,6 +9,7 @@ Nothing here knows about ranks: parallelism is applied from outside (``parallel/
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 
@@ -370,20 +371,35 @@ class Transformer(nn.Module):
         return [m for m in self.modules() if isinstance(m, MoE)]
 
     @torch.no_grad()
-    def init_weights(self, std: float | None = None) -> None:
-        """Normal(0, std) for every matrix (report: 0.006), ones for norms, zero gate biases, rope tables."""
+    def init_weights(self, std: float | None = None, seed: int | None = None) -> None:
+        """Normal(0, std) for every matrix (report: 0.006), ones for norms, zero gate biases, rope tables.
+
+        Each tensor (and each routed expert) draws from its own generator seeded by (seed, its name,
+        its global expert id), so a rank holding a shard of the experts initialises exactly the slice a
+        single process would. seed=None takes one from torch's global generator.
+        """
         std = self.cfg.init_std if std is None else std
-        for module in self.modules():
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, ()).item())
+
+        def normal_(tensor: Tensor, name: str) -> None:
+            digest = hashlib.blake2b(f"{seed}:{name}".encode(), digest_size=8).digest()
+            generator = torch.Generator(device=tensor.device).manual_seed(int.from_bytes(digest, "little") >> 1)
+            tensor.normal_(0.0, std, generator=generator)
+
+        for name, module in self.named_modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, mean=0.0, std=std)
+                normal_(module.weight, f"{name}.weight")
             elif isinstance(module, RMSNorm):
                 nn.init.ones_(module.weight)
             elif isinstance(module, Gate):
-                nn.init.normal_(module.weight, mean=0.0, std=std)
+                normal_(module.weight, f"{name}.weight")
                 module.bias.zero_()
             elif isinstance(module, RoutedExperts):
-                for weight in (module.w1, module.w2, module.w3):
-                    nn.init.normal_(weight, mean=0.0, std=std)
+                for weight_name in ("w1", "w2", "w3"):
+                    weight = getattr(module, weight_name)
+                    for local, expert_weight in enumerate(weight):
+                        normal_(expert_weight, f"{name}.{weight_name}.{module.expert_offset + local}")
         cos, sin = rope_tables(self.cfg, device=self.rope_cos.device)
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)

@@ -88,11 +88,32 @@ def test_mismatched_state_is_refused(ramp, tmp_path):
     state = TokenLoader(ramp, L, 2, seed=0, dp_size=2).state_dict()
     with pytest.raises(DataError, match=r"seq_len 16 \(checkpoint\) != 8 \(now\)"):
         TokenLoader(ramp, 8, 2, seed=0, dp_size=2).load_state_dict(state)
-    with pytest.raises(DataError, match=r"dp_size 2 \(checkpoint\) != 1 \(now\)"):
-        TokenLoader(ramp, L, 2, seed=0).load_state_dict(state)
     other = ramp_file(tmp_path / "other.bin", 50 * L + 1)
     with pytest.raises(DataError, match=r"n_windows 41 \(checkpoint\) != 50 \(now\)"):
         TokenLoader(other, L, 2, seed=0, dp_size=2).load_state_dict(state)
+    with pytest.raises(DataError, match="damaged"):
+        TokenLoader(ramp, L, 2, seed=0).load_state_dict({**state, "consumed": 42})
+
+
+@pytest.mark.parametrize("old_dp,new_dp,steps", [(4, 2, 3), (2, 4, 3), (2, 1, 5), (1, 3, 4), (3, 2, 6)])
+def test_resume_under_another_dp_size_resplits_without_repeat_or_skip(ramp, old_dp, new_dp, steps):
+    """Windows read before and after the change of data-parallel size are disjoint, and together with
+    the epoch's rest they are exactly the epoch's permutation up to the dropped remainder."""
+    old = [TokenLoader(ramp, L, micro_batch_size=1, seed=3, dp_rank=r, dp_size=old_dp) for r in range(old_dp)]
+    before = [int(b[0, 0]) // L for _ in range(steps) for loader in old for b in [loader.next_batch()]]
+    state = old[0].state_dict()
+    assert all(loader.state_dict() == state for loader in old)  # one global state
+    new = [TokenLoader(ramp, L, micro_batch_size=1, seed=0, dp_rank=r, dp_size=new_dp) for r in range(new_dp)]
+    for loader in new:
+        loader.load_state_dict(state)
+    rounds = (41 - state["consumed"]) // new_dp
+    after = [int(b[0, 0]) // L for _ in range(rounds) for loader in new for b in [loader.next_batch()]]
+    order = np.random.default_rng([3, 0]).permutation(41).tolist()
+    assert sorted(before + after) == sorted(order[: len(before) + len(after)])
+    assert before + after == order[: len(before) + len(after)]  # round-robin over ranks keeps the order
+    assert all(loader.state_dict()["epoch"] == 0 for loader in new)
+    new[0].next_batch()
+    assert new[0].state_dict()["epoch"] == 1  # then the next epoch starts from its beginning
 
 
 def test_too_few_tokens(tmp_path):

@@ -175,3 +175,24 @@ def test_expert_load_rows(tiny_cfg, random_model):
     tokens_per_row = [B * T] * 3 + [B * (T - 1), B * (T - 2)]
     assert out.expert_load.sum(dim=1).tolist() == [n * cfg.n_activated_experts for n in tokens_per_row]
     assert out.balance_loss.item() > 0
+
+
+def test_init_of_an_expert_shard_equals_the_slice_of_the_full_init(tiny_cfg):
+    """A rank that holds experts [offset, offset + n) initialises them exactly as one process would."""
+    cfg = tiny_cfg(n_routed_experts=8)
+    full = Transformer(cfg)
+    full.init_weights(seed=7)
+    shard = Transformer(cfg)
+    for layer in shard.moe_layers():
+        experts = layer.experts
+        experts.expert_offset = 4
+        for name in ("w1", "w2", "w3"):
+            setattr(experts, name, torch.nn.Parameter(getattr(experts, name)[4:].clone()))
+    shard.init_weights(seed=7)
+    for ours, theirs in zip(shard.moe_layers(), full.moe_layers()):
+        for name in ("w1", "w2", "w3"):
+            assert torch.equal(getattr(ours.experts, name), getattr(theirs.experts, name)[4:])
+    assert torch.equal(shard.embed.weight, full.embed.weight)
+    other = Transformer(cfg)
+    other.init_weights(seed=8)
+    assert not torch.equal(other.embed.weight, full.embed.weight)
