@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import pickle
 import re
@@ -25,10 +26,12 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.tensor import DTensor, Replicate, Shard
 
+from parallel.mesh import ProcessGroups
 from train.config import ModelConfig
 from train.errors import CheckpointError
+from train.model import RoutedExperts
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 META_FILE = "meta.json"
@@ -64,26 +67,36 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def _rank_key() -> str:
-    """State that differs between ranks (loader position, RNG) is stored under the rank's own key."""
-    return f"rank{_rank()}"
+def model_state(model: torch.nn.Module, groups: ProcessGroups | None = None) -> dict[str, Any]:
+    """The model's persistent tensors, aliasing the live ones (DCP loads in place). With expert
+    parallelism each routed-expert tensor is a DTensor of the global shape [E, ...], Shard(0) over the
+    ep group and replicated over edp, so it is written once and can be loaded under any layout."""
+    sharded = groups is not None and groups.layout.ep > 1
+    state: dict[str, Any] = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        tensor = tensor.detach()
+        module = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+        if sharded and isinstance(module, RoutedExperts):
+            tensor = DTensor.from_local(tensor, groups.expert_mesh, [Replicate(), Shard(0), Shard(0)], run_check=False)
+        state[name] = tensor
+    return state
 
 
 def save_checkpoint(
     run_dir: str | Path,
     step: int,
     tokens: int,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
+    model_state: dict[str, Any],
+    optim_state: dict[str, Any],
     model_cfg: ModelConfig,
     trainer_state: dict[str, Any],
-    per_rank_state: dict[str, Any],
     keep: int,
 ) -> Path:
     """Write checkpoint ``step`` atomically and keep only the newest ``keep`` complete ones.
 
-    trainer_state: picklable values equal on every rank (schedules, counters); per_rank_state: values
-    each rank keeps for itself (data loader position, RNG states).
+    model_state / optim_state: tensors or DTensors (sharded ones carry their global shape, so DCP
+    writes each piece once and can load it under another layout); trainer_state: picklable values
+    equal on every rank (counters, the data loader's global position, schedules).
     """
     root = checkpoint_root(run_dir)
     final = root / f"step_{step:08d}"
@@ -93,17 +106,13 @@ def save_checkpoint(
         if tmp.exists():
             shutil.rmtree(tmp)  # left by a crash during an earlier save of this step
     _barrier()
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    state = {
-        "model": model_sd,
-        "optim": optim_sd,
-        "trainer": pickle.dumps({"step": step, "tokens": tokens, **trainer_state}),
-        _rank_key(): pickle.dumps(per_rank_state),
-    }
+    state = {"model": model_state, "optim": optim_state,
+             "trainer": pickle.dumps({"step": step, "tokens": tokens, **trainer_state})}
     with _quiet_single_process():
         dcp.save(state, checkpoint_id=str(tmp), no_dist=not dist.is_initialized())
     _barrier()
     if _rank() == 0:
+        check_experts_complete(tmp)
         meta = {"step": step, "tokens": tokens, "model": dataclasses.asdict(model_cfg),
                 "world_size": dist.get_world_size() if dist.is_initialized() else 1}
         (tmp / META_FILE).write_text(json.dumps(meta, indent=1))
@@ -116,6 +125,39 @@ def save_checkpoint(
             shutil.rmtree(old, ignore_errors=True)
     _barrier()
     return final
+
+
+EXPERT_KEY = re.compile(r"^model\..*\.experts\.w[123]$")
+
+
+def check_experts_complete(path: Path) -> int:
+    """Every routed-expert tensor must be stored exactly once: its chunks tile the global shape with no gap
+    and no overlap (a layout bug could otherwise save, or load, one rank's experts only). Returns the
+    number of expert tensors checked."""
+    try:
+        metadata = dcp.FileSystemReader(str(path)).read_metadata()
+    except Exception as err:
+        raise CheckpointError(f"{path}: unreadable checkpoint metadata ({_root_cause(err)}); pass another "
+                              "checkpoint.resume=PATH") from err
+    checked = 0
+    for key, item in metadata.state_dict_metadata.items():
+        if not EXPERT_KEY.match(key):
+            continue
+        size = tuple(item.size)
+        boxes = [(tuple(c.offsets), tuple(c.sizes)) for c in item.chunks]
+        volume = sum(math.prod(sizes) for _, sizes in boxes)
+        overlap = any(_overlap(a, b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+        inside = all(o + n <= d for offsets, sizes in boxes for o, n, d in zip(offsets, sizes, size))
+        if volume != math.prod(size) or overlap or not inside:
+            raise CheckpointError(f"{path}: expert tensor {key} of shape {list(size)} is not stored exactly once "
+                                  f"({len(boxes)} chunks covering {volume} of {math.prod(size)} elements, "
+                                  f"overlapping: {overlap}); the checkpoint is incomplete: use an earlier one")
+        checked += 1
+    return checked
+
+
+def _overlap(a: tuple[tuple[int, ...], tuple[int, ...]], b: tuple[tuple[int, ...], tuple[int, ...]]) -> bool:
+    return all(oa < ob + nb and ob < oa + na for oa, na, ob, nb in zip(a[0], a[1], b[0], b[1]))
 
 
 @contextlib.contextmanager
@@ -167,28 +209,23 @@ def _root_cause(err: BaseException) -> str:
 
 def load_checkpoint(
     path: str | Path,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
+    model_state: dict[str, Any],
+    optim_state: dict[str, Any],
     model_cfg: ModelConfig,
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Restore model and optimizer in place; return (trainer_state, this rank's per-rank state)."""
+) -> dict[str, Any]:
+    """Fill model_state and optim_state in place (they alias the live tensors, in the current layout,
+    whatever layout saved the checkpoint); return the trainer state."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: checkpoint directory not found; check checkpoint.resume")
     meta = read_meta(path)
     check_model_config(path, meta, model_cfg)
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    if meta.get("world_size", 1) != world:
-        raise CheckpointError(f"{path}: saved by {meta.get('world_size')} processes, resuming with {world}; the "
-                              "data loader position is per process: resume with the same number of processes")
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    state = {"model": model_sd, "optim": optim_sd, "trainer": b"", _rank_key(): b""}
+    check_experts_complete(path)
+    state = {"model": model_state, "optim": optim_state, "trainer": b""}
     try:
         with _quiet_single_process():
             dcp.load(state, checkpoint_id=str(path), no_dist=not dist.is_initialized())
     except (Exception, CheckpointException) as err:  # CheckpointException (a BaseException) wraps rank failures
-        first_line = _root_cause(err)
-        raise CheckpointError(f"{path}: cannot be loaded ({first_line[:300]}); the checkpoint is corrupt or "
+        raise CheckpointError(f"{path}: cannot be loaded ({_root_cause(err)}); the checkpoint is corrupt or "
                               "from a different run: pass another checkpoint.resume=PATH") from err
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    return pickle.loads(state["trainer"]), pickle.loads(state[_rank_key()])
+    return pickle.loads(state["trainer"])

@@ -130,7 +130,7 @@ class LoggingConfig:
 @dataclass
 class ParallelConfig:
     pp: int = 1  # pipeline stages (the trainer runs pp=1 until the pipeline runtime lands)
-    ep: int = 1  # expert-parallel ranks (the trainer runs ep=1 until expert parallelism lands)
+    ep: int = 1  # expert-parallel ranks: the routed experts are split over ep consecutive processes
     schedule: str = "dualpipe"  # 1f1b | dualpipe | dualpipev
     ranks_per_node: int = 0  # processes per node for the layout (0 = LOCAL_WORLD_SIZE); emulate nodes on one machine
     dispatch: str = "flat"  # expert-parallel all-to-all: flat (one hop) | hierarchical (across nodes, then inside)
@@ -251,14 +251,11 @@ def validate(cfg: Config, world_size: int = 1) -> Config:
     return cfg
 
 
-def pipeline_and_experts_supported(cfg: Config) -> None:
-    """Parallel layouts the trainer can execute today; planned layouts fail with a clear line."""
+def check_supported(cfg: Config) -> None:
+    """Parallel layouts the trainer can execute today; planned ones fail with a clear line."""
     _require(cfg.parallel.pp == 1,
              f"parallel.pp ({cfg.parallel.pp}): pipeline parallelism is not available in the trainer yet; "
-             "use parallel.pp=1 (launch/plan.py sizes larger layouts)")
-    _require(cfg.parallel.ep == 1,
-             f"parallel.ep ({cfg.parallel.ep}): expert parallelism is not available in the trainer yet; "
-             "use parallel.ep=1")
+             "use parallel.pp=1 with data and expert parallelism (parallel.ep)")
     _require(not cfg.fp8.enabled, "fp8.enabled=true: FP8 training is not available yet; use fp8.enabled=false")
 
 

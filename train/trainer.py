@@ -23,52 +23,68 @@ import torch.distributed as dist
 
 from data.loader import TokenLoader
 from data.prepare import prepare_data
-from parallel.data_parallel import all_reduce_gradients, all_reduce_sum
+from parallel.mesh import ProcessGroups, build_process_groups, plan_layout
+from parallel.zero import ZeroAdamW
 from train import checkpoint, schedules
 from train.balance import max_violation, update_gate_biases
-from train.config import Config, config_to_yaml, pipeline_and_experts_supported
+from train.config import Config, check_supported, config_to_yaml
 from train.errors import UserError
 from train.losses import compute_losses
 from train.metrics import MetricsLogger
 from train.model import Transformer, count_parameters
-from train.optim import build_optimizer
 
 BYTES_PER_PARAM = 4 + 4 + 2 + 2  # fp32 weight (master), fp32 gradient, bf16 first and second moments
 
 
 @dataclass
 class Runtime:
-    """Where this process runs: its rank among the data-parallel processes and its device."""
+    """Where this process runs: its rank, its device, and the process groups of the parallel layout."""
 
     rank: int
     world_size: int
     local_rank: int
     device: torch.device
     compute_dtype: torch.dtype  # autocast dtype (float32 = no autocast)
+    groups: ProcessGroups
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
 
-def setup_runtime(cfg: Config) -> Runtime:
-    """Read torchrun's RANK / WORLD_SIZE / LOCAL_RANK; NCCL on GPUs, gloo on CPU."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+def choose_device(cfg: Config) -> torch.device:
     want = cfg.train.device
     if want == "cuda" and not torch.cuda.is_available():
         raise UserError("train.device=cuda but CUDA is not available; use train.device=cpu or auto")
-    use_cuda = want == "cuda" or (want == "auto" and torch.cuda.is_available())
-    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
-    if use_cuda:
+    if want == "cuda" or (want == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def setup_runtime(cfg: Config, device: torch.device) -> Runtime:
+    """Read torchrun's RANK / WORLD_SIZE / LOCAL_RANK, check the layout, start NCCL (GPUs) or gloo (CPU).
+
+    A plain one-process run gets a one-rank process group too, so every run takes the same code path
+    (ZeRO-1 over one rank, DTensor checkpoints that reshard into any later layout).
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", str(world_size)))
+    layout = plan_layout(cfg, world_size, rank, local_world_size)  # config errors before any process group
+    if device.type == "cuda":
         torch.cuda.set_device(device)
-    if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if world_size == 1 and "MASTER_ADDR" not in os.environ:
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        else:
+            dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(cfg.train.dtype)
     if dtype is None:  # auto: bf16 autocast on GPUs (FP32 master weights stay in the optimizer), fp32 on CPU
-        dtype = torch.bfloat16 if use_cuda else torch.float32
-    return Runtime(rank, world_size, local_rank, device, dtype)
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    groups = build_process_groups(layout, device.type)
+    return Runtime(rank, world_size, local_rank, device, dtype, groups)
 
 
 def available_memory_bytes(device: torch.device) -> int:
@@ -77,21 +93,30 @@ def available_memory_bytes(device: torch.device) -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def check_fits(cfg: Config, runtime: Runtime) -> None:
-    """Refuse, before allocating anything, a model whose weights and optimizer state cannot fit here."""
-    counts = count_parameters(cfg.model)
+def check_fits(cfg: Config, device: torch.device, world_size: int) -> None:
+    """Refuse, before allocating anything, a model whose weights and optimizer state cannot fit here.
+
+    Per process: the routed experts are split over parallel.ep; weights and gradients (fp32) are
+    replicated over the data-parallel ranks, the AdamW moments (BF16) sharded over them (ZeRO-1).
+    """
+    m, p = cfg.model, cfg.parallel
+    counts = count_parameters(m)
     params = counts.total + counts.mtp_unique
-    need = params * BYTES_PER_PARAM
-    have = available_memory_bytes(runtime.device)
+    experts = 3 * m.dim * m.moe_inter_dim * m.n_routed_experts * (m.n_layers - m.n_dense_layers + m.mtp_depth)
+    ep = max(1, min(p.ep, world_size))
+    local = params - experts + experts / ep
+    data_parallel = max(1, world_size // p.pp)
+    need = local * 8 + local * 4 / data_parallel
+    have = available_memory_bytes(device)
     if need > 0.8 * have:
-        where = "GPU" if runtime.device.type == "cuda" else "machine"
-        gpus = -(-need // (60 * 2**30))  # GPUs of 80 GB leaving ~20 GB for activations, before ZeRO-1
+        where = "GPU" if device.type == "cuda" else "machine"
+        gpus = -(-params * BYTES_PER_PARAM // (60 * 2**30))  # GPUs of 80 GB leaving ~20 GB for activations
         raise UserError(
-            f"model too large for this {where}: {params / 1e9:.1f}B parameters need {need / 2**30:,.0f} GiB for "
-            f"weights, gradients and AdamW state ({BYTES_PER_PARAM} B/param) but {have / 2**30:,.0f} GiB are "
-            f"available. It needs at least {gpus:,} GPUs of 80 GB with pipeline and expert parallelism (the report "
-            f"trains 671B on 2048 H800 with parallel.pp=16 parallel.ep=64 and ZeRO-1; see docs/configs.md); "
-            f"on this machine use +conf=tiny or +conf=small")
+            f"model too large for this {where}: {params / 1e9:.1f}B parameters need {need / 2**30:,.0f} GiB per "
+            f"process for weights, gradients and AdamW state with parallel.ep={ep} over {world_size} process(es), "
+            f"but {have / 2**30:,.0f} GiB are available. It needs at least {gpus:,} GPUs of 80 GB with pipeline and "
+            f"expert parallelism (the report trains 671B on 2048 H800 with parallel.pp=16 parallel.ep=64 and "
+            f"ZeRO-1; see docs/parallelism.md); on this machine use +conf=tiny or +conf=small")
 
 
 def build_meta_model(cfg: Config) -> Transformer:
@@ -104,8 +129,7 @@ def materialize(model: Transformer, cfg: Config, runtime: Runtime) -> Transforme
     """After the parallelism steps (later: FP8 swap, pipeline split, expert sharding, recompute),
     allocate on the device and initialise the weights (std 0.006), identically on every rank."""
     model.to_empty(device=runtime.device)
-    torch.manual_seed(cfg.train.seed)
-    model.init_weights()
+    model.init_weights(seed=cfg.train.seed)
     return model
 
 
@@ -134,21 +158,27 @@ def autocast(runtime: Runtime) -> contextlib.AbstractContextManager:
 
 def train(cfg: Config) -> list[dict[str, Any]]:
     """Run (or resume) pretraining as configured; return the metrics of the steps run in this call."""
-    runtime = setup_runtime(cfg)
-    log = MetricsLogger(cfg, is_main=runtime.is_main)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    log = MetricsLogger(cfg, is_main=int(os.environ.get("RANK", "0")) == 0)
     try:
-        return _train(cfg, runtime, log)
+        model = build_meta_model(cfg)
+        print_model_summary(model, log)
+        device = choose_device(cfg)
+        check_fits(cfg, device, world_size)
+        check_supported(cfg)
+        runtime = setup_runtime(cfg, device)
+        return _train(cfg, runtime, model, log)
     finally:
         log.close()
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
-def _train(cfg: Config, runtime: Runtime, log: MetricsLogger) -> list[dict[str, Any]]:
-    model = build_meta_model(cfg)
-    print_model_summary(model, log)
-    check_fits(cfg, runtime)
-    pipeline_and_experts_supported(cfg)
+def _train(cfg: Config, runtime: Runtime, model: Transformer, log: MetricsLogger) -> list[dict[str, Any]]:
+    groups = runtime.groups
+    layout = groups.layout
+    log.info(f"layout: {layout.world_size} processes = dp {layout.dp} (ep {layout.ep} x edp {layout.edp}), "
+             f"pp {layout.pp}; {layout.ranks_per_node} per node; dispatch {cfg.parallel.dispatch}")
     run_dir = Path(cfg.run.dir)
     if runtime.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -157,22 +187,30 @@ def _train(cfg: Config, runtime: Runtime, log: MetricsLogger) -> list[dict[str, 
     prepared = prepare_data(cfg.data, vocab_size=cfg.model.vocab_size, seed=cfg.train.seed)
     log.info(f"data: {prepared.n_tokens:,} tokens in {prepared.n_documents:,} documents ({prepared.directory})")
     loader = TokenLoader(prepared.tokens_path, cfg.train.seq_len, cfg.train.micro_batch_size, cfg.train.seed,
-                         dp_rank=runtime.rank, dp_size=runtime.world_size)
+                         dp_rank=layout.dp_rank, dp_size=layout.dp)
 
+    if layout.ep > 1:
+        from parallel.expert import parallelize_experts
+
+        parallelize_experts(model, groups, cfg.parallel.dispatch)
     model = materialize(model, cfg, runtime)
-    optimizer = build_optimizer(model, cfg.optim)
+    optimizer = ZeroAdamW(model, groups, cfg.optim)
     moe_layers = model.moe_layers()
+    traffic = [m.traffic for m in model.modules() if hasattr(m, "traffic")]  # expert-parallel layers count bytes
     step, tokens = 0, 0
     start = resume_path(cfg)
     if start is not None:
-        trainer_state, rank_state = checkpoint.load_checkpoint(start, model, optimizer, cfg.model)
+        optim_state = optimizer.state_dict()
+        trainer_state = checkpoint.load_checkpoint(start, checkpoint.model_state(model, groups), optim_state,
+                                                   cfg.model)
+        optimizer.load_state_dict(optim_state)
         step, tokens = trainer_state["step"], trainer_state["tokens"]
-        loader.load_state_dict(rank_state["loader"])
-        set_rng_states(rank_state["rng"])
+        loader.load_state_dict(trainer_state["loader"])
+        set_rng_states(trainer_state["rng"])
         log.info(f"resumed from {start} at step {step:,} ({tokens:,} tokens)")
     log.start(first_step=step)
 
-    quantum = cfg.train.micro_batch_size * runtime.world_size
+    quantum = cfg.train.micro_batch_size * layout.dp
     last_saved = step
     history: list[dict[str, Any]] = []
     while not _finished(cfg, step, tokens):
@@ -185,6 +223,8 @@ def _train(cfg: Config, runtime: Runtime, log: MetricsLogger) -> list[dict[str, 
 
         sums = torch.zeros(4, device=runtime.device, dtype=torch.float64)  # loss, lm, mtp, balance
         load = torch.zeros(len(moe_layers), cfg.model.n_routed_experts, device=runtime.device)
+        for counter in traffic:
+            counter.reset()
         model.train()
         for _ in range(n_micro):
             window = loader.next_batch().to(runtime.device, non_blocking=True)
@@ -195,38 +235,52 @@ def _train(cfg: Config, runtime: Runtime, log: MetricsLogger) -> list[dict[str, 
             sums += torch.stack([losses.loss, losses.lm_loss, losses.mtp_loss, losses.balance_loss]).detach().double()
             load += out.expert_load.float()
 
-        if runtime.world_size > 1:
-            all_reduce_gradients(model)
-            all_reduce_sum(sums, load)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or float("inf"))
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        # ZeRO-1: reduce-scatter gradients, clip by the global norm, AdamW on this rank's shards, all-gather
+        grad_norm = optimizer.step(lr, cfg.optim.grad_clip)
+        all_reduce_sum(sums, load, group=groups.dp)  # losses and expert loads of the whole global batch
         update_gate_biases(moe_layers, load, gamma)
 
         step += 1
         tokens += batch * cfg.train.seq_len
-        means = (sums / (n_micro * runtime.world_size)).tolist()
+        means = (sums / (n_micro * layout.dp)).tolist()
         vio = max_violation(load) if len(moe_layers) else torch.zeros(1)
         elapsed = time.perf_counter() - t0
         record = {
             "step": step, "tokens": tokens, "loss": means[0], "lm_loss": means[1], "mtp_loss": means[2],
-            "balance_loss": means[3], "lr": lr, "grad_norm": grad_norm.item(),
+            "balance_loss": means[3], "lr": lr, "grad_norm": grad_norm,
             "tokens_per_s": batch * cfg.train.seq_len / elapsed, "max_vio": vio.mean().item(),
             "max_vio_worst": vio.max().item(), "batch_size": batch, "mtp_weight": lam,
             "bias_update_speed": gamma, "step_time_s": elapsed,
         }
+        if traffic:
+            record.update(_traffic_totals(traffic, groups))
         history.append(record)
         log.step(record)
 
         if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or _finished(cfg, step, tokens):
-            _save(cfg, runtime, model, optimizer, loader, step, tokens)
+            checkpoint.save_checkpoint(
+                cfg.run.dir, step, tokens, checkpoint.model_state(model, groups), optimizer.state_dict(), cfg.model,
+                trainer_state={"loader": loader.state_dict(), "rng": rng_states(), "config": dataclasses.asdict(cfg)},
+                keep=cfg.checkpoint.keep,
+            )
             last_saved = step
     if step == last_saved and not history:
         log.info(f"nothing to do: the run is already at step {step:,} (train.steps={cfg.train.steps}); "
                  "raise train.steps or use another run.dir")
     return history
+
+
+def _traffic_totals(counters: list, groups: ProcessGroups) -> dict[str, float]:
+    """All-to-all bytes of this step summed over layers and ranks, split into between and inside nodes."""
+    totals: dict[str, float] = {}
+    for counter in counters:
+        for key, value in counter.as_dict().items():
+            if key.endswith("_bytes"):
+                totals[key] = totals.get(key, 0.0) + float(value)
+    keys = sorted(totals)
+    summed = torch.tensor([totals[k] for k in keys], dtype=torch.float64)
+    all_reduce_sum(summed, group=groups.dp)
+    return {f"a2a_{k}": v for k, v in zip(keys, summed.tolist())}
 
 
 def _finished(cfg: Config, step: int, tokens: int) -> bool:
@@ -235,13 +289,11 @@ def _finished(cfg: Config, step: int, tokens: int) -> bool:
     return tokens >= cfg.train.total_tokens
 
 
-def _save(cfg: Config, runtime: Runtime, model, optimizer, loader, step: int, tokens: int) -> None:
-    checkpoint.save_checkpoint(
-        cfg.run.dir, step, tokens, model, optimizer, cfg.model,
-        trainer_state={"config": dataclasses.asdict(cfg)},
-        per_rank_state={"loader": loader.state_dict(), "rng": rng_states()},
-        keep=cfg.checkpoint.keep,
-    )
+@torch.no_grad()
+def all_reduce_sum(*tensors: torch.Tensor, group: dist.ProcessGroup) -> None:
+    """Sum small statistics (losses, expert loads, traffic) over the group, in place."""
+    for t in tensors:
+        dist.all_reduce(t, group=group)
 
 
 def rng_states() -> dict[str, Any]:
