@@ -1,0 +1,183 @@
+"""Expert-parallel dispatch + combine: flat against hierarchical, and the MoE layer with EP against one process.
+
+Spawns 4 processes itself (torch.multiprocessing, start method "spawn", gloo on CPU) that emulate 2 nodes
+of 2 ranks (parallel.ranks_per_node=2, ep=4), each with one MoE layer of the same weights. Measures
+  1. dispatch + combine alone (the experts replaced by the identity): tokens/s and bytes per token
+     between and inside nodes, flat (baseline) against hierarchical (report sec 3.2.2);
+  2. the MoE layer forward + backward with EP (4 processes, each with a quarter of the experts and of the
+     tokens) against one process running the whole layer on all tokens (baseline).
+On CPU the "nodes" are processes of one machine sharing its cores, and gloo's all-to-all goes through
+local TCP: the timings are only indicative. EP across GPUs needs at least 4 of them (NCCL); on fewer
+GPUs the numbers would not be meaningful and --device cuda skips.
+
+    python bench/ep_dispatch.py                      # CPU, fp32, 2048 tokens per rank
+    python bench/ep_dispatch.py --tokens 4096 --iters 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import statistics
+import time
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from parallel.expert import ExpertParallelExperts, parallelize_experts
+from parallel.mesh import build_process_groups, plan_layout
+from train.config import Config, ModelConfig
+from train.model import Transformer
+
+WORLD, RANKS_PER_NODE = 4, 2
+BENCH_MOE = ModelConfig(  # one MoE layer; 8 groups of 4 experts, top-8 experts in at most 4 groups (M = 4)
+    vocab_size=256, dim=512, inter_dim=1024, moe_inter_dim=256, n_layers=2, n_dense_layers=1, n_heads=4,
+    q_lora_rank=0, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
+    n_routed_experts=32, n_shared_experts=1, n_activated_experts=8, n_expert_groups=8, topk_groups=4,
+    route_scale=2.5, mtp_depth=0, max_seq_len=128, original_seq_len=128, expert_impl="loop",
+)
+SEQ_LEN = 128
+
+
+def build_model(cfg: ModelConfig, device: torch.device) -> Transformer:
+    model = Transformer(cfg).to(device)
+    model.init_weights(std=0.02, seed=0)
+    return model
+
+
+def tokens_of(rank: int, n_tokens: int, cfg: ModelConfig, device: torch.device) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(1000 + rank)
+    return torch.randn(n_tokens // SEQ_LEN, SEQ_LEN, cfg.dim, generator=generator).to(device)
+
+
+def median_time(fn, iters: int, sync) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(iters):
+        sync()
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def worker(rank: int, port: int, args: argparse.Namespace, queue) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    device = torch.device(f"cuda:{rank}" if args.device == "cuda" else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=WORLD)
+    config = Config(model=BENCH_MOE)
+    config.parallel.ep, config.parallel.ranks_per_node = WORLD, RANKS_PER_NODE
+    groups = build_process_groups(plan_layout(config, WORLD, rank, RANKS_PER_NODE), device.type)
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        dist.barrier()
+
+    x = tokens_of(rank, args.tokens, BENCH_MOE, device)
+    results = {}
+    for mode in ("flat", "hierarchical"):
+        model = build_model(BENCH_MOE, device)
+        parallelize_experts(model, groups, mode)
+        moe = model.moe_layers()[0]
+        experts: ExpertParallelExperts = moe.experts
+        flat = x.reshape(-1, BENCH_MOE.dim)
+        with torch.no_grad():
+            routing = moe.gate(flat)
+
+            def exchange() -> None:  # dispatch and combine, the identity in between
+                handle = experts.dispatch(flat, routing)
+                experts.combine(handle.wait().x, handle).wait()
+
+            exchange_s = median_time(exchange, args.iters, sync)
+            experts.traffic.reset()
+            exchange()
+            traffic = experts.traffic.as_dict()
+
+        def layer() -> None:
+            model.zero_grad(set_to_none=True)
+            out, _ = moe(x)
+            out.sum().backward()
+
+        layer_s = median_time(layer, args.iters, sync)
+        results[mode] = {"exchange_s": exchange_s, "layer_s": layer_s, **traffic}
+    gathered = [None] * WORLD
+    dist.all_gather_object(gathered, results)
+    if rank == 0:
+        queue.put(gathered)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def single_process_layer(args: argparse.Namespace) -> float:
+    model = build_model(BENCH_MOE, torch.device(args.device))
+    moe = model.moe_layers()[0]
+    x = torch.cat([tokens_of(rank, args.tokens, BENCH_MOE, torch.device(args.device)) for rank in range(WORLD)])
+
+    def layer() -> None:
+        model.zero_grad(set_to_none=True)
+        out, _ = moe(x)
+        out.sum().backward()
+
+    return median_time(layer, args.iters, lambda: torch.cuda.synchronize() if args.device == "cuda" else None)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tokens", type=int, default=2048, help="tokens per rank (a multiple of 128)")
+    parser.add_argument("--iters", type=int, default=5, help="timed iterations (median reported)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--threads", type=int, default=1, help="intra-op threads of the single-process baseline")
+    args = parser.parse_args()
+    if args.device == "cuda" and torch.cuda.device_count() < WORLD:
+        print(f"skipped: {torch.cuda.device_count()} GPU(s); expert parallelism over {WORLD} ranks needs {WORLD} "
+              "GPUs, and EP numbers on fewer GPUs are not meaningful. Run without --device for the CPU/gloo numbers.")
+        return
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    queue = ctx.SimpleQueue()
+    mp.start_processes(worker, args=(port, args, queue), nprocs=WORLD, start_method="spawn")
+    per_rank = queue.get()
+    torch.set_num_threads(args.threads)
+    single_s = single_process_layer(args)
+
+    cfg = BENCH_MOE
+    total = WORLD * args.tokens
+    print(f"{WORLD} processes = 2 nodes x {RANKS_PER_NODE} ranks ({args.device}, "
+          f"{'gloo' if args.device == 'cpu' else 'nccl'}), {args.tokens} tokens per rank, dim {cfg.dim}, "
+          f"{cfg.n_routed_experts} experts top-{cfg.n_activated_experts}, {cfg.n_expert_groups} groups, "
+          f"at most {cfg.topk_groups} groups per token, fp32, median of {args.iters}")
+    if args.device == "cpu":
+        print(f"CPU: {os.cpu_count()} cores shared by the {WORLD} processes, all-to-all over local TCP: "
+              "timings are only indicative")
+    print("dispatch + combine (identity experts); bytes per token summed over ranks, self-sends excluded:")
+    base = None
+    for mode in ("flat", "hierarchical"):
+        seconds = max(r[mode]["exchange_s"] for r in per_rank)
+        inter = sum(r[mode]["dispatch_inter_node_bytes"] + r[mode]["combine_inter_node_bytes"] for r in per_rank)
+        intra = sum(r[mode]["dispatch_intra_node_bytes"] + r[mode]["combine_intra_node_bytes"] for r in per_rank)
+        speed = total / seconds
+        base = base or speed
+        nodes = max(r[mode]["max_nodes_per_token"] for r in per_rank)
+        print(f"  {mode:<17} {speed:>10,.0f} tokens/s  {seconds * 1e3:7.1f} ms  inter-node {inter / total:7.0f} B/token"
+              f"  intra-node {intra / total:7.0f} B/token  max nodes/token {nodes}  ratio {speed / base:.2f}x")
+    print(f"MoE layer forward + backward on {total} tokens:")
+    print(f"  {'one process':<17} {total / single_s:>10,.0f} tokens/s  {single_s * 1e3:7.1f} ms  ({args.threads} thread(s))"
+          f"  ratio 1.00x")
+    for mode in ("flat", "hierarchical"):
+        seconds = max(r[mode]["layer_s"] for r in per_rank)
+        print(f"  {f'EP {WORLD} {mode}':<17} {total / seconds:>10,.0f} tokens/s  {seconds * 1e3:7.1f} ms  (1 thread each)"
+              f"  ratio {single_s / seconds:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
