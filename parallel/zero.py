@@ -1,0 +1,392 @@
+"""ZeRO-1: AdamW whose optimizer state is sharded over the data-parallel ranks (report sec 3, 3.3.3).
+
+Parameters stay replicated in their data-parallel group; each rank keeps the FP32 master copy and the
+BF16 moments of one slice of every parameter, along one dimension (as FSDP2 shards), so that every
+slice is a DTensor ``Shard`` and DCP can save it once and load it under another layout:
+
+- dense parameters: dim 0 over the dp group (the mesh ``groups.dp_mesh``);
+- routed-expert parameters when ``layout.ep > 1``: the local tensor [E/ep, ...] along dim 1 over the
+  edp group (dim 0 is already split over ep), i.e. [Shard(1), Shard(0), Shard(0)] on
+  ``groups.expert_mesh`` for the global [E, ...].
+
+Uneven sizes follow DTensor's ``Shard`` (torch.chunk): with ``c = ceil(n / k)`` rank i of k holds rows
+[i*c, min(n, (i+1)*c)), possibly none.
+
+A step: bucketed reduce-scatter of the gradients (several parameters per collective; one flat buffer
+per bucket, rank-major, each parameter's chunk padded to c rows), the global gradient norm (every
+element counted once) and clipping, the AdamW of ``train.optim`` on this rank's shards, bucketed
+all-gather of the updated shards into the parameters.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+from torch.distributed.tensor.placement_types import Placement
+
+from parallel.mesh import ProcessGroups
+from train.config import OptimConfig
+from train.model import RoutedExperts
+from train.optim import MOMENT_DTYPES, AdamW, param_groups
+
+MOMENT_KEYS = ("exp_avg", "exp_avg_sq")
+# torch 2.13 renamed the flat-tensor collectives (the old names warn there); torch 2.11 has only the old ones
+reduce_scatter_flat = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+@dataclass
+class ParamShard:
+    """One parameter's slice on this rank and its place in a bucket."""
+
+    name: str
+    param: Tensor
+    expert: bool
+    dim: int  # the sharded dimension of the (local) parameter
+    rows: int  # c = ceil(n / k): rows of dim ``dim`` per rank, the chunk of every rank padded to it
+    start: int  # first row (along dim) of this rank's slice
+    local_rows: int  # rows this rank holds, 0..rows
+    offset: int = field(init=False, default=0)  # where its padded chunk starts in a bucket's per-rank segment
+    master: Tensor = field(init=False)  # the FP32 slice, a view into its bucket's ``masters``
+
+    @property
+    def chunk_shape(self) -> tuple[int, ...]:
+        shape = list(self.param.shape)
+        shape[self.dim] = self.rows
+        return tuple(shape)
+
+    @property
+    def chunk_numel(self) -> int:
+        return math.prod(self.chunk_shape)
+
+    def param_slice(self) -> Tensor:
+        """This rank's slice of the parameter (a view)."""
+        return self.param.detach().narrow(self.dim, self.start, self.local_rows)
+
+
+@dataclass
+class Bucket:
+    """Parameters reduced and gathered together in one collective over one group."""
+
+    group: dist.ProcessGroup
+    size: int  # ranks in the group
+    shards: list[ParamShard] = field(default_factory=list)
+    numel: int = 0  # elements of one rank's segment (the padded chunks of all its parameters)
+    masters: Tensor = field(init=False)  # [numel] FP32: this rank's segment; the padding stays zero
+
+    def chunks(self, flat: Tensor, shard: ParamShard) -> Tensor:
+        """[size, *chunk_shape] view of one parameter's padded chunks in a rank-major [size * numel] buffer."""
+        return flat.view(self.size, self.numel)[:, shard.offset:shard.offset + shard.chunk_numel].unflatten(
+            1, shard.chunk_shape)
+
+    def own(self, segment: Tensor, shard: ParamShard) -> Tensor:
+        """This rank's (unpadded) slice of one parameter inside a [numel] segment."""
+        chunk = segment[shard.offset:shard.offset + shard.chunk_numel].view(shard.chunk_shape)
+        return chunk.narrow(shard.dim, 0, shard.local_rows)
+
+
+@dataclass
+class CommStats:
+    """Collectives issued (1-rank groups issue none); tests use it to see that buckets really bucket."""
+
+    reduce_scatters: int = 0
+    all_gathers: int = 0
+    all_reduces: int = 0
+
+
+def pack_chunks(dst: Tensor, src: Tensor, dim: int, rows: int) -> None:
+    """dst [k, *chunk] <- src cut along ``dim`` into k chunks of ``rows`` rows (torch.chunk), zero-padded."""
+    full, rest = divmod(src.shape[dim], rows)
+    if full:
+        dst[:full].copy_(src.narrow(dim, 0, full * rows).unflatten(dim, (full, rows)).movedim(dim, 0))
+    if rest:
+        dst[full].narrow(dim, 0, rest).copy_(src.narrow(dim, full * rows, rest))
+        dst[full].narrow(dim, rest, rows - rest).zero_()
+    dst[full + (1 if rest else 0):].zero_()
+
+
+def unpack_chunks(dst: Tensor, src: Tensor, dim: int, rows: int) -> None:
+    """dst <- the k padded chunks src [k, *chunk] (the inverse of pack_chunks)."""
+    full, rest = divmod(dst.shape[dim], rows)
+    if full:
+        dst.narrow(dim, 0, full * rows).unflatten(dim, (full, rows)).movedim(dim, 0).copy_(src[:full])
+    if rest:
+        dst.narrow(dim, full * rows, rest).copy_(src[full].narrow(dim, 0, rest))
+
+
+def sum_of_squares(x: Tensor, row: int = 256) -> Tensor:
+    """FP64 sum of the squares of a flat FP32 tensor, from FP32 sums over rows of ``row`` elements.
+
+    One FP32 norm over millions of elements is off by 1e-5 to 1e-4 relative on the CPU (so is
+    torch.nn.utils.clip_grad_norm_ on large tensors); short rows keep it near 1e-10 at the same speed
+    (a norm in FP64 is about 20 times slower there).
+    """
+    whole = x.numel() // row * row
+    rows = torch.linalg.vector_norm(x[:whole].view(-1, row), dim=1).double().square().sum()
+    return rows + x[whole:].double().square().sum()
+
+
+class ZeroAdamW:
+    """AdamW (``train.optim.AdamW``: FP32 master, BF16 moments) with its state sharded over data parallelism.
+
+    ``model``'s parameters must be materialized, initialised and identical across their data-parallel
+    group; with ``groups.layout.ep > 1`` the parameters of ``RoutedExperts`` modules are the local
+    experts [E/ep, ...] of the global [E, ...]. The trainer's loss must be a mean per rank: the
+    gradients are summed over the group and divided by ``layout.dp``.
+    The masters are copied from the parameters here and in ``load_state_dict``; change the parameters
+    in between only through ``step``.
+    """
+
+    def __init__(self, model: nn.Module, groups: ProcessGroups, cfg: OptimConfig, bucket_mb: float = 25.0):
+        layout = groups.layout
+        self.groups = groups
+        self.dp = layout.dp
+        self.comm = CommStats()
+        expert_ids: set[int] = set()
+        if layout.ep > 1:
+            for name, module in model.named_modules():
+                if isinstance(module, RoutedExperts):
+                    for p in module.parameters():
+                        if p.shape[0] * layout.ep != module.n_experts:
+                            raise ValueError(f"ZeroAdamW: {name} holds {p.shape[0]} of {module.n_experts} experts; with "
+                                             f"ep={layout.ep} each rank must hold {module.n_experts // layout.ep}")
+                        expert_ids.add(id(p))
+        decay_groups = param_groups(model, cfg.weight_decay)
+        managed = {id(p) for g in decay_groups for p in g["params"]}
+
+        self.shards: dict[str, ParamShard] = {}
+        for name, param in model.named_parameters():
+            if id(param) in managed:
+                self.shards[name] = self._make_shard(name, param, id(param) in expert_ids)
+        devices = {s.param.device for s in self.shards.values()}
+        if len(devices) > 1:
+            raise ValueError(f"ZeroAdamW: parameters on several devices ({sorted(map(str, devices))})")
+        self.device = devices.pop() if devices else torch.device("cpu")
+        self.buckets = self._make_buckets(list(self.shards.values()), int(bucket_mb * 2**20))
+
+        by_param = {id(s.param): s for s in self.shards.values()}
+        self.inner = AdamW(
+            [{"params": [by_param[id(p)].master for p in g["params"]], "weight_decay": g["weight_decay"]}
+             for g in decay_groups],
+            lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, weight_decay=cfg.weight_decay,
+            moment_dtype=MOMENT_DTYPES[cfg.moment_dtype],
+        )
+        # State exists from the start (not at the first step), so that state_dict() can be loaded into.
+        for shard in self.shards.values():
+            self.inner._init_state(shard.master)
+        self.copy_masters_from_params()
+
+    # ----- construction
+    def _placement(self, expert: bool) -> tuple[DeviceMesh, list[Placement], dist.ProcessGroup, int]:
+        """Mesh and placements of a state DTensor, the group that shards it, the sharded dim."""
+        if expert:
+            return self.groups.expert_mesh, [Shard(1), Shard(0), Shard(0)], self.groups.edp, 1
+        return self.groups.dp_mesh, [Shard(0)], self.groups.dp, 0
+
+    def global_shape(self, shard: ParamShard) -> torch.Size:
+        shape = list(shard.param.shape)
+        if shard.expert:
+            shape[0] *= self.groups.layout.ep
+        return torch.Size(shape)
+
+    def _make_shard(self, name: str, param: Tensor, expert: bool) -> ParamShard:
+        mesh, placements, group, dim = self._placement(expert)
+        if param.ndim <= dim:
+            raise ValueError(f"ZeroAdamW: cannot shard {name} of shape {list(param.shape)} along dim {dim}")
+        k, rank = dist.get_world_size(group), dist.get_rank(group)
+        n = param.shape[dim]
+        rows = max(1, -(-n // k))
+        start = min(n, rank * rows)
+        shard = ParamShard(name, param, expert, dim, rows, start, min(n, start + rows) - start)
+        # The collectives' chunk i must be the DTensor's slice on this rank: check DTensor's own sizes.
+        global_shape = self.global_shape(shard)
+        local_shape, offset = compute_local_shape_and_global_offset(global_shape, mesh, placements)
+        expect_offset = [0] * param.ndim
+        expect_offset[dim] = start
+        if expert:
+            expect_offset[0] = self.groups.layout.ep_rank * param.shape[0]
+        expect_shape = list(param.shape)
+        expect_shape[dim] = shard.local_rows
+        if list(local_shape) != expect_shape or list(offset) != expect_offset:
+            raise RuntimeError(f"ZeroAdamW: {name}: slice {expect_shape} at {expect_offset} differs from DTensor's "
+                               f"{list(local_shape)} at {list(offset)}")
+        return shard
+
+    def _make_buckets(self, shards: list[ParamShard], bucket_bytes: int) -> list[Bucket]:
+        """Consecutive parameters of one group, at most bucket_bytes of FP32 padded gradient per bucket."""
+        buckets: list[Bucket] = []
+        open_bucket: dict[bool, Bucket] = {}
+        for shard in shards:
+            _, _, group, _ = self._placement(shard.expert)
+            bucket = open_bucket.get(shard.expert)
+            grown = (bucket.numel + shard.chunk_numel) * bucket.size * 4 if bucket else 0
+            if bucket is None or (bucket.shards and grown > bucket_bytes):
+                bucket = Bucket(group, dist.get_world_size(group))
+                open_bucket[shard.expert] = bucket
+                buckets.append(bucket)
+            shard.offset = bucket.numel
+            bucket.numel += shard.chunk_numel
+            bucket.shards.append(shard)
+        for bucket in buckets:
+            bucket.masters = torch.zeros(bucket.numel, dtype=torch.float32, device=self.device)
+            for shard in bucket.shards:
+                shard.master = bucket.own(bucket.masters, shard)
+        return buckets
+
+    # ----- the step
+    @torch.no_grad()
+    def copy_masters_from_params(self) -> None:
+        """Masters <- this rank's slices of the parameters (after they were set outside step)."""
+        for shard in self.shards.values():
+            shard.master.copy_(shard.param_slice())
+
+    @torch.no_grad()
+    def step(self, lr: float, max_norm: float) -> float:
+        """Reduce-scatter, clip, AdamW on the shards, all-gather; returns the gradient norm before clipping.
+
+        max_norm <= 0 or inf: no clipping. A parameter without a gradient on every rank is skipped (its
+        AdamW step does not advance), as AdamW skips it; a rank without one contributes zeros.
+        """
+        has_grad = torch.tensor([float(s.param.grad is not None) for s in self.shards.values()], dtype=torch.float64)
+        grads = self._reduce_scatter_gradients()
+        norm = self._global_norm(grads, has_grad)
+        if 0 < max_norm < math.inf:
+            coef = max_norm / (norm + 1e-6)  # as torch.nn.utils.clip_grad_norm_
+            if coef < 1.0:
+                for g in grads:
+                    g.mul_(coef)
+        for group in self.inner.param_groups:
+            group["lr"] = lr
+        self.inner.step()
+        self._all_gather_params()
+        self.zero_grad()
+        return norm
+
+    def _reduce_scatter_gradients(self) -> list[Tensor]:
+        """Each bucket's reduced gradient segment ([numel], padding zero); the masters' .grad view into it.
+
+        Averaging: every rank's loss is the mean over its own tokens, and the trained loss is the mean of
+        these over the dp ranks, L = (1/dp) sum_r L_r. A dense parameter's gradient is therefore
+        (1/dp) sum_r dL_r/dp over the dp group. An expert parameter lives on one ep rank of each edp
+        group; through the all-to-all backward its gradient on edp rank j already holds sum_{r in ep group
+        j} dL_r/dW (the tokens of all ep ranks routed to it). Summing over the edp groups covers every
+        rank r once, so dividing that sum by dp (not edp) gives dL/dW as well.
+        """
+        pending = []
+        for bucket in self.buckets:
+            flat = torch.empty(bucket.size * bucket.numel, dtype=torch.float32, device=self.device)
+            for shard in bucket.shards:
+                grad = shard.param.grad
+                chunks = bucket.chunks(flat, shard)
+                if grad is None:
+                    chunks.zero_()
+                    continue
+                pack_chunks(chunks, grad, shard.dim, shard.rows)
+                shard.param.grad = None  # packed: free it now, so that the flat buffers add no memory
+            if bucket.size == 1:
+                pending.append((bucket, flat, None))
+                continue
+            segment = torch.empty(bucket.numel, dtype=torch.float32, device=self.device)
+            work = reduce_scatter_flat(segment, flat, group=bucket.group, async_op=True)
+            self.comm.reduce_scatters += 1
+            pending.append((bucket, segment, work))
+        segments = []
+        for bucket, segment, work in pending:
+            if work is not None:
+                work.wait()
+            if self.dp > 1:
+                segment.div_(self.dp)
+            for shard in bucket.shards:
+                shard.master.grad = bucket.own(segment, shard)
+            segments.append(segment)
+        return segments
+
+    def _global_norm(self, segments: list[Tensor], has_grad: Tensor) -> float:
+        """L2 norm of the full averaged gradient: every element lies in exactly one rank's shard (dense
+        shards partition over dp; expert shards over edp x ep = dp), so the local sums of squares are
+        summed over the dp group, and over the pipeline stages. The same all-reduce sums ``has_grad``
+        (1 per parameter with a gradient here): the shards of parameters with none anywhere lose .grad."""
+        squares = sum((sum_of_squares(segment) for segment in segments),  # the padding is zero
+                      torch.zeros((), dtype=torch.float64, device=self.device))
+        summed = torch.cat([squares.view(1), has_grad.to(self.device)])
+        if self.dp > 1:
+            dist.all_reduce(summed, group=self.groups.dp)
+            self.comm.all_reduces += 1
+        total = summed[:1]
+        if self.groups.layout.pp > 1:
+            dist.all_reduce(total, group=self.groups.pp)
+            self.comm.all_reduces += 1
+        counts = summed[1:].tolist()
+        for shard, count in zip(self.shards.values(), counts):
+            if count == 0:
+                shard.master.grad = None
+        return math.sqrt(total.item())
+
+    def _all_gather_params(self) -> None:
+        """Every rank's updated masters -> the parameters (rounded to their dtype)."""
+        pending = []
+        for bucket in self.buckets:
+            if bucket.size == 1:
+                pending.append((bucket, bucket.masters, None))
+                continue
+            flat = torch.empty(bucket.size * bucket.numel, dtype=torch.float32, device=self.device)
+            work = all_gather_flat(flat, bucket.masters, group=bucket.group, async_op=True)
+            self.comm.all_gathers += 1
+            pending.append((bucket, flat, work))
+        for bucket, flat, work in pending:
+            if work is not None:
+                work.wait()
+            for shard in bucket.shards:
+                unpack_chunks(shard.param.detach(), bucket.chunks(flat, shard), shard.dim, shard.rows)
+
+    def zero_grad(self) -> None:
+        """Drop the gradients of the parameters and of the shards."""
+        for shard in self.shards.values():
+            shard.param.grad = None
+            shard.master.grad = None
+
+    # ----- checkpoints
+    def state_dict(self) -> dict[str, dict[str, Tensor]]:
+        """{name: {"exp_avg", "exp_avg_sq": DTensor of the global shape, "step": Tensor}}, aliasing the state.
+
+        Dense: [Shard(0)] on ``groups.dp_mesh``; expert: [Shard(1), Shard(0), Shard(0)] on
+        ``groups.expert_mesh``. DCP saves each slice once and loads (in place) under any layout.
+        """
+        out: dict[str, dict[str, Tensor]] = {}
+        for name, shard in self.shards.items():
+            mesh, placements, _, _ = self._placement(shard.expert)
+            shape = self.global_shape(shard)
+            state = self.inner.state[shard.master]
+            entry: dict[str, Tensor] = {"step": state["step"]}
+            for key in MOMENT_KEYS:
+                entry[key] = DTensor.from_local(state[key], mesh, placements, run_check=False, shape=shape,
+                                                stride=torch.empty(shape, device="meta").stride())
+            out[name] = entry
+        return out
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, dict[str, Tensor]]) -> None:
+        """Copy a state_dict()-shaped dict (e.g. filled by dcp.load) into the state; refresh the masters
+        from the parameters, which the caller loads first (the masters are the parameters' slices)."""
+        missing = set(self.shards) - set(state)
+        if missing:
+            raise KeyError(f"ZeroAdamW.load_state_dict: no state for {sorted(missing)[:5]}")
+        for name, shard in self.shards.items():
+            saved = state[name]
+            target = self.inner.state[shard.master]
+            target["step"].copy_(saved["step"])
+            mesh, placements, _, _ = self._placement(shard.expert)
+            for key in MOMENT_KEYS:
+                value = saved[key]
+                if not isinstance(value, DTensor) or value.device_mesh != mesh or list(value.placements) != placements:
+                    raise ValueError(f"ZeroAdamW.load_state_dict: {name}.{key} must be a DTensor {placements} on "
+                                     f"this layout's mesh (load a checkpoint into state_dict() with dcp.load)")
+                target[key].copy_(value.to_local())
+        self.copy_masters_from_params()
