@@ -271,7 +271,8 @@ def _train(cfg: Config, runtime: Runtime, model: Transformer, log: MetricsLogger
 
 
 def _traffic_totals(counters: list, groups: ProcessGroups) -> dict[str, float]:
-    """All-to-all bytes of this step summed over layers and ranks, split into between and inside nodes."""
+    """All-to-all bytes of this step summed over layers and ranks (between and inside nodes), and the
+    most nodes any token reached (node-limited routing keeps it <= model.topk_groups)."""
     totals: dict[str, float] = {}
     for counter in counters:
         for key, value in counter.as_dict().items():
@@ -280,7 +281,9 @@ def _traffic_totals(counters: list, groups: ProcessGroups) -> dict[str, float]:
     keys = sorted(totals)
     summed = torch.tensor([totals[k] for k in keys], dtype=torch.float64)
     all_reduce_sum(summed, group=groups.dp)
-    return {f"a2a_{k}": v for k, v in zip(keys, summed.tolist())}
+    most_nodes = torch.tensor([max(c.max_nodes_per_token for c in counters)], dtype=torch.float64)
+    dist.all_reduce(most_nodes, op=dist.ReduceOp.MAX, group=groups.dp)
+    return {**{f"a2a_{k}": v for k, v in zip(keys, summed.tolist())}, "a2a_max_nodes_per_token": most_nodes.item()}
 
 
 def _finished(cfg: Config, step: int, tokens: int) -> bool:

@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 
-from tests.integration.pretrain_runs import REPO, TINY_DATA, run_pretrain
+from tests.integration.pretrain_runs import run_pretrain, run_torchrun
 from train.trainer import read_metrics
 
 pytestmark = pytest.mark.slow
@@ -22,11 +18,7 @@ def test_two_ranks_match_one_rank(tmp_path, data_cache):
     assert result.returncode == 0, result.stderr[-3000:]
 
     double = tmp_path / "double"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-               str(REPO / "launch" / "pretrain.py"), "+conf=tiny", f"run.dir={double}",
-               f"data.cache_dir={data_cache}", *TINY_DATA, *overrides]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    result = run_torchrun(2, double, data_cache, *overrides)
     assert result.returncode == 0, result.stderr[-3000:]
 
     # Each rank takes every other window of the same permutation, so a global batch holds the same

@@ -22,3 +22,16 @@ def run_pretrain(run_dir: Path, data_cache: Path, *overrides: str, timeout: floa
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true"}
     return subprocess.run(pretrain_command(run_dir, data_cache, *overrides), cwd=REPO, env=env, capture_output=True,
                            text=True, timeout=timeout)
+
+
+def torchrun_command(nproc: int, run_dir: Path, data_cache: Path, *overrides: str,
+                     launcher_args: tuple[str, ...] = ("--standalone",)) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", *launcher_args, f"--nproc-per-node={nproc}",
+            *pretrain_command(run_dir, data_cache, *overrides)[1:]]
+
+
+def run_torchrun(nproc: int, run_dir: Path, data_cache: Path, *overrides: str,
+                 timeout: float = 900) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true"}
+    return subprocess.run(torchrun_command(nproc, run_dir, data_cache, *overrides), cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
