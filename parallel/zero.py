@@ -180,7 +180,7 @@ class ZeroAdamW:
         )
         # State exists from the start (not at the first step), so that state_dict() can be loaded into.
         for shard in self.shards.values():
-            self.inner._init_state(shard.master)
+            self.inner.init_state(shard.master)
         self.copy_masters_from_params()
 
     # ----- construction

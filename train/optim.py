@@ -71,7 +71,9 @@ class AdamW(torch.optim.Optimizer):
         self.moment_dtype = moment_dtype
         self.chunk_numel = chunk_numel
 
-    def _init_state(self, p: Tensor) -> None:
+    def init_state(self, p: Tensor) -> None:
+        """Create p's state (zero moments, FP32 master if needed); ZeRO-1 calls it before the first step
+        so that a checkpoint can be loaded into the state."""
         state = self.state[p]
         state["step"] = torch.zeros((), dtype=torch.float32)
         state["exp_avg"] = torch.zeros_like(p, dtype=self.moment_dtype, memory_format=torch.preserve_format)
@@ -112,7 +114,7 @@ class AdamW(torch.optim.Optimizer):
                 if not p.is_floating_point():
                     raise RuntimeError(f"AdamW: parameter of dtype {p.dtype} is not floating point")
                 if len(self.state[p]) == 0:
-                    self._init_state(p)
+                    self.init_state(p)
                 buckets.setdefault((p.device, p.dtype), []).append(p)
             for params in buckets.values():
                 for chunk in self._chunks(params):

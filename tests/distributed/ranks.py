@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import socket
 import traceback
@@ -33,7 +34,9 @@ def _worker(rank: int, world: int, port: int, fn: Callable, args: tuple, env: di
         dist.init_process_group("gloo", rank=rank, world_size=world)
         result = fn(rank, world, *args)
         dist.barrier()
-        queue.put((rank, "ok", result))
+        buffer = io.BytesIO()
+        torch.save(result, buffer)  # tensors sent as is would share storage with a process about to exit
+        queue.put((rank, "ok", buffer.getvalue()))
     except BaseException:  # report every failure to the parent, with its traceback
         queue.put((rank, "error", traceback.format_exc()))
     finally:
@@ -53,7 +56,7 @@ def run_ranks(fn: Callable, world: int, *args: Any, env: dict[str, str] | None =
     for _ in range(world):
         rank, status, value = queue.get()
         if status == "ok":
-            results[rank] = value
+            results[rank] = torch.load(io.BytesIO(value), weights_only=False)
         else:
             errors.append(f"rank {rank}:\n{value}")
             break  # the other ranks may now hang in a collective: stop them below

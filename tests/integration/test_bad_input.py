@@ -43,6 +43,12 @@ def test_contradictory_config_names_the_fields(tmp_path):
     assert not (tmp_path / "config.yaml").exists()  # nothing written before the config is valid
 
 
+def test_expert_parallel_layout_that_does_not_fit_the_world(tmp_path):
+    line = one_error_line(launch("+conf=tiny", "parallel.ep=2", f"run.dir={tmp_path}"))
+    assert "parallel.ep (2) is larger than the data-parallel ranks (1 = 1 processes" in line
+    assert not (tmp_path / "config.yaml").exists()
+
+
 def test_671b_prints_its_size_and_the_layout_it_needs(tmp_path):
     result = launch("+conf=671b", f"run.dir={tmp_path}")
     line = one_error_line(result)
