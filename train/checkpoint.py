@@ -5,6 +5,10 @@ Layout: ``RUN_DIR/checkpoints/step_NNNNNNNN/`` holds DCP's shards and ``.metadat
 all ranks are done, rank 0 writes ``meta.json`` and renames the directory. A crash at any instant
 therefore leaves either the complete new checkpoint or only the previous ones: a directory without
 ``meta.json`` or with a ``.tmp-`` name is never taken by ``resume=auto``.
+
+Sharded tensors are DTensors of their global shape (routed experts split over the ep group, ZeRO-1
+optimizer shards over dp / edp), so DCP writes each piece once and a checkpoint loads under any other
+layout; before loading, the metadata must show every expert tensor stored exactly once.
 """
 
 from __future__ import annotations

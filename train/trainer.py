@@ -196,7 +196,7 @@ def _train(cfg: Config, runtime: Runtime, model: Transformer, log: MetricsLogger
     model = materialize(model, cfg, runtime)
     optimizer = ZeroAdamW(model, groups, cfg.optim)
     moe_layers = model.moe_layers()
-    traffic = [m.traffic for m in model.modules() if hasattr(m, "traffic")]  # expert-parallel layers count bytes
+    traffic = [m.traffic for m in model.modules() if hasattr(m, "traffic")]  # bytes of the expert all-to-alls
     step, tokens = 0, 0
     start = resume_path(cfg)
     if start is not None:
