@@ -52,6 +52,12 @@ class Costs:
         if self.FB is not None and not (math.isfinite(self.FB) and self.FB >= self.W):
             raise ValueError(f"cost FB ({self.FB}) must be a finite number >= W ({self.W})")
 
+    def scaled(self, factor: float) -> "Costs":
+        """The costs of a chunk ``factor`` times as large (e.g. 1/2 for a DualPipeV chunk, which holds half
+        of a 1F1B/DualPipe stage); ``comm`` is unchanged (the same activation crosses)."""
+        return Costs(F=self.F * factor, B=self.B * factor, W=self.W * factor,
+                     FB=None if self.FB is None else self.FB * factor, comm=self.comm)
+
     @property
     def fb(self) -> float:
         return self.F + self.B if self.FB is None else self.FB

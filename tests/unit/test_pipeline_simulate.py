@@ -181,3 +181,17 @@ def test_simulated_kinds_cost_what_table2_says():
             durations.setdefault(a.kind, set()).add(round(t1 - t0, 9))
     assert durations[Kind.B] == {2} and durations[Kind.W] == {1} and durations[Kind.FB] == {2.5}
     assert durations[Kind.F] == {1}
+
+
+def test_bench_part_a_rows():
+    spec = importlib.util.spec_from_file_location("bench_pipeline", REPO / "bench" / "pipeline.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = bench.simulated_rows([8], [2], Costs(F=1, B=2, W=1, FB=2))
+    assert [r.schedule for r in rows] == ["1f1b", "zb1p", "dualpipe", "dualpipev"]
+    by = {r.schedule: r for r in rows}
+    assert by["1f1b"].vs_1f1b == 1 and by["dualpipe"].vs_1f1b < by["zb1p"].vs_1f1b < 1
+    assert by["dualpipe"].max_bubble == pytest.approx(by["dualpipe"].table2_bubble) == 3
+    assert (by["dualpipe"].activations, by["dualpipe"].params) == (9, 2)
+    assert (by["dualpipev"].activations, by["dualpipev"].params) == (8.5, 1)
+    assert "dualpipev" in bench.format_rows(rows)
