@@ -4,6 +4,7 @@ and launch/schedule.py. What "bubble" means here and when each formula holds: do
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -148,11 +149,17 @@ def test_plot_writes_png(tmp_path, name):
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and 5_000 < len(data) < 200_000
 
 
-def _launcher():
-    spec = importlib.util.spec_from_file_location("launch_schedule", REPO / "launch" / "schedule.py")
+def _load(name: str, path: Path):
+    """A script as a module (registered, so its dataclasses resolve their module)."""
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
+
+
+def _launcher():
+    return _load("launch_schedule", REPO / "launch" / "schedule.py")
 
 
 def test_launcher(tmp_path, capsys):
@@ -184,9 +191,7 @@ def test_simulated_kinds_cost_what_table2_says():
 
 
 def test_bench_part_a_rows():
-    spec = importlib.util.spec_from_file_location("bench_pipeline", REPO / "bench" / "pipeline.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _load("bench_pipeline", REPO / "bench" / "pipeline.py")
     rows = bench.simulated_rows([8], [2], Costs(F=1, B=2, W=1, FB=2))
     assert [r.schedule for r in rows] == ["1f1b", "zb1p", "dualpipe", "dualpipev"]
     by = {r.schedule: r for r in rows}
