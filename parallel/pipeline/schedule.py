@@ -373,6 +373,8 @@ def _check_fields(s: Schedule, rank: int, i: int, a: Action) -> None:
         raise ScheduleError(f"{where}: only SEND/RECV have a peer")
     if (a.kind == Kind.FB) != (a.back is not None):
         raise ScheduleError(f"{where}: an FB, and only an FB, names its backward half (back=)")
+    if a.back is not None and (len(a.back) != 3 or not 0 <= a.back[2] < len(s.placement[rank])):
+        raise ScheduleError(f"{where}: back must be (stage, mb, chunk) of a chunk of rank {rank}, not {a.back}")
     if a.kind == Kind.W and not s.split_backward:
         raise ScheduleError(f"{where}: W in a schedule without split backward (split_backward=False)")
 

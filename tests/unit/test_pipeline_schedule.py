@@ -259,3 +259,14 @@ def test_rejects_bad_fields():
     s = copy.deepcopy(_small())
     s.placement[1] = [0]
     _rejects(s, "route of micro-batch 0")
+
+
+def test_rejects_bad_overlapped_pair():
+    s = dualpipe(4, 8)
+    r, i = next((r, i) for r, acts in enumerate(s.actions) for i, a in enumerate(acts) if a.kind == Kind.FB)
+    a = s.actions[r][i]
+    s.actions[r][i] = Action(Kind.FB, a.stage, a.mb, a.chunk, back=(a.stage, a.mb, a.chunk))  # its own backward
+    _rejects(s, f"rank {r}", "backward before its forward")
+    s = dualpipe(4, 8)
+    s.actions[r][i] = Action(Kind.FB, a.stage, a.mb, a.chunk, back=a.back[:2])
+    _rejects(s, f"rank {r}", "back must be (stage, mb, chunk)")
