@@ -131,7 +131,7 @@ class LoggingConfig:
 class ParallelConfig:
     pp: int = 1  # pipeline stages (the trainer runs pp=1 until the pipeline runtime lands)
     ep: int = 1  # expert-parallel ranks: the routed experts are split over ep consecutive processes
-    schedule: str = "dualpipe"  # 1f1b | dualpipe | dualpipev
+    schedule: str = "dualpipe"  # pipeline schedule: 1f1b | zb1p | dualpipe | dualpipev
     ranks_per_node: int = 0  # processes per node for the layout (0 = LOCAL_WORLD_SIZE); emulate nodes on one machine
     dispatch: str = "flat"  # expert-parallel all-to-all: flat (one hop) | hierarchical (across nodes, then inside)
 
@@ -243,8 +243,8 @@ def validate(cfg: Config, world_size: int = 1) -> Config:
              f"logging.wandb ({cfg.logging.wandb!r}) must be disabled, offline or online")
     _require(cfg.logging.every >= 1, f"logging.every ({cfg.logging.every}) must be >= 1")
     p = cfg.parallel
-    _require(p.schedule in ("1f1b", "dualpipe", "dualpipev"),
-             f"parallel.schedule ({p.schedule!r}) must be 1f1b, dualpipe or dualpipev")
+    _require(p.schedule in ("1f1b", "zb1p", "dualpipe", "dualpipev"),
+             f"parallel.schedule ({p.schedule!r}) must be 1f1b, zb1p, dualpipe or dualpipev")
     _require(p.pp >= 1 and p.ep >= 1, f"parallel.pp ({p.pp}) and parallel.ep ({p.ep}) must be >= 1")
     _require(p.ranks_per_node >= 0, f"parallel.ranks_per_node ({p.ranks_per_node}) must be >= 0 (0 = LOCAL_WORLD_SIZE)")
     _require(p.dispatch in ("flat", "hierarchical"), f"parallel.dispatch ({p.dispatch!r}) must be flat or hierarchical")
