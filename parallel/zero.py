@@ -142,12 +142,18 @@ class ZeroAdamW:
     gradients are summed over the group and divided by ``layout.dp``.
     The masters are copied from the parameters here and in ``load_state_dict``; change the parameters
     in between only through ``step``.
+    ``copies``: for a parameter held by several pipeline ranks (DualPipe's two copies of a stage, an
+    embedding tied between the first and last stage; ``PipelineRuntime.copies``), how many; the global
+    norm counts each of its elements once. The copies' gradients must already be equal (the runtime
+    sums them), so their updates are too.
     """
 
-    def __init__(self, model: nn.Module, groups: ProcessGroups, cfg: OptimConfig, bucket_mb: float = 25.0):
+    def __init__(self, model: nn.Module, groups: ProcessGroups, cfg: OptimConfig, bucket_mb: float = 25.0,
+                 copies: dict[str, int] | None = None):
         layout = groups.layout
         self.groups = groups
         self.dp = layout.dp
+        self.copies = {name: n for name, n in (copies or {}).items() if n != 1}
         self.comm = CommStats()
         expert_ids: set[int] = set()
         if layout.ep > 1:
@@ -311,10 +317,17 @@ class ZeroAdamW:
     def _global_norm(self, segments: list[Tensor], has_grad: Tensor) -> float:
         """L2 norm of the full averaged gradient: every element lies in exactly one rank's shard (dense
         shards partition over dp; expert shards over edp x ep = dp), so the local sums of squares are
-        summed over the dp group, and over the pipeline stages. The same all-reduce sums ``has_grad``
+        summed over the dp group, and over the pipeline stages (a parameter on k pipeline ranks, ``copies``,
+        adds 1/k of its squares on each). The same all-reduce sums ``has_grad``
         (1 per parameter with a gradient here): the shards of parameters with none anywhere lose .grad."""
-        squares = sum((sum_of_squares(segment) for segment in segments),  # the padding is zero
-                      torch.zeros((), dtype=torch.float64, device=self.device))
+        squares = torch.zeros((), dtype=torch.float64, device=self.device)
+        for bucket, segment in zip(self.buckets, segments):
+            if not any(shard.name in self.copies for shard in bucket.shards):
+                squares += sum_of_squares(segment)  # the padding is zero
+                continue
+            for shard in bucket.shards:  # parameters held by several pipeline ranks count once
+                chunk = segment[shard.offset:shard.offset + shard.chunk_numel]
+                squares += sum_of_squares(chunk) / self.copies.get(shard.name, 1)
         summed = torch.cat([squares.view(1), has_grad.to(self.device)])
         if self.dp > 1:
             dist.all_reduce(summed, group=self.groups.dp)
