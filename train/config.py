@@ -129,7 +129,7 @@ class LoggingConfig:
 
 @dataclass
 class ParallelConfig:
-    pp: int = 1  # pipeline stages (the trainer runs pp=1 until the pipeline runtime lands)
+    pp: int = 1  # pipeline ranks (stages: pp, or 2*pp for dualpipev)
     ep: int = 1  # expert-parallel ranks: the routed experts are split over ep consecutive processes
     schedule: str = "dualpipe"  # pipeline schedule: 1f1b | zb1p | dualpipe | dualpipev
     ranks_per_node: int = 0  # processes per node for the layout (0 = LOCAL_WORLD_SIZE); emulate nodes on one machine
@@ -202,12 +202,14 @@ def validate(cfg: Config, world_size: int = 1) -> Config:
              f"train.seq_len ({t.seq_len}) must exceed model.mtp_depth ({m.mtp_depth})")
     _require(t.steps >= 0, f"train.steps ({t.steps}) must be >= 0")
     _require(t.micro_batch_size > 0, f"train.micro_batch_size ({t.micro_batch_size}) must be > 0")
-    quantum = t.micro_batch_size * world_size
+    dp = max(1, world_size // cfg.parallel.pp)
+    doubled = 2 if cfg.parallel.pp > 1 and cfg.parallel.schedule == "dualpipe" else 1  # half fed from each end
+    quantum = t.micro_batch_size * dp * doubled
     for name in ("batch_size", "batch_size_start"):
         value = getattr(t, name)
         _require(value > 0 and value % quantum == 0,
                  f"train.{name} ({value}) must be a positive multiple of train.micro_batch_size x data-parallel "
-                 f"ranks ({t.micro_batch_size} x {world_size} = {quantum})")
+                 f"ranks{' x 2 (DualPipe)' if doubled == 2 else ''} ({quantum})")
     _require(t.batch_size_start <= t.batch_size,
              f"train.batch_size_start ({t.batch_size_start}) must be <= train.batch_size ({t.batch_size})")
     _require(t.dtype in ("auto", "float32", "bfloat16"), f"train.dtype ({t.dtype!r}) must be auto, float32 or bfloat16")
@@ -252,10 +254,7 @@ def validate(cfg: Config, world_size: int = 1) -> Config:
 
 
 def check_supported(cfg: Config) -> None:
-    """Parallel layouts the trainer can execute today; planned ones fail with a clear line."""
-    _require(cfg.parallel.pp == 1,
-             f"parallel.pp ({cfg.parallel.pp}): pipeline parallelism is not available in the trainer yet; "
-             "use parallel.pp=1 with data and expert parallelism (parallel.ep)")
+    """Features the trainer cannot execute yet fail with a clear line."""
     _require(not cfg.fp8.enabled, "fp8.enabled=true: FP8 training is not available yet; use fp8.enabled=false")
 
 

@@ -373,33 +373,9 @@ class Transformer(nn.Module):
     @torch.no_grad()
     def init_weights(self, std: float | None = None, seed: int | None = None) -> None:
         """Normal(0, std) for every matrix (report: 0.006), ones for norms, zero gate biases, rope tables.
-
-        Each tensor (and each routed expert) draws from its own generator seeded by (seed, its name,
-        its global expert id), so a rank holding a shard of the experts initialises exactly the slice a
-        single process would. seed=None takes one from torch's global generator.
-        """
-        std = self.cfg.init_std if std is None else std
-        if seed is None:
-            seed = int(torch.randint(0, 2**62, ()).item())
-
-        def normal_(tensor: Tensor, name: str) -> None:
-            digest = hashlib.blake2b(f"{seed}:{name}".encode(), digest_size=8).digest()
-            generator = torch.Generator(device=tensor.device).manual_seed(int.from_bytes(digest, "little") >> 1)
-            tensor.normal_(0.0, std, generator=generator)
-
-        for name, module in self.named_modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                normal_(module.weight, f"{name}.weight")
-            elif isinstance(module, RMSNorm):
-                nn.init.ones_(module.weight)
-            elif isinstance(module, Gate):
-                normal_(module.weight, f"{name}.weight")
-                module.bias.zero_()
-            elif isinstance(module, RoutedExperts):
-                for weight_name in ("w1", "w2", "w3"):
-                    weight = getattr(module, weight_name)
-                    for local, expert_weight in enumerate(weight):
-                        normal_(expert_weight, f"{name}.{weight_name}.{module.expert_offset + local}")
+        seed=None takes one from torch's global generator (see ``init_parameters``)."""
+        init_parameters(self, self.cfg.init_std if std is None else std,
+                        int(torch.randint(0, 2**62, ()).item()) if seed is None else seed)
         cos, sin = rope_tables(self.cfg, device=self.rope_cos.device)
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)
@@ -434,6 +410,35 @@ class Transformer(nn.Module):
             balance_loss = logits.new_zeros((), dtype=torch.float32)
             expert_load = torch.zeros(0, self.cfg.n_routed_experts, dtype=torch.long, device=tokens.device)
         return ModelOutput(logits, mtp_logits, balance_loss, expert_load)
+
+
+@torch.no_grad()
+def init_parameters(module: nn.Module, std: float, seed: int) -> None:
+    """Initialise every parameter of ``module`` (the model, or the part of it a rank holds, under the
+    model's names): Normal(0, std) matrices, ones for norms, zero gate biases.
+
+    Each tensor, and each routed expert, draws from its own generator seeded by (seed, its name, its
+    global expert id), so a rank holding one pipeline stage or a shard of the experts initialises
+    exactly what a single process would, and copies of a tensor on several ranks are identical.
+    """
+
+    def normal_(tensor: Tensor, name: str) -> None:
+        digest = hashlib.blake2b(f"{seed}:{name}".encode(), digest_size=8).digest()
+        generator = torch.Generator(device=tensor.device).manual_seed(int.from_bytes(digest, "little") >> 1)
+        tensor.normal_(0.0, std, generator=generator)
+
+    for name, sub in module.named_modules():
+        if isinstance(sub, (nn.Linear, nn.Embedding)):
+            normal_(sub.weight, f"{name}.weight")
+        elif isinstance(sub, RMSNorm):
+            nn.init.ones_(sub.weight)
+        elif isinstance(sub, Gate):
+            normal_(sub.weight, f"{name}.weight")
+            sub.bias.zero_()
+        elif isinstance(sub, RoutedExperts):
+            for weight_name in ("w1", "w2", "w3"):
+                for local, expert_weight in enumerate(getattr(sub, weight_name)):
+                    normal_(expert_weight, f"{name}.{weight_name}.{sub.expert_offset + local}")
 
 
 # --------------------------------------------------------------------------------------------------

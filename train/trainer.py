@@ -30,6 +30,7 @@ from train.balance import max_violation, update_gate_biases
 from train.config import Config, check_supported, config_to_yaml
 from train.errors import UserError
 from train.losses import compute_losses
+from parallel.pipeline.parallelize import check_micro_batches, micro_batch_quantum
 from train.metrics import MetricsLogger
 from train.model import Transformer, count_parameters
 
@@ -178,7 +179,10 @@ def _train(cfg: Config, runtime: Runtime, model: Transformer, log: MetricsLogger
     groups = runtime.groups
     layout = groups.layout
     log.info(f"layout: {layout.world_size} processes = dp {layout.dp} (ep {layout.ep} x edp {layout.edp}), "
-             f"pp {layout.pp}; {layout.ranks_per_node} per node; dispatch {cfg.parallel.dispatch}")
+             f"pp {layout.pp}{f' ({cfg.parallel.schedule})' if layout.pp > 1 else ''}; {layout.ranks_per_node} "
+             f"per node; dispatch {cfg.parallel.dispatch}")
+    if layout.pp > 1:
+        check_micro_batches(cfg, layout.dp)
     run_dir = Path(cfg.run.dir)
     if runtime.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -193,15 +197,23 @@ def _train(cfg: Config, runtime: Runtime, model: Transformer, log: MetricsLogger
         from parallel.expert import parallelize_experts
 
         parallelize_experts(model, groups, cfg.parallel.dispatch)
-    model = materialize(model, cfg, runtime)
-    optimizer = ZeroAdamW(model, groups, cfg.optim)
-    moe_layers = model.moe_layers()
-    traffic = [m.traffic for m in model.modules() if hasattr(m, "traffic")]  # bytes of the expert all-to-alls
+    pipeline = None
+    if layout.pp > 1:  # this rank materializes only its stages
+        from parallel.pipeline.parallelize import PipelinePart
+
+        pipeline = PipelinePart(cfg, model, groups, runtime.device, lambda: autocast(runtime))
+        module, moe_layers = pipeline.module, pipeline.moe_layers()
+        optimizer = ZeroAdamW(module, groups, cfg.optim, copies=pipeline.copies())
+    else:
+        module = materialize(model, cfg, runtime)
+        moe_layers = module.moe_layers()
+        optimizer = ZeroAdamW(module, groups, cfg.optim)
+    traffic = [m.traffic for m in module.modules() if hasattr(m, "traffic")]  # bytes of the expert all-to-alls
     step, tokens = 0, 0
     start = resume_path(cfg)
     if start is not None:
         optim_state = optimizer.state_dict()
-        trainer_state = checkpoint.load_checkpoint(start, checkpoint.model_state(model, groups), optim_state,
+        trainer_state = checkpoint.load_checkpoint(start, checkpoint.model_state(module, groups), optim_state,
                                                    cfg.model)
         optimizer.load_state_dict(optim_state)
         step, tokens = trainer_state["step"], trainer_state["tokens"]
@@ -210,7 +222,8 @@ def _train(cfg: Config, runtime: Runtime, model: Transformer, log: MetricsLogger
         log.info(f"resumed from {start} at step {step:,} ({tokens:,} tokens)")
     log.start(first_step=step)
 
-    quantum = cfg.train.micro_batch_size * layout.dp
+    per_micro = cfg.train.micro_batch_size * layout.dp  # sequences in one micro-batch of every dp rank
+    quantum = micro_batch_quantum(cfg, layout.dp)  # the batch ramp rounds the global batch to a multiple
     last_saved = step
     history: list[dict[str, Any]] = []
     while not _finished(cfg, step, tokens):
@@ -219,21 +232,17 @@ def _train(cfg: Config, runtime: Runtime, model: Transformer, log: MetricsLogger
         batch = schedules.batch_size(tokens, cfg.train, quantum)
         lam = schedules.mtp_weight(tokens, cfg.train)
         gamma = schedules.bias_update_speed(tokens, cfg.train)
-        n_micro = batch // quantum
+        n_micro = batch // per_micro
 
-        sums = torch.zeros(4, device=runtime.device, dtype=torch.float64)  # loss, lm, mtp, balance
-        load = torch.zeros(len(moe_layers), cfg.model.n_routed_experts, device=runtime.device)
         for counter in traffic:
             counter.reset()
-        model.train()
-        for _ in range(n_micro):
-            window = loader.next_batch().to(runtime.device, non_blocking=True)
-            with autocast(runtime):
-                out = model(window[:, :-1])
-            losses = compute_losses(out, window, lam, cfg.train.balance_alpha)
-            (losses.loss / n_micro).backward()
-            sums += torch.stack([losses.loss, losses.lm_loss, losses.mtp_loss, losses.balance_loss]).detach().double()
-            load += out.expert_load.float()
+        module.train()
+        windows = [loader.next_batch().to(runtime.device, non_blocking=True) for _ in range(n_micro)]
+        if pipeline is not None:
+            result = pipeline.runtime(len(windows)).step(windows, lam, cfg.train.balance_alpha)
+            sums, load = result.sums.to(runtime.device), result.expert_load.to(runtime.device).float()
+        else:
+            sums, load = forward_backward(module, windows, lam, cfg.train.balance_alpha, runtime)
 
         # ZeRO-1: reduce-scatter gradients, clip by the global norm, AdamW on this rank's shards, all-gather
         grad_norm = optimizer.step(lr, cfg.optim.grad_clip)
@@ -243,13 +252,13 @@ def _train(cfg: Config, runtime: Runtime, model: Transformer, log: MetricsLogger
         step += 1
         tokens += batch * cfg.train.seq_len
         means = (sums / (n_micro * layout.dp)).tolist()
-        vio = max_violation(load) if len(moe_layers) else torch.zeros(1)
+        vio_mean, vio_worst = _max_violation(load, groups)
         elapsed = time.perf_counter() - t0
         record = {
             "step": step, "tokens": tokens, "loss": means[0], "lm_loss": means[1], "mtp_loss": means[2],
             "balance_loss": means[3], "lr": lr, "grad_norm": grad_norm,
-            "tokens_per_s": batch * cfg.train.seq_len / elapsed, "max_vio": vio.mean().item(),
-            "max_vio_worst": vio.max().item(), "batch_size": batch, "mtp_weight": lam,
+            "tokens_per_s": batch * cfg.train.seq_len / elapsed, "max_vio": vio_mean,
+            "max_vio_worst": vio_worst, "batch_size": batch, "mtp_weight": lam,
             "bias_update_speed": gamma, "step_time_s": elapsed,
         }
         if traffic:
@@ -259,7 +268,7 @@ def _train(cfg: Config, runtime: Runtime, model: Transformer, log: MetricsLogger
 
         if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or _finished(cfg, step, tokens):
             checkpoint.save_checkpoint(
-                cfg.run.dir, step, tokens, checkpoint.model_state(model, groups), optimizer.state_dict(), cfg.model,
+                cfg.run.dir, step, tokens, checkpoint.model_state(module, groups), optimizer.state_dict(), cfg.model,
                 trainer_state={"loader": loader.state_dict(), "rng": rng_states(), "config": dataclasses.asdict(cfg)},
                 keep=cfg.checkpoint.keep,
             )
@@ -268,6 +277,33 @@ def _train(cfg: Config, runtime: Runtime, model: Transformer, log: MetricsLogger
         log.info(f"nothing to do: the run is already at step {step:,} (train.steps={cfg.train.steps}); "
                  "raise train.steps or use another run.dir")
     return history
+
+
+def forward_backward(model: Transformer, windows: list[torch.Tensor], mtp_weight: float, balance_alpha: float,
+                     runtime: Runtime) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradient accumulation over the micro-batches without a pipeline: summed [loss, lm, mtp, balance]
+    and the expert loads [n_moe_layers, E] of this rank's share of the batch."""
+    sums = torch.zeros(4, device=runtime.device, dtype=torch.float64)
+    load = torch.zeros(len(model.moe_layers()), model.cfg.n_routed_experts, device=runtime.device)
+    for window in windows:
+        with autocast(runtime):
+            out = model(window[:, :-1])
+        losses = compute_losses(out, window, mtp_weight, balance_alpha)
+        (losses.loss / len(windows)).backward()
+        sums += torch.stack([losses.loss, losses.lm_loss, losses.mtp_loss, losses.balance_loss]).detach().double()
+        load += out.expert_load.float()
+    return sums, load
+
+
+def _max_violation(load: torch.Tensor, groups: ProcessGroups) -> tuple[float, float]:
+    """MaxVio averaged over all MoE layers of the model and its worst layer, across pipeline stages."""
+    vio = max_violation(load) if load.shape[0] else torch.zeros(0, device=load.device)
+    stats = torch.tensor([vio.sum().item(), vio.numel()], dtype=torch.float64)
+    worst = torch.tensor([vio.max().item() if vio.numel() else 0.0], dtype=torch.float64)
+    if groups.layout.pp > 1:
+        dist.all_reduce(stats, group=groups.pp)
+        dist.all_reduce(worst, op=dist.ReduceOp.MAX, group=groups.pp)
+    return (stats[0] / stats[1].clamp_min(1)).item(), worst.item()
 
 
 def _traffic_totals(counters: list, groups: ProcessGroups) -> dict[str, float]:
@@ -280,9 +316,9 @@ def _traffic_totals(counters: list, groups: ProcessGroups) -> dict[str, float]:
                 totals[key] = totals.get(key, 0.0) + float(value)
     keys = sorted(totals)
     summed = torch.tensor([totals[k] for k in keys], dtype=torch.float64)
-    all_reduce_sum(summed, group=groups.dp)
+    dist.all_reduce(summed)  # every rank: all data-parallel ranks and pipeline stages
     most_nodes = torch.tensor([max(c.max_nodes_per_token for c in counters)], dtype=torch.float64)
-    dist.all_reduce(most_nodes, op=dist.ReduceOp.MAX, group=groups.dp)
+    dist.all_reduce(most_nodes, op=dist.ReduceOp.MAX)
     return {**{f"a2a_{k}": v for k, v in zip(keys, summed.tolist())}, "a2a_max_nodes_per_token": most_nodes.item()}
 
 
