@@ -1,0 +1,32 @@
+"""Pipeline settings the schedules cannot take are refused at start-up with one line naming the fix."""
+
+from __future__ import annotations
+
+import pytest
+
+from parallel.pipeline.parallelize import check_micro_batches, micro_batch_quantum
+from train.config import Config, ConfigError, ParallelConfig, TrainConfig, validate
+
+
+def config(schedule: str, pp: int, micro: int, start: int, end: int) -> Config:
+    return Config(parallel=ParallelConfig(pp=pp, schedule=schedule),
+                  train=TrainConfig(micro_batch_size=micro, batch_size_start=start, batch_size=end, seq_len=128),)
+
+
+def test_too_few_micro_batches_for_the_schedule():
+    cfg = config("dualpipev", pp=4, micro=4, start=8, end=64)  # 2 micro-batches at the start; DualPipeV needs 7
+    with pytest.raises(ConfigError, match=r"parallel.schedule=dualpipev at parallel.pp=4 cannot run "
+                                          r"train.batch_size_start \(8\) = 2 micro-batches .* needs at least 7 "
+                                          r"micro-batches per step: raise train.batch_size_start"):
+        check_micro_batches(cfg, dp=1)
+    check_micro_batches(config("dualpipev", pp=4, micro=1, start=8, end=64), dp=1)  # 8 and 64: fine
+
+
+def test_dualpipe_needs_an_even_number_of_micro_batches():
+    # the batch ramp rounds to micro x dp x 2 under DualPipe, so every step has an even count
+    assert micro_batch_quantum(config("dualpipe", 2, 2, 8, 16), dp=2) == 8
+    assert micro_batch_quantum(config("1f1b", 2, 2, 8, 16), dp=2) == 4
+    with pytest.raises(ConfigError, match=r"train.batch_size \(12\) must be a positive multiple of "
+                                          r"train.micro_batch_size x data-parallel ranks x 2 \(DualPipe\) \(8\)"):
+        validate(config("dualpipe", 2, 2, 8, 12), world_size=4)
+    validate(config("1f1b", 2, 2, 8, 12), world_size=4)  # 12 = 3 micro-batches of 2 x 2 ranks: fine for 1F1B
