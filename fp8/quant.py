@@ -1,0 +1,269 @@
+"""Fine-grained FP8 quantization (report sec 3.3.2) and the E5M6 cache format (sec 3.3.3).
+
+Every tensor is quantized in tiles of ``group_rows x 128`` along its last dim (the GEMM's reduction
+dim): 1x128 tiles for activations (per token, per 128 channels), 128x128 blocks for weights. Scales are
+computed online from each tile's max-abs (no delayed scaling): ``scale = amax / FORMAT_MAX``, optionally
+rounded up to a power of two (ue8m0-style, sec 3.3.3). The real value of an element is
+``decode(payload) * scale`` of its tile.
+
+Formats:
+
+* ``"e4m3"``: ``torch.float8_e4m3fn`` payload (max 448, 3 mantissa bits, no inf). Casting saturates on CPU
+  but not necessarily on CUDA, so we clamp to +-448 explicitly before every cast.
+* ``"e5m6"``: the report's custom format, 1 sign + 5 exponent + 6 mantissa bits, bias 15. Its layout is
+  the top 12 bits of an IEEE fp16: exponent field 1..30 normal, 0 subnormal (step 2^-20), 31 reserved for
+  inf (mantissa 0) / NaN (mantissa != 0). Finite max ``(2 - 2^-6) * 2^15 = 65024``. The encoder
+  saturates finite overflow *and* +-inf to +-65024 (as the CPU e4m3fn cast does) and maps NaN to a NaN
+  code, so ``quantize`` never produces a reserved code (it rejects non-finite input). The 12-bit code
+  sits in the low bits of an ``int16`` container (sign at bit 11); codes are in ``[0, 4095]``.
+
+FP8 arithmetic is not implemented on CPU: everything is computed in fp32 (fp64 where exactness needs
+it) and only the payload is stored in the narrow format.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+BLOCK = 128  # N_C of sec 3.3.2: tile width along the reduction dim
+E4M3_MAX = 448.0
+E5M6_MAX = (2.0 - 2.0**-6) * 2.0**15  # 65024.0
+FORMAT_MAX = {"e4m3": E4M3_MAX, "e5m6": E5M6_MAX}
+FORMAT_BITS = {"e4m3": 8, "e5m6": 12}
+# Scales are floored at the smallest normal fp32 so that a tiny-but-nonzero tile never gets a subnormal
+# (or zero) scale; such a tile then uses less of the format's range but stays finite and correct.
+MIN_SCALE = 2.0**-126
+
+E5M6_MAX_CODE = 0x7BF  # exponent field 30, mantissa 63
+E5M6_NAN_CODE = 0x7E0  # exponent field 31, mantissa MSB set (never produced by quantize)
+
+
+# --------------------------------------------------------------------------------------------------
+# E5M6 bit-level encode / decode
+
+
+def _shift_right_rne(v: Tensor, shift: Tensor) -> Tensor:
+    """``v / 2^shift`` rounded to nearest, ties to even (int64, v >= 0, 1 <= shift <= 62)."""
+    one = torch.ones_like(v)
+    q = v >> shift
+    rem = v & ((one << shift) - 1)
+    half = one << (shift - 1)
+    round_up = (rem > half) | ((rem == half) & ((q & 1) == 1))
+    return q + round_up.to(v.dtype)
+
+
+def e5m6_encode(x: Tensor) -> Tensor:
+    """fp32 -> E5M6 code (int16, low 12 bits), round-to-nearest-even, saturating at +-65024.
+
+    Works on the fp32 bit pattern: the exponent is rebiased from 127 to 15 and the 23-bit mantissa is
+    shifted right by 17 (normal results) or by more (subnormal results, step 2^-20) with one RNE
+    rounding; a mantissa carry rolls into the exponent by construction. +-inf saturates like finite
+    overflow, NaN maps to the NaN code, -0.0 keeps its sign (code 0x800). Other float dtypes are first
+    cast to fp32.
+    """
+    bits = x.to(torch.float32).contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    sign = (bits >> 31) & 1
+    mag = bits & 0x7FFFFFFF
+    is_nan = mag > 0x7F800000
+    exp = (mag >> 23) - 127  # unbiased fp32 exponent (-127 for fp32 zeros/subnormals: they round to 0)
+    normal = exp >= -14
+    # Normal result: rebias the exponent field in place, then drop 17 mantissa bits.
+    # Subnormal result: the significand (with its implicit 1) in units of 2^-20 is sig * 2^(exp - 3).
+    value = torch.where(normal, mag - ((127 - 15) << 23), (mag & 0x7FFFFF) | (1 << 23))
+    shift = torch.where(normal, torch.full_like(exp, 17), (3 - exp).clamp(max=40))
+    code = _shift_right_rne(value, shift).clamp(max=E5M6_MAX_CODE)
+    code = torch.where(is_nan, torch.full_like(code, E5M6_NAN_CODE), code)
+    return (code | (sign << 11)).to(torch.int16)
+
+
+def e5m6_decode(bits: Tensor) -> Tensor:
+    """E5M6 code (int16, low 12 bits) -> fp32, exact.
+
+    An E5M6 code shifted left by 4 is the fp16 bit pattern of the same value (same bias, same subnormal
+    rule, same inf/NaN codes), and fp16 -> fp32 is exact.
+    """
+    half_bits = (bits.to(torch.int32) & 0xFFF) << 4
+    half_bits = torch.where(half_bits >= 0x8000, half_bits - 0x10000, half_bits).to(torch.int16)
+    return half_bits.view(torch.float16).to(torch.float32)
+
+
+# --------------------------------------------------------------------------------------------------
+# Quantized tensors
+
+
+@dataclass
+class Quantized:
+    """A 2-D tensor quantized in ``group_rows x 128`` tiles along its last dim.
+
+    ``data``: payload [R, K] (float8_e4m3fn for "e4m3", int16 codes for "e5m6"); ``scale``: fp32
+    [ceil(R / group_rows), ceil(K / 128)], one per tile (partial last tiles cover only the elements
+    present); real value = decode(data) * scale. ``pow2``: scales are powers of two. ``orig_shape``: the
+    shape before leading dims were flattened (``quantize_act``); ``dequantize`` restores it.
+    """
+
+    data: Tensor
+    scale: Tensor
+    group_rows: int
+    fmt: str
+    pow2: bool = False
+    orig_shape: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        _check_fmt(self.fmt)
+        if self.data.dim() != 2:
+            raise ValueError(f"Quantized.data must be 2-D [R, K], got shape {tuple(self.data.shape)}")
+        expected = (_ceil_div(self.data.shape[0], self.group_rows), _ceil_div(self.data.shape[1], BLOCK))
+        if tuple(self.scale.shape) != expected:
+            raise ValueError(f"Quantized.scale shape {tuple(self.scale.shape)} != {expected} for data "
+                             f"{tuple(self.data.shape)} and group_rows {self.group_rows}")
+
+    @property
+    def shape(self) -> torch.Size:
+        """Shape of the 2-D payload [R, K]."""
+        return self.data.shape
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held: payload container plus fp32 scales (e5m6 sits in 2-byte int16 containers)."""
+        return self.data.numel() * self.data.element_size() + self.scale.numel() * self.scale.element_size()
+
+    @property
+    def packed_nbytes(self) -> int:
+        """Bytes if payload codes were bit-packed (8 bits e4m3, 12 bits e5m6) plus fp32 scales."""
+        return math.ceil(self.data.numel() * FORMAT_BITS[self.fmt] / 8) + 4 * self.scale.numel()
+
+    def payload(self) -> Tensor:
+        """Unscaled payload values as fp32 (exact)."""
+        return self.data.to(torch.float32) if self.fmt == "e4m3" else e5m6_decode(self.data)
+
+    def expanded_scale(self) -> Tensor:
+        """Per-element scale [R, K] (fp32)."""
+        rows, cols = self.data.shape
+        return (self.scale.repeat_interleave(self.group_rows, 0)[:rows]
+                .repeat_interleave(BLOCK, 1)[:, :cols])
+
+    def row_slice(self, start: int, stop: int) -> Quantized:
+        """Rows [start, stop) as a Quantized; the cut must not split a tile of group_rows rows."""
+        rows = self.data.shape[0]
+        if not 0 <= start <= stop <= rows:
+            raise ValueError(f"row_slice({start}, {stop}) out of range for {rows} rows")
+        if start % self.group_rows or (stop % self.group_rows and stop != rows):
+            raise ValueError(f"row_slice({start}, {stop}) splits a tile of {self.group_rows} rows")
+        g = self.group_rows
+        return Quantized(self.data[start:stop], self.scale[start // g:_ceil_div(stop, g)], g, self.fmt, self.pow2)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        return dequantize(self, dtype)
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _check_fmt(fmt: str) -> None:
+    if fmt not in FORMAT_MAX:
+        raise ValueError(f"unknown fp8 format {fmt!r}; expected one of {sorted(FORMAT_MAX)}")
+
+
+def _pow2_ceil(x: Tensor) -> Tensor:
+    """Smallest power of two >= x (x > 0), exactly, via frexp (x = m * 2^e with m in [0.5, 1))."""
+    mantissa, exponent = torch.frexp(x)
+    exponent = torch.where(mantissa == 0.5, exponent - 1, exponent)
+    return torch.ldexp(torch.ones_like(x), exponent)
+
+
+def quantize(x: Tensor, group_rows: int = 1, fmt: str = "e4m3", pow2: bool = False) -> Quantized:
+    """Quantize a 2-D x [R, K] in ``group_rows x 128`` tiles along K (sec 3.3.2, online scaling).
+
+    Per tile: ``scale = amax / FORMAT_MAX`` (fp32; floored at 2^-126; 1.0 for an all-zero tile, whose
+    zeros come back exactly), rounded up to a power of two if ``pow2``; payload = x / scale clamped to
+    +-FORMAT_MAX and rounded to nearest-even in the format. Partial tiles at the end of R or K are scaled
+    by the elements present only; nothing is padded in the result. ``fmt="e5m6"`` requires ``pow2=True``
+    (its only use, the cached attention-output activation, needs exact re-tiling, sec 3.3.3). fp64 input
+    is divided in fp64 (so ``quantize(dequantize(q, float64).t())`` with power-of-two scales is exact);
+    other dtypes in fp32. Raises ValueError on non-2-D or non-float input, an unknown format, or NaN/inf.
+    """
+    _check_fmt(fmt)
+    if fmt == "e5m6" and not pow2:
+        raise ValueError("fmt='e5m6' requires pow2=True (power-of-two scales, report sec 3.3.3)")
+    if x.dim() != 2:
+        raise ValueError(f"quantize expects a 2-D tensor [R, K], got shape {tuple(x.shape)}; "
+                         "use quantize_act for [..., K]")
+    if not x.is_floating_point():
+        raise ValueError(f"quantize expects a floating-point tensor, got {x.dtype}")
+    if not isinstance(group_rows, int) or group_rows < 1:
+        raise ValueError(f"group_rows must be a positive int, got {group_rows!r}")
+    finite = torch.isfinite(x)
+    if not bool(finite.all()):
+        raise ValueError(f"quantize: input has {int((~finite).sum())} non-finite value(s) (NaN/inf); "
+                         "fp8 scales are computed from the max-abs of each tile and would be meaningless")
+    work = x.double() if x.dtype == torch.float64 else x.float()
+    rows, cols = work.shape
+    row_tiles, col_tiles = _ceil_div(rows, group_rows), _ceil_div(cols, BLOCK)
+    padded = torch.nn.functional.pad(work.abs(), (0, col_tiles * BLOCK - cols, 0, row_tiles * group_rows - rows))
+    amax = padded.view(row_tiles, group_rows, col_tiles, BLOCK).amax(dim=(1, 3)).double()
+
+    scale = (amax / FORMAT_MAX[fmt]).clamp(min=MIN_SCALE)
+    if pow2:
+        scale = _pow2_ceil(scale)
+    scale = torch.where(amax == 0, torch.ones_like(scale), scale).float()
+
+    expanded = scale.repeat_interleave(group_rows, 0)[:rows].repeat_interleave(BLOCK, 1)[:, :cols]
+    scaled = (work / expanded.to(work.dtype)).float().clamp(-FORMAT_MAX[fmt], FORMAT_MAX[fmt])
+    data = scaled.to(torch.float8_e4m3fn) if fmt == "e4m3" else e5m6_encode(scaled)
+    return Quantized(data, scale, group_rows, fmt, pow2)
+
+
+def dequantize(q: Quantized, dtype: torch.dtype = torch.float32) -> Tensor:
+    """Real values decode(data) * scale in ``dtype`` (fp64: exact; else one fp32 rounding of the product).
+
+    Returns ``q.orig_shape`` if set (``quantize_act``), else [R, K].
+    """
+    work = torch.float64 if dtype == torch.float64 else torch.float32
+    out = (q.payload().to(work) * q.expanded_scale().to(work)).to(dtype)
+    return out.reshape(q.orig_shape) if q.orig_shape is not None else out
+
+
+def quantize_act(x: Tensor, fmt: str = "e4m3", pow2: bool = False) -> Quantized:
+    """Activation x [..., K] in 1x128 tiles (per token, per 128 channels). Leading dims are flattened in
+    ``data`` [prod(...), K] and restored by ``dequantize``."""
+    if x.dim() < 1:
+        raise ValueError("quantize_act expects a tensor [..., K]")
+    q = quantize(x.reshape(-1, x.shape[-1]), 1, fmt, pow2)
+    q.orig_shape = tuple(x.shape)
+    return q
+
+
+def quantize_weight(w: Tensor, fmt: str = "e4m3", pow2: bool = False) -> Quantized:
+    """Weight w [out, in] in 128x128 blocks (per 128 output channels, per 128 input channels)."""
+    if w.dim() != 2:
+        raise ValueError(f"quantize_weight expects a 2-D weight [out, in], got shape {tuple(w.shape)}")
+    return quantize(w, BLOCK, fmt, pow2)
+
+
+def quantize_act_transposed(x: Tensor, fmt: str = "e4m3", pow2: bool = False) -> Quantized:
+    """x [..., K] (flattened to [T, K]) quantized in 128x1 tiles (per channel, per 128 tokens), returned
+    as the Quantized of x.T [K, T] with 1x128 tiles: the token dim is the reduction dim of Wgrad
+    (dW = dY^T X), so every GEMM operand is "tiles of 128 along the reduction dim"."""
+    return quantize(x.reshape(-1, x.shape[-1]).t().contiguous(), 1, fmt, pow2)
+
+
+def convert_tiles(q: Quantized) -> Quantized:
+    """Re-tile q (the Quantized of x [R, K], normally 1x128 tiles) into the Quantized of x.T [K, R] with
+    1x128 tiles, i.e. 128x1 tiles of x (sec 3.3.3: the attention-output activation cached in E5M6 and
+    converted for the backward pass). Same format and scale rule as q.
+
+    Exactness: the real values are decoded exactly (fp64) and re-quantized. With power-of-two scales
+    every new payload is an old payload times a power of two, and no new payload exceeds FORMAT_MAX, so
+    the conversion is **exact** unless an element lands in the format's subnormal range in its new tile,
+    i.e. ``|x| < 2^-14 * new_scale`` for E5M6 (about 2^-30 of the new tile's max) or ``2^-6 * new_scale``
+    for E4M3 (about 2^-14.8 of the new tile's max), where low bits may be rounded off (absolute error at
+    most half the subnormal step: 2^-21 resp. 2^-10 times the new scale). With non-power-of-two scales
+    the conversion re-rounds, adding up to half an ULP of quantization error per element.
+    """
+    x = q.payload().double() * q.expanded_scale().double()  # exact: <= 7 x 24 significant bits
+    return quantize(x.t().contiguous(), 1, q.fmt, q.pow2)
