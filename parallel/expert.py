@@ -24,15 +24,18 @@ Split sizes come from one small all-gather of per-rank counts at dispatch (the o
 Autograd: a dispatch's backward is the combine-shaped route of the gradients, a combine's backward the
 dispatch-shaped route; both run synchronously. The asynchronous API (``dispatch`` -> ``wait`` ->
 ``compute`` -> ``combine`` -> ``wait``) lets a pipeline runtime overlap the first all-to-all of each
-exchange with other work; ``forward`` is built from it.
+exchange with other work; ``forward`` is built from it. The ``*_pieces`` generators go further: they yield
+at EVERY all-to-all in flight, forward and backward routes alike, so the pipeline's F&B chunk can run one
+micro-batch's compute while another's tokens travel (``parallel/pipeline/overlap.py``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Generator
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -41,9 +44,23 @@ from torch import Tensor
 
 from parallel.mesh import ProcessGroups
 from train.config import ModelConfig
-from train.model import RoutedExperts, Routing, Transformer, expert_ffn_grouped, expert_ffn_loop
+from train.model import RoutedExperts, Routing, Transformer
 
 DISPATCH_MODES = ("flat", "hierarchical")
+
+T = TypeVar("T")
+# Work in pieces: a generator that yields each time it has issued an all-to-all (so that other work can
+# run while it is in flight) and returns its result; ``run_to_end`` runs one alone.
+Pieces = Generator[None, None, T]
+
+
+def run_to_end(pieces: Pieces[T]) -> T:
+    """Run a generator of pieces to its end, with nothing in between, and return its value."""
+    while True:
+        try:
+            next(pieces)
+        except StopIteration as stop:
+            return stop.value
 
 
 # --------------------------------------------------------------------------------------------------
@@ -229,21 +246,34 @@ class _Route:
 
     def scatter(self, tensors: list[Tensor], phase: str) -> list[Tensor]:
         """Copy rows along the whole route (synchronous); returns the received tensors."""
+        return run_to_end(self.scatter_pieces(tensors, phase))
+
+    def scatter_pieces(self, tensors: list[Tensor], phase: str) -> Pieces[list[Tensor]]:
         packed, fields = _pack(tensors)
-        return _unpack(self.forward_rows(packed, phase), fields)
+        return _unpack((yield from self.forward_pieces(packed, phase)), fields)
 
     def forward_rows(self, packed: Tensor, phase: str, first: int = 0) -> Tensor:
         """Packed rows through steps ``first``.. (synchronous)."""
+        return run_to_end(self.forward_pieces(packed, phase, first))
+
+    def forward_pieces(self, packed: Tensor, phase: str, first: int = 0) -> Pieces[Tensor]:
         for step in self.steps[first:]:
-            packed = step.forward(packed, self.traffic, phase).wait()
+            inflight = step.forward(packed, self.traffic, phase)
+            if step.hop is not None:
+                yield  # an all-to-all is in flight
+            packed = inflight.wait()
         return packed
 
     def reduce(self, tensors: list[Tensor], phase: str, last: int | None = None) -> list[Tensor]:
         """Send rows back along the route and add them up (synchronous), from step ``last`` down to 0."""
+        return run_to_end(self.reduce_pieces(tensors, phase, last))
+
+    def reduce_pieces(self, tensors: list[Tensor], phase: str, last: int | None = None) -> Pieces[list[Tensor]]:
         last = len(self.steps) - 1 if last is None else last
         for step in reversed(self.steps[:last + 1]):
             if step.hop is not None:
                 inflight, fields = step.backward_start(tensors, self.traffic, phase)
+                yield  # an all-to-all is in flight
                 tensors = _unpack(inflight.wait(), fields)
             tensors = step.accumulate(tensors)
         return tensors
@@ -316,12 +346,23 @@ class DispatchHandle:
             self.x = self.weights = None
         return self._tokens
 
+    def receive(self) -> Pieces[DispatchedTokens]:
+        """``wait()`` outside autograd, in pieces: the tokens arrive as new leaves (``x`` and ``weights``
+        require grad) and ``x`` / ``weights`` stay on the handle; the caller sends the gradients back
+        with ``route.reduce_pieces``. Used by the pipeline's overlapped F&B (``parallel/pipeline/overlap.py``)."""
+        x, ids, weights = yield from self._finish_pieces()
+        self._tokens = DispatchedTokens(x.requires_grad_(), ids, weights.requires_grad_())
+        return self._tokens
+
     def _finish(self) -> tuple[Tensor, Tensor, Tensor]:
+        return run_to_end(self._finish_pieces())
+
+    def _finish_pieces(self) -> Pieces[tuple[Tensor, Tensor, Tensor]]:
         packed = self.inflight.wait()
         first = len(self.route.steps)
         if self.experts.mode == "hierarchical":
             self.route.steps += self.experts._forwarding_steps(packed, self.fields, self.counts)
-        packed = self.route.forward_rows(packed, "dispatch", first)
+        packed = yield from self.route.forward_pieces(packed, "dispatch", first)
         *payload, ids, weights = _unpack(packed, self.fields)
         x = self.experts.quantizer.decode(tuple(payload)).to(self.dtype)
         return x, ids, weights
@@ -345,8 +386,12 @@ class CombineHandle:
         return self._out
 
     def _finish(self) -> Tensor:
+        return run_to_end(self.finish_pieces())
+
+    def finish_pieces(self) -> Pieces[Tensor]:
+        """``wait()`` outside autograd, in pieces (the output does not require grad)."""
         tensors = self.route.steps[self.step].accumulate(_unpack(self.inflight.wait(), self.fields))
-        (out,) = self.route.reduce(tensors, "combine", last=self.step - 1)
+        (out,) = yield from self.route.reduce_pieces(tensors, "combine", last=self.step - 1)
         return out
 
 
@@ -505,14 +550,12 @@ class ExpertParallelExperts(RoutedExperts):
         row_of, k_of = row[order], k[order]
         counts = torch.bincount(expert, minlength=self.n_local_experts)
         x_sorted = x[row_of]
-        w1, w2, w3 = self.w1.to(x.dtype), self.w2.to(x.dtype), self.w3.to(x.dtype)
         if row_of.numel() == 0:
             # no token for any local expert: an empty product still gives every weight a (zero) gradient
+            w1, w2, w3 = self.w1.to(x.dtype), self.w2.to(x.dtype), self.w3.to(x.dtype)
             out = (F.silu(x_sorted @ w1[0].t()) * (x_sorted @ w3[0].t())) @ w2[0].t()
-        elif self.use_grouped_mm(x):
-            out = expert_ffn_grouped(x_sorted, counts, w1, w2, w3)
         else:
-            out = expert_ffn_loop(x_sorted, counts.tolist(), w1, w2, w3)
+            out = self.ffn(x_sorted, counts)
         weighted = (out.float() * tokens.weights[row_of, k_of, None]).to(x.dtype)
         return torch.zeros_like(x).index_add_(0, row_of, weighted)
 

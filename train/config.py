@@ -7,6 +7,7 @@ name and the fix (``ConfigError``). Numbers of the report are in ``conf/671b.yam
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -134,6 +135,8 @@ class ParallelConfig:
     schedule: str = "dualpipe"  # pipeline schedule: 1f1b | zb1p | dualpipe | dualpipev
     ranks_per_node: int = 0  # processes per node for the layout (0 = LOCAL_WORLD_SIZE); emulate nodes on one machine
     dispatch: str = "flat"  # expert-parallel all-to-all: flat (one hop) | hierarchical (across nodes, then inside)
+    micro_batches: int = 0  # micro-batches per step at train.batch_size; sets train.micro_batch_size (0: keep it)
+    overlap: bool = True  # pipeline F&B chunks overlap one micro-batch's all-to-all with another's compute (ep > 1)
 
 
 @dataclass
@@ -306,7 +309,20 @@ def to_config(node: Any, world_size: int = 1) -> Config:
 
     obj = OmegaConf.to_object(node)
     cfg = Config(**{k: getattr(obj, k) for k in Config.__dataclass_fields__})
-    return validate(cfg, world_size)
+    return validate(resolve_micro_batches(cfg, world_size), world_size)
+
+
+def resolve_micro_batches(cfg: Config, world_size: int = 1) -> Config:
+    """``parallel.micro_batches`` = m > 0 sets ``train.micro_batch_size`` = batch_size / (m x dp ranks)."""
+    m, t = cfg.parallel.micro_batches, cfg.train
+    _require(m >= 0, f"parallel.micro_batches ({m}) must be >= 0 (0: from train.micro_batch_size)")
+    if m == 0:
+        return cfg
+    dp = max(1, world_size // cfg.parallel.pp)
+    _require(t.batch_size % (m * dp) == 0,
+             f"parallel.micro_batches ({m}) x {dp} data-parallel ranks must divide train.batch_size "
+             f"({t.batch_size}): pick a divisor of {t.batch_size // dp if t.batch_size % dp == 0 else t.batch_size}")
+    return dataclasses.replace(cfg, train=dataclasses.replace(t, micro_batch_size=t.batch_size // (m * dp)))
 
 
 def load_config(overrides: list[str] | None = None, world_size: int = 1) -> Config:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -226,6 +227,18 @@ class RoutedExperts(nn.Module):
         self.w1 = nn.Parameter(torch.empty(n, inter, dim))  # gate projections
         self.w2 = nn.Parameter(torch.empty(n, dim, inter))  # down projections
         self.w3 = nn.Parameter(torch.empty(n, inter, dim))  # up projections
+        # FP8 swaps in its grouped SwiGLU here (fp8/convert.py): fn(x_sorted, counts, w1, w2, w3) -> out
+        self.fp8_ffn: Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], Tensor] | None = None
+
+    def ffn(self, x_sorted: Tensor, counts: Tensor) -> Tensor:
+        """SwiGLU of each local expert on its contiguous slice of the expert-sorted rows (``counts`` per
+        expert), in the dtype of ``x_sorted``: FP8 when converted, else a grouped GEMM or the loop."""
+        if self.fp8_ffn is not None:
+            return self.fp8_ffn(x_sorted, counts, self.w1, self.w2, self.w3)
+        w1, w2, w3 = self.w1.to(x_sorted.dtype), self.w2.to(x_sorted.dtype), self.w3.to(x_sorted.dtype)
+        if self.use_grouped_mm(x_sorted):
+            return expert_ffn_grouped(x_sorted, counts, w1, w2, w3)
+        return expert_ffn_loop(x_sorted, counts.tolist(), w1, w2, w3)
 
     def use_grouped_mm(self, x: Tensor) -> bool:
         if self.impl == "auto":
@@ -244,12 +257,7 @@ class RoutedExperts(nn.Module):
         order = flat_experts.argsort(stable=True)
         token_of = order // topk
         counts = torch.bincount(flat_experts, minlength=self.n_experts)
-        x_sorted = x[token_of]
-        w1, w2, w3 = self.w1.to(x.dtype), self.w2.to(x.dtype), self.w3.to(x.dtype)
-        if self.use_grouped_mm(x):
-            out = expert_ffn_grouped(x_sorted, counts, w1, w2, w3)
-        else:
-            out = expert_ffn_loop(x_sorted, counts.tolist(), w1, w2, w3)
+        out = self.ffn(x[token_of], counts)
         weighted = (out.float() * routing.weights.flatten()[order, None]).to(x.dtype)
         return torch.zeros_like(x).index_add_(0, token_of, weighted)
 
@@ -290,17 +298,28 @@ class MoE(nn.Module):
         self.shared_experts = MLP(cfg.dim, cfg.n_shared_experts * cfg.moe_inter_dim) if cfg.n_shared_experts else None
 
     def forward(self, x: Tensor) -> tuple[Tensor, MoEStats]:
+        flat, routing, stats = self.route(x)
+        return self.mix(self.experts(flat, routing), self.shared(flat), x.shape), stats
+
+    def route(self, x: Tensor) -> tuple[Tensor, Routing, MoEStats]:
+        """Tokens [B, T, D] -> flat tokens [B*T, D], their routing and the layer's statistics."""
         batch, seqlen, dim = x.shape
         flat = x.reshape(-1, dim)
         routing = self.gate(flat)
-        out = self.experts(flat, routing)
-        if self.shared_experts is not None:
-            out = out + self.shared_experts(flat)
         stats = MoEStats(
             balance_loss=sequence_balance_loss(routing.scores, routing.indices, batch, self.n_experts),
             expert_load=torch.bincount(routing.indices.flatten(), minlength=self.n_experts),
         )
-        return out.view(batch, seqlen, dim), stats
+        return flat, routing, stats
+
+    def shared(self, flat: Tensor) -> Tensor | None:
+        """The shared experts' output on the flat tokens (None without shared experts)."""
+        return self.shared_experts(flat) if self.shared_experts is not None else None
+
+    @staticmethod
+    def mix(routed: Tensor, shared: Tensor | None, shape: torch.Size) -> Tensor:
+        """The layer's output: routed experts' [B*T, D] plus the shared experts', as [B, T, D]."""
+        return (routed if shared is None else routed + shared).view(shape)
 
 
 class Block(nn.Module):
@@ -314,11 +333,15 @@ class Block(nn.Module):
         self.ffn = MLP(cfg.dim, cfg.inter_dim) if layer_id < cfg.n_dense_layers else MoE(cfg)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, MoEStats | None]:
-        x = x + self.attn(self.attn_norm(x), cos, sin)
+        x = self.attention(x, cos, sin)
         if isinstance(self.ffn, MoE):
             out, stats = self.ffn(self.ffn_norm(x))
             return x + out, stats
         return x + self.ffn(self.ffn_norm(x)), None
+
+    def attention(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        """The attention half with its residual: x + MLA(RMSNorm(x))."""
+        return x + self.attn(self.attn_norm(x), cos, sin)
 
 
 class MTPModule(nn.Module):

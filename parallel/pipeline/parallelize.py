@@ -66,7 +66,8 @@ class PipelinePart:
     def runtime(self, micro_batches: int) -> PipelineRuntime:
         if micro_batches not in self._runtimes:
             schedule = make_schedule(self.cfg.parallel.schedule, self.groups.layout.pp, micro_batches)
-            self._runtimes[micro_batches] = PipelineRuntime(schedule, self.stages, self.groups, autocast=self.autocast)
+            self._runtimes[micro_batches] = PipelineRuntime(schedule, self.stages, self.groups, autocast=self.autocast,
+                                                            overlap=self.cfg.parallel.overlap)
         return self._runtimes[micro_batches]
 
     def moe_layers(self) -> list[MoE]:

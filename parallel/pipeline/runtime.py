@@ -58,7 +58,9 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.distributed.pipelining._backward import stage_backward_input, stage_backward_weight
 
+from parallel.expert import ExpertParallelExperts, Pieces, run_to_end
 from parallel.mesh import ProcessGroups
+from parallel.pipeline.overlap import SegmentedGraph, Trace, no_trace, interleave, segmented_forward
 from parallel.pipeline.actions import Action, Kind, Schedule
 from parallel.pipeline.stages import Stage, StageOutput
 from train.model import MoE
@@ -103,6 +105,7 @@ class _Saved:
     embedded: Tensor | None  # stage 0: the embedding output still attached to embed.weight
     hidden: Tensor | None  # the output sent on (None on the last stage)
     loss: Tensor | None  # this stage's loss / micro-batches (None when it has no gradient: no MoE, not last)
+    graph: SegmentedGraph | None = None  # the forward cut into pieces (overlap), else one graph
 
 
 @dataclass
@@ -117,10 +120,15 @@ class ForwardJob:
     mtp_weight: float
     balance_alpha: float
     autocast: Callable[[], contextlib.AbstractContextManager]
+    segmented: bool = False  # cut the graph into pieces (overlap.segmented_forward)
+    trace: Trace = no_trace
     output: StageOutput | None = None
     saved: _Saved | None = None
 
     def run(self) -> None:
+        run_to_end(self.pieces())
+
+    def pieces(self) -> Pieces[None]:
         stage, embedded = self.stage, None
         x = self.source()
         with self.autocast():
@@ -129,10 +137,17 @@ class ForwardJob:
                 x = embedded.detach().requires_grad_(embedded.requires_grad)
             else:
                 x = x.detach().requires_grad_(True)
-            out = stage.body(x, self.window, self.mtp_weight, self.balance_alpha)
+        graph = None
+        if self.segmented:
+            graph = yield from segmented_forward(stage, x, self.window, self.mtp_weight, self.balance_alpha,
+                                                 self.autocast, lambda e: self.trace(f"F{self.mb} {e}"))
+            out = graph.output
+        else:
+            with self.autocast():
+                out = stage.body(x, self.window, self.mtp_weight, self.balance_alpha)
         loss = out.loss * self.scale
         self.output = out
-        self.saved = _Saved(stage, x, embedded, out.hidden, loss if loss.requires_grad else None)
+        self.saved = _Saved(stage, x, embedded, out.hidden, loss if loss.requires_grad else None, graph)
 
 
 @dataclass
@@ -144,6 +159,8 @@ class BackwardJob:
     mb: int
     output_grad: Callable[[], Tensor] | None  # -> gradient of the stage output (waits); None on the last stage
     split: bool  # input gradient now, weight gradient later
+    scale: float = 1.0  # 1 / micro-batches (the segmented backward needs it for the balance losses)
+    trace: Trace = no_trace
     input_grad: Tensor | None = None
     weight_grad: Callable[[], None] | None = None
     done: bool = False
@@ -153,7 +170,28 @@ class BackwardJob:
         return self.saved.stage
 
     def run(self) -> None:
+        run_to_end(self.pieces())
+
+    def pieces(self) -> Pieces[None]:
         saved = self.saved
+        if saved.graph is not None:
+            grad = self.output_grad() if saved.hidden is not None else None
+            grad, weight_grads = yield from saved.graph.backward(grad, saved.loss, self.scale, self.split,
+                                                                 lambda e: self.trace(f"B{self.mb} {e}"))
+            if saved.embedded is not None:  # stage 0: the embedding's backward (W's when split)
+                embedded, embedded_grad, grad = saved.embedded, grad, None
+                weight_grads.append(lambda: torch.autograd.backward(embedded, embedded_grad))
+            def weight_grad() -> None:
+                for closure in weight_grads:
+                    closure()
+
+            if self.split:
+                self.weight_grad = weight_grad
+            else:
+                weight_grad()  # the embedding's backward
+            self.input_grad = grad
+            self.done = True
+            return
         outputs, grads = [], []
         if saved.hidden is not None:
             outputs.append(saved.hidden)
@@ -169,9 +207,14 @@ class BackwardJob:
 
 
 def run_in_order(forward: ForwardJob, backward: BackwardJob) -> None:
-    """The FB of CPUs (and the reference of any overlapped version): the forward half, then the backward."""
+    """The reference FB: the forward half, then the backward."""
     forward.run()
     backward.run()
+
+
+def run_interleaved(forward: ForwardJob, backward: BackwardJob) -> None:
+    """The overlapped FB (``overlap.py``): each half computes while the other's all-to-all is in flight."""
+    interleave(forward.pieces(), backward.pieces(), forward.trace)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -291,7 +334,9 @@ class PipelineRuntime:
 
     activation_dtype: dtype of the hidden states that travel (default: the stages' parameter dtype;
     the residual stream stays in it under autocast). autocast: context factory around every forward
-    (e.g. ``lambda: torch.autocast("cuda", torch.bfloat16)``). overlap: the FB hook (module docstring).
+    (e.g. ``lambda: torch.autocast("cuda", torch.bfloat16)``). overlap: run FB actions overlapped
+    (``overlap.py``) when a stage has expert-parallel MoE blocks, else forward then backward.
+    trace: called with a short event name at each piece (tests).
     Construction is collective over ``groups.pp``: every rank checks the schedule against its stages,
     and all raise ``PipelineLayoutError`` if any rank's disagree.
     """
@@ -299,7 +344,7 @@ class PipelineRuntime:
     def __init__(self, schedule: Schedule, stages: dict[int, Stage], groups: ProcessGroups, *,
                  activation_dtype: torch.dtype | None = None,
                  autocast: Callable[[], contextlib.AbstractContextManager] | None = None,
-                 overlap: Callable[[ForwardJob, BackwardJob], None] = run_in_order):
+                 overlap: bool = False, trace: Trace | None = None):
         self.schedule = schedule
         self.stages = dict(stages)
         self.groups = groups
@@ -307,7 +352,11 @@ class PipelineRuntime:
         self.rank = dist.get_rank(self.group)
         self.global_ranks = dist.get_process_group_ranks(self.group)  # pp rank -> global rank
         self.autocast = autocast or contextlib.nullcontext
-        self.overlap = overlap
+        exchanges = any(isinstance(m.experts, ExpertParallelExperts) for s in self.stages.values()
+                        for _, m in s.moe_layers())
+        self.segmented = overlap and exchanges
+        self.fb = run_interleaved if self.segmented else run_in_order
+        self.trace = trace or no_trace
         params = {n: p for s in self.stages.values() for n, p in s.named_parameters()}
         self.params = params
         first = next(iter(params.values()), None)
@@ -434,9 +483,9 @@ class PipelineRuntime:
         elif a.kind == Kind.FB:
             fwd = self._forward_job(st, a.stage, a.mb, a.chunk)
             bwd = self._backward_job(st, a.back[0], a.back[1])
-            self.overlap(fwd, bwd)
+            self.fb(fwd, bwd)
             if fwd.output is None or not bwd.done:
-                raise RuntimeError(f"the FB hook {self.overlap!r} did not run both halves of {a}")
+                raise RuntimeError(f"the FB hook {self.fb.__name__} did not run both halves of {a}")
             self._file_forward(st, fwd, a.chunk)
             self._file_backward(st, bwd)
         elif a.kind == Kind.W:
@@ -459,7 +508,7 @@ class PipelineRuntime:
         else:
             source = self._source(st, ("F", stage_index - 1, mb))
         return ForwardJob(stage, mb, source, window, 1.0 / self.schedule.micro_batches, st.mtp_weight,
-                          st.balance_alpha, self.autocast)
+                          st.balance_alpha, self.autocast, self.segmented, self.trace)
 
     def _file_forward(self, st: _StepState, job: ForwardJob, chunk: int) -> None:
         stage, out = job.stage, job.output
@@ -482,7 +531,8 @@ class PipelineRuntime:
         if saved is None:
             raise RuntimeError(f"rank {self.rank}: backward of stage {stage_index}, mb {mb} before its forward")
         grad = None if saved.stage.is_last else self._source(st, ("B", stage_index + 1, mb))
-        return BackwardJob(saved, mb, grad, split=(stage_index, mb) in self.later_w)
+        return BackwardJob(saved, mb, grad, split=(stage_index, mb) in self.later_w,
+                           scale=1.0 / self.schedule.micro_batches, trace=self.trace)
 
     def _file_backward(self, st: _StepState, job: BackwardJob) -> None:
         stage = job.stage

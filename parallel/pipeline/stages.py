@@ -108,9 +108,16 @@ class Stage(nn.Module):
             if stats is not None:
                 balance.append(stats.balance_loss)
                 loads.append(stats.expert_load)
+        return self.finish(h, window, mtp_weight, balance_alpha, balance, loads, embedded)
+
+    def finish(self, h: Tensor, window: Tensor | None, mtp_weight: float, balance_alpha: float,
+               balance: list[Tensor], loads: list[Tensor], embedded: Tensor | None = None) -> StageOutput:
+        """After the blocks: the output (hidden state, or on the last stage norm, head, MTP and the
+        losses). ``balance`` / ``loads``: the blocks' balance losses and expert loads, in order."""
         if not self.is_last:
             return self._output(h, balance, loads, balance_alpha)
-
+        seqlen = h.shape[1]
+        cos, sin = self.rope_cos[:seqlen], self.rope_sin[:seqlen]
         if window is None:
             raise ValueError(f"stage {self.index} is the last stage: it needs the micro-batch's window [mb, T+1]")
         h = self.norm(h)

@@ -1,4 +1,4 @@
-"""Expert parallelism on real gloo ranks (forked, see ranks.py) against the single-device MoE.
+"""Expert parallelism on real gloo ranks (forked, see parallel/local_ranks.py) against the single-device MoE.
 
 Tolerance: 1e-5 of the largest reference magnitude, in fp32. The expert-parallel MoE multiplies the same
 operands as the single-device one; only the order of fp32 additions differs (a token's expert outputs
@@ -21,7 +21,7 @@ import torch
 from parallel.expert import ExpertParallelExperts, IdentityQuantizer, parallelize_experts
 from parallel.mesh import ProcessGroups, build_process_groups, plan_layout
 from tests.conftest import TINY
-from tests.distributed.ranks import run_ranks
+from parallel.local_ranks import run_ranks
 from train.config import Config, ModelConfig
 from train.model import MoE, RoutedExperts, Routing, Transformer
 

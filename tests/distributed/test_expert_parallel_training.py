@@ -10,7 +10,7 @@ import subprocess
 import pytest
 
 from tests.distributed.reference import FIXED_BATCH, STEPS, assert_same_losses
-from tests.distributed.ranks import free_port
+from parallel.local_ranks import free_port
 from tests.integration.pretrain_runs import REPO, run_pretrain, run_torchrun, torchrun_command
 from train import checkpoint
 from train.trainer import read_metrics

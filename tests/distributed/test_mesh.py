@@ -6,7 +6,7 @@ import pytest
 import torch.distributed as dist
 
 from parallel.mesh import build_process_groups, plan_layout
-from tests.distributed.ranks import run_ranks
+from parallel.local_ranks import run_ranks
 from train.config import Config, ConfigError, ModelConfig, ParallelConfig
 
 

@@ -14,8 +14,6 @@ absolute, for elements near zero (a few 1e-6 of the largest update, lr = 2e-2, a
 from __future__ import annotations
 
 import dataclasses
-import io
-from collections.abc import Callable
 
 import pytest
 import torch
@@ -25,7 +23,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from parallel.mesh import Layout, ProcessGroups, build_process_groups
 from parallel.zero import ZeroAdamW
-from tests.distributed import ranks
+from parallel.local_ranks import run_ranks
 from train.config import ModelConfig, OptimConfig
 from train.model import RoutedExperts, Transformer
 from train.optim import build_optimizer
@@ -42,18 +40,6 @@ MODEL = ModelConfig(
     n_routed_experts=4, n_shared_experts=1, n_activated_experts=2, mtp_depth=1, max_seq_len=16,
     original_seq_len=16, expert_impl="loop",
 )
-
-
-def _serialized(rank: int, world: int, fn: Callable, *args):
-    buffer = io.BytesIO()
-    torch.save(fn(rank, world, *args), buffer)
-    return buffer.getvalue()
-
-
-def run_ranks(fn: Callable, world: int, *args) -> list:
-    """ranks.run_ranks, with results that may hold tensors: torch's queue would share their storage through
-    file descriptors of a worker that has exited by the time they are read, so they travel as bytes."""
-    return [torch.load(io.BytesIO(b), weights_only=False) for b in ranks.run_ranks(_serialized, world, fn, *args)]
 
 
 class Toy(nn.Module):

@@ -30,3 +30,16 @@ def test_dualpipe_needs_an_even_number_of_micro_batches():
                                           r"train.micro_batch_size x data-parallel ranks x 2 \(DualPipe\) \(8\)"):
         validate(config("dualpipe", 2, 2, 8, 12), world_size=4)
     validate(config("1f1b", 2, 2, 8, 12), world_size=4)  # 12 = 3 micro-batches of 2 x 2 ranks: fine for 1F1B
+
+
+def test_micro_batches_sets_the_micro_batch_size():
+    """parallel.micro_batches=m: train.micro_batch_size = batch_size / (m x dp), through the launchers'
+    config loading (Hydra overrides); a count that does not divide the batch is one line naming both."""
+    from train.config import load_config
+
+    cfg = load_config(["+conf=tiny", "parallel.pp=2", "parallel.micro_batches=4", "train.batch_size=16"],
+                      world_size=4)
+    assert cfg.train.micro_batch_size == 2  # 16 sequences / (4 micro-batches x dp 2)
+    with pytest.raises(ConfigError, match=r"parallel.micro_batches \(3\) x 2 data-parallel ranks must divide "
+                                          r"train.batch_size \(16\)"):
+        load_config(["+conf=tiny", "parallel.pp=2", "parallel.micro_batches=3", "train.batch_size=16"], world_size=4)
