@@ -1,0 +1,251 @@
+"""FP8 linear layers and the routed experts' SwiGLU as autograd functions (report sec 3.3.1-3.3.3).
+
+All three GEMMs of a linear layer run on FP8 operands (Figure 6), each quantized in tiles of 128 along
+*its own* reduction dim, with fp32 outputs (``fp8.backend``):
+
+* Fprop  ``y = x W^T``:   x [T, K] in 1x128 tiles (per token, per 128 channels), W [N, K] in 128x128 blocks.
+* Dgrad  ``dx = dy W``:   dy [T, N] in 1x128 tiles along N; W^T [K, N] in 128x128 blocks, which are W's
+  blocks transposed (``transpose_blocks``: same payloads and scales, no re-quantization).
+* Wgrad  ``dW = dy^T x``: reduction over tokens, so dy and x are both tiled 128x1 (per channel, per 128
+  tokens), i.e. the 1x128 tiles of dy^T [N, T] and x^T [K, T].
+
+Storage (sec 3.3.3): the weight stays the FP32 master (re-quantized online in backward: no FP8 weight
+copy is kept), gradients to it are fp32, and the activation is cached for Wgrad in FP8: x already
+quantized 128x1, not x. ``cache="e5m6"`` (the linear after attention, MLA's ``wo``) caches x in E5M6 with
+power-of-two scales in 1x128 tiles and re-tiles it to 128x1 in backward (``convert_tiles``, exact); that
+Wgrad then multiplies an E4M3 dy by the E5M6 x.
+
+The routed experts (``fp8_expert_ffn``) run the three projections as grouped FP8 GEMMs, cache the SwiGLU
+inputs (gate and up outputs) in FP8 and recompute the SwiGLU output in backward instead of storing it.
+
+Not modelled here: the power-of-two FP8 dispatch / combine of sec 3.3.3 (``parallel/expert.py``), and
+the bf16 rounding of GEMM outputs inside fused kernels (outputs here are fp32, then cast).
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+from torch import Tensor, nn
+
+from fp8.backend import GemmBackend
+from fp8.quant import BLOCK, Quantized, convert_tiles, dequantize, quantize, quantize_act_transposed, quantize_weight
+
+CACHE_FORMATS = ("e4m3", "e5m6")
+
+
+def _output_dtype(x: Tensor) -> torch.dtype:
+    """The autocast dtype when autocast is on for x's device, else x's dtype."""
+    device = x.device.type
+    if device in ("cpu", "cuda", "xpu") and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return x.dtype
+
+
+def _no_autocast(x: Tensor):
+    """Disable autocast around the quantization and GEMM code (it must not re-cast fp32 math)."""
+    device = x.device.type
+    return torch.autocast(device_type=device, enabled=False) if device in ("cpu", "cuda", "xpu") else nullcontext()
+
+
+def transpose_blocks(q: Quantized) -> Quantized:
+    """The Quantized of W^T from that of W in 128x128 blocks: payload and scales transposed (exact, equal
+    to ``quantize_weight(W.t())``)."""
+    if q.group_rows != BLOCK:
+        raise ValueError(f"transpose_blocks needs 128x128 blocks, got group_rows {q.group_rows}")
+    return Quantized(q.data.t().contiguous(), q.scale.t().contiguous(), BLOCK, q.fmt, q.pow2)
+
+
+def _rebuild(data: Tensor, scale: Tensor, group_rows: int, fmt: str, pow2: bool) -> Quantized:
+    return Quantized(data, scale, group_rows, fmt, pow2)
+
+
+# --------------------------------------------------------------------------------------------------
+# Linear
+
+
+class _Fp8Linear(torch.autograd.Function):
+    """y = x W^T with FP8 Fprop, Dgrad and Wgrad (sec 3.3.1); x cached in FP8 (or E5M6) for Wgrad."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, backend: GemmBackend, cache: str) -> Tensor:
+        out_dtype = _output_dtype(x)
+        n, k = weight.shape
+        with _no_autocast(x):
+            x2d = x.reshape(-1, k)
+            y = backend.gemm(quantize(x2d, 1), quantize_weight(weight))
+            if cache == "e4m3":
+                saved = quantize_act_transposed(x2d)  # Wgrad operand x^T [K, T]: 128x1 tiles of x
+            else:
+                saved = quantize(x2d, 1, "e5m6", pow2=True)  # 1x128 tiles, re-tiled in backward
+        ctx.save_for_backward(saved.data, saved.scale, weight)
+        ctx.x_shape, ctx.x_dtype, ctx.cache, ctx.backend = x.shape, x.dtype, cache, backend
+        return y.to(out_dtype).reshape(*x.shape[:-1], n)
+
+    @staticmethod
+    def backward(ctx, dy: Tensor):
+        data, scale, weight = ctx.saved_tensors
+        n, k = weight.shape
+        backend: GemmBackend = ctx.backend
+        dx = dweight = None
+        with _no_autocast(dy):
+            dy2d = dy.reshape(-1, n)
+            if ctx.needs_input_grad[0]:  # Dgrad: K of this GEMM is N
+                wt = transpose_blocks(quantize_weight(weight))  # [K, N]
+                dx = backend.gemm(quantize(dy2d, 1), wt).to(ctx.x_dtype).reshape(ctx.x_shape)
+            if ctx.needs_input_grad[1]:  # Wgrad: K of this GEMM is the token dim
+                if ctx.cache == "e4m3":
+                    xt = _rebuild(data, scale, 1, "e4m3", False)
+                else:
+                    xt = convert_tiles(_rebuild(data, scale, 1, "e5m6", True))  # 1x128 -> 128x1, exact
+                dweight = backend.gemm(quantize_act_transposed(dy2d), xt).to(weight.dtype)
+        return dx, dweight, None, None
+
+
+def fp8_linear(x: Tensor, weight: Tensor, backend: GemmBackend, cache: str = "e4m3") -> Tensor:
+    """``x @ weight.T`` through FP8 GEMMs (sec 3.3.1-3.3.3). x [..., K], weight the FP32 master [N, K].
+
+    Output in the autocast dtype (else x's dtype); grads: dx in x's dtype, dW in the weight's dtype.
+    ``cache``: "e4m3" (x cached as FP8 128x1 tiles) or "e5m6" (x cached in E5M6 with power-of-two
+    scales, re-tiled for Wgrad: the linear after the attention operator).
+    """
+    if cache not in CACHE_FORMATS:
+        raise ValueError(f"cache must be one of {CACHE_FORMATS}, got {cache!r}")
+    if weight.dim() != 2 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"fp8_linear: x {tuple(x.shape)} does not match weight {tuple(weight.shape)}")
+    return _Fp8Linear.apply(x, weight, backend, cache)
+
+
+class Fp8Linear(nn.Linear):
+    """nn.Linear whose forward is ``fp8_linear``: same ``weight`` (and ``bias``) parameters, so names,
+    checkpoints and optimizer state are unchanged; the weight stays the FP32 master."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, device=None, dtype=None, *,
+                 backend: GemmBackend, cache: str = "e4m3"):
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        if cache not in CACHE_FORMATS:
+            raise ValueError(f"cache must be one of {CACHE_FORMATS}, got {cache!r}")
+        self.backend = backend
+        self.cache = cache
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, backend: GemmBackend, cache: str = "e4m3") -> Fp8Linear:
+        """Wrap ``linear``'s own Parameter objects (built on meta: nothing is allocated or copied)."""
+        new = cls(linear.in_features, linear.out_features, bias=False, device="meta", backend=backend, cache=cache)
+        new.weight = linear.weight
+        new.bias = linear.bias  # None or the same Parameter
+        new.train(linear.training)
+        return new
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = fp8_linear(x, self.weight, self.backend, self.cache)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, backend={self.backend.name}, cache={self.cache}"
+
+
+# --------------------------------------------------------------------------------------------------
+# Routed experts
+
+
+def quantize_experts(w: Tensor) -> Quantized:
+    """Expert weights [E, N, K] -> the Quantized of the stacked [E * N_pad, K] in 128x128 blocks, where
+    each expert is padded with zero rows to N_pad = N rounded up to 128. Zero rows change no block's
+    max-abs, so every expert's payloads and scales are those of ``quantize_weight(w[e])`` and no block
+    straddles two experts (any N; real configs have N % 128 == 0 and need no padding)."""
+    e, n, k = w.shape
+    padded = -(-n // BLOCK) * BLOCK
+    if padded != n:
+        w = torch.cat([w, w.new_zeros(e, padded - n, k)], dim=1)
+    return quantize(w.reshape(e * padded, k), BLOCK)
+
+
+def expert_gemm(backend: GemmBackend, a: Quantized, w: Tensor, counts: list[int]) -> Tensor:
+    """fp32 [T, N]: the rows of a [T, K] (1x128 tiles, sorted by expert) times their expert's ``W_e^T``
+    for w [E, N, K], as one grouped GEMM on the padded stack (``quantize_experts``)."""
+    n = w.shape[1]
+    out = backend.grouped_gemm(a, quantize_experts(w), counts)
+    return out if out.shape[1] == n else out[:, :n]
+
+
+def _swiglu_parts(gate: Tensor, up: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """silu(gate), sigmoid(gate) and the SwiGLU output silu(gate) * up (fp32)."""
+    sig = torch.sigmoid(gate)
+    act = gate * sig
+    return act, sig, act * up
+
+
+class _Fp8ExpertFFN(torch.autograd.Function):
+    """Grouped SwiGLU experts: gate/up/down as grouped FP8 GEMMs (sec 3.3.3 for the caching).
+
+    Forward computes the SwiGLU from the fp32 GEMM outputs; backward recomputes it from their FP8 cache
+    (so the local derivative is taken at the cached point, as recomputation does). Wgrad runs one GEMM
+    per expert with rows, reducing over that expert's tokens in 128x1 tiles.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, w1: Tensor, w2: Tensor, w3: Tensor, counts: list[int], backend: GemmBackend) -> Tensor:
+        out_dtype = _output_dtype(x)
+        with _no_autocast(x):
+            qx = quantize(x, 1)
+            gate = expert_gemm(backend, qx, w1, counts)  # [T, I] fp32
+            up = expert_gemm(backend, qx, w3, counts)
+            _, _, hidden = _swiglu_parts(gate, up)
+            out = expert_gemm(backend, quantize(hidden, 1), w2, counts)  # [T, D]
+            # Cache: the SwiGLU inputs in FP8 1x128 tiles, and x as per-expert 128x1 tiles for Wgrad
+            # (token tiles must not straddle experts); the SwiGLU output is recomputed in backward.
+            q_gate, q_up = quantize(gate, 1), quantize(up, 1)
+            x_t = [quantize_act_transposed(rows) for rows in x.split(counts)]
+        ctx.save_for_backward(q_gate.data, q_gate.scale, q_up.data, q_up.scale, w1, w2, w3,
+                              *[q.data for q in x_t], *[q.scale for q in x_t])
+        ctx.counts, ctx.backend, ctx.x_dtype = counts, backend, x.dtype
+        return out.to(out_dtype)
+
+    @staticmethod
+    def backward(ctx, dout: Tensor):
+        gate_data, gate_scale, up_data, up_scale, w1, w2, w3, *x_parts = ctx.saved_tensors
+        counts, backend = ctx.counts, ctx.backend
+        n_experts = len(counts)
+        x_t = [_rebuild(d, s, 1, "e4m3", False) for d, s in zip(x_parts[:n_experts], x_parts[n_experts:])]
+        with _no_autocast(dout):
+            dout = dout.float()
+            gate = dequantize(_rebuild(gate_data, gate_scale, 1, "e4m3", False))
+            up = dequantize(_rebuild(up_data, up_scale, 1, "e4m3", False))
+            act, sig, hidden = _swiglu_parts(gate, up)  # recomputed from the FP8 cache
+
+            # down projection: Dgrad dh = dout W2 (K = D), Wgrad dW2 = dout^T h (K = tokens)
+            dhidden = expert_gemm(backend, quantize(dout, 1), w2.transpose(1, 2), counts)
+            dgate = dhidden * up * sig * (1 + gate * (1 - sig))
+            dup = dhidden * act
+            dw1, dw2, dw3 = torch.zeros_like(w1), torch.zeros_like(w2), torch.zeros_like(w3)
+            for e, (dout_e, h_e, dg_e, du_e) in enumerate(zip(dout.split(counts), hidden.split(counts),
+                                                              dgate.split(counts), dup.split(counts))):
+                if not counts[e]:
+                    continue  # no rows: zero gradient
+                dw2[e] = backend.gemm(quantize_act_transposed(dout_e), quantize_act_transposed(h_e))
+                dw1[e] = backend.gemm(quantize_act_transposed(dg_e), x_t[e])
+                dw3[e] = backend.gemm(quantize_act_transposed(du_e), x_t[e])
+            dx = None
+            if ctx.needs_input_grad[0]:  # Dgrad of gate and up: K = I
+                dx = (expert_gemm(backend, quantize(dgate, 1), w1.transpose(1, 2), counts)
+                      + expert_gemm(backend, quantize(dup, 1), w3.transpose(1, 2), counts))
+                dx = dx.to(ctx.x_dtype)
+        return dx, dw1, dw2, dw3, None, None
+
+
+def fp8_expert_ffn(x_sorted: Tensor, counts: Tensor | list[int], w1: Tensor, w2: Tensor, w3: Tensor,
+                   backend: GemmBackend) -> Tensor:
+    """SwiGLU of each routed expert on its rows through grouped FP8 GEMMs (sec 3.3.1, 3.3.3).
+
+    x_sorted [T, D] sorted by expert, ``counts`` [E] rows per expert; w1 (gate) [E, I, D], w3 (up)
+    [E, I, D], w2 (down) [E, D, I], FP32 masters with fp32 gradients (zero for experts without rows).
+    Returns [T, D] in the autocast dtype (else x's). The signature of ``RoutedExperts.fp8_ffn`` after
+    ``functools.partial(fp8_expert_ffn, backend=...)``.
+    """
+    counts = [int(c) for c in (counts.tolist() if isinstance(counts, Tensor) else counts)]
+    if len(counts) != w1.shape[0] or sum(counts) != x_sorted.shape[0]:
+        raise ValueError(f"counts ({len(counts)} experts, {sum(counts)} rows) do not match w1 {tuple(w1.shape)} "
+                         f"and x_sorted {tuple(x_sorted.shape)}")
+    return _Fp8ExpertFFN.apply(x_sorted, w1, w2, w3, counts, backend)
