@@ -589,7 +589,7 @@ def parallelize_experts(model: Transformer, groups: ProcessGroups, dispatch: str
             raise ValueError("parallelize_experts: the experts are already expert-parallel")
         with torch.device(old.w1.device):
             new = ExpertParallelExperts(model.cfg, groups, dispatch, quantizer)
-        new.impl = old.impl
+        new.impl, new.fp8_ffn = old.impl, old.fp8_ffn  # the FP8 swap comes first (design order)
         new.to(dtype=old.w1.dtype)
         new.train(old.training)
         if old.w1.device.type != "meta":

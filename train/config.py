@@ -141,7 +141,14 @@ class ParallelConfig:
 
 @dataclass
 class FP8Config:
-    enabled: bool = False  # FP8 training (not available yet)
+    enabled: bool = False  # FP8 GEMMs for attention projections, dense FFNs and experts (report sec 3.3; docs/fp8.md)
+    backend: str = "auto"  # auto | emulate | reference | triton | torch | te (auto: triton on CUDA, else emulate)
+    dispatch: bool = True  # with fp8.enabled and ep > 1: FP8 activations in the expert dispatch (combine stays BF16)
+
+
+@dataclass
+class MemoryConfig:
+    recompute: str = "none"  # none | selective (RMSNorm and MLA projections, report sec 3.2.3) | full (whole blocks)
 
 
 @dataclass
@@ -160,6 +167,7 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     fp8: FP8Config = field(default_factory=FP8Config)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
 
@@ -220,6 +228,11 @@ def validate(cfg: Config, world_size: int = 1) -> Config:
     for name in ("mtp_weight", "mtp_weight_late", "bias_update_speed", "balance_alpha"):
         _require(getattr(t, name) >= 0, f"train.{name} ({getattr(t, name)}) must be >= 0")
 
+    _require(cfg.memory.recompute in ("none", "selective", "full"),
+             f"memory.recompute ({cfg.memory.recompute!r}) must be none, selective or full")
+    backends = ("auto", "emulate", "reference", "triton", "torch", "te")
+    _require(cfg.fp8.backend in backends, f"fp8.backend ({cfg.fp8.backend!r}) must be one of {', '.join(backends)}")
+
     _require(o.lr > 0, f"optim.lr ({o.lr}) must be > 0")
     _require(0 <= o.lr_min <= o.lr, f"optim.lr_min ({o.lr_min}) must be within [0, optim.lr ({o.lr})]")
     _require(o.warmup_steps >= 0, f"optim.warmup_steps ({o.warmup_steps}) must be >= 0")
@@ -254,11 +267,6 @@ def validate(cfg: Config, world_size: int = 1) -> Config:
     _require(p.ranks_per_node >= 0, f"parallel.ranks_per_node ({p.ranks_per_node}) must be >= 0 (0 = LOCAL_WORLD_SIZE)")
     _require(p.dispatch in ("flat", "hierarchical"), f"parallel.dispatch ({p.dispatch!r}) must be flat or hierarchical")
     return cfg
-
-
-def check_supported(cfg: Config) -> None:
-    """Features the trainer cannot execute yet fail with a clear line."""
-    _require(not cfg.fp8.enabled, "fp8.enabled=true: FP8 training is not available yet; use fp8.enabled=false")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from train.config import ModelConfig
 
@@ -120,15 +121,32 @@ class MLA(nn.Module):
         self.softmax_scale = attention_softmax_scale(cfg)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-        batch, seqlen, _ = x.shape
-        q = self.wq(x) if self.q_lora_rank == 0 else self.wq_b(self.q_norm(self.wq_a(x)))
+        q, latent, k_rope = self.down(x)
+        return self.attend(self.up_q(q), self.up_kv(latent), k_rope, cos, sin)
+
+    def down(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The down-projections of the (normalised) input: the query latent c_q (or, without query
+        compression, the queries), the kv latent c_kv and the rotary key before rotation."""
+        q = self.wq(x) if self.q_lora_rank == 0 else self.wq_a(x)
+        latent, k_rope = self.wkv_a(x).split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
+        return q, latent, k_rope
+
+    def up_q(self, q: Tensor) -> Tensor:
+        """Queries from c_q: RMSNorm then W^UQ and W^QR (identity without query compression)."""
+        return q if self.q_lora_rank == 0 else self.wq_b(self.q_norm(q))
+
+    def up_kv(self, latent: Tensor) -> Tensor:
+        """Keys (non-rotary part) and values from c_kv: RMSNorm then W^UK and W^UV."""
+        return self.wkv_b(self.kv_norm(latent))
+
+    def attend(self, q: Tensor, kv: Tensor, k_rope: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        """Rotary embedding, attention and the output projection."""
+        batch, seqlen, _ = q.shape
         q = q.view(batch, seqlen, self.n_heads, -1)
         q_nope, q_rope = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
         q_rope = apply_rope(q_rope, cos, sin)
-
-        latent, k_rope = self.wkv_a(x).split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
         k_rope = apply_rope(k_rope.unsqueeze(2), cos, sin)  # one rotary key shared by all heads
-        kv = self.wkv_b(self.kv_norm(latent)).view(batch, seqlen, self.n_heads, -1)
+        kv = kv.view(batch, seqlen, self.n_heads, -1)
         k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
 
         q = torch.cat([q_nope, q_rope], dim=-1)
@@ -331,8 +349,14 @@ class Block(nn.Module):
         self.attn = MLA(cfg)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.ffn = MLP(cfg.dim, cfg.inter_dim) if layer_id < cfg.n_dense_layers else MoE(cfg)
+        self.recompute = "none"  # none | selective | full: see set_recompute
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, MoEStats | None]:
+        if self.recompute == "full" and torch.is_grad_enabled():  # the whole block again in backward
+            return checkpoint(self._forward, x, cos, sin, use_reentrant=False)
+        return self._forward(x, cos, sin)
+
+    def _forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, MoEStats | None]:
         x = self.attention(x, cos, sin)
         if isinstance(self.ffn, MoE):
             out, stats = self.ffn(self.ffn_norm(x))
@@ -340,8 +364,16 @@ class Block(nn.Module):
         return x + self.ffn(self.ffn_norm(x)), None
 
     def attention(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-        """The attention half with its residual: x + MLA(RMSNorm(x))."""
-        return x + self.attn(self.attn_norm(x), cos, sin)
+        """The attention half with its residual: x + MLA(RMSNorm(x)). With selective recompute (sec
+        3.2.3) the RMSNorms and the MLA projections around the latents run again in backward instead
+        of keeping their outputs: only the small latents and the attention's own inputs stay."""
+        if self.recompute != "selective" or not torch.is_grad_enabled():
+            return x + self.attn(self.attn_norm(x), cos, sin)
+        mla = self.attn
+        q, latent, k_rope = checkpoint(lambda t: mla.down(self.attn_norm(t)), x, use_reentrant=False)
+        q = checkpoint(mla.up_q, q, use_reentrant=False)
+        kv = checkpoint(mla.up_kv, latent, use_reentrant=False)
+        return x + mla.attend(q, kv, k_rope, cos, sin)
 
 
 class MTPModule(nn.Module):
@@ -364,6 +396,20 @@ class MTPModule(nn.Module):
     def forward(self, hidden: Tensor, next_embed: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, MoEStats | None]:
         x = self.eh_proj(torch.cat([self.enorm(next_embed), self.hnorm(hidden)], dim=-1))
         return self.block(x, cos, sin)
+
+
+RECOMPUTE_MODES = ("none", "selective", "full")
+
+
+def set_recompute(model: nn.Module, mode: str) -> None:
+    """Activation recomputation of every block (report sec 3.2.3): ``selective`` recomputes the
+    attention-side RMSNorms and the MLA down/up-projections in backward (``Block.attention``); ``full``
+    recomputes whole blocks (only their inputs are kept); ``none`` keeps everything."""
+    if mode not in RECOMPUTE_MODES:
+        raise ValueError(f"recompute mode {mode!r}: choose one of {', '.join(RECOMPUTE_MODES)}")
+    for module in model.modules():
+        if isinstance(module, Block):
+            module.recompute = mode
 
 
 @dataclass

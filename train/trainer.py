@@ -27,12 +27,12 @@ from parallel.mesh import ProcessGroups, build_process_groups, plan_layout
 from parallel.zero import ZeroAdamW
 from train import checkpoint, schedules
 from train.balance import max_violation, update_gate_biases
-from train.config import Config, check_supported, config_to_yaml
+from train.config import Config, config_to_yaml
 from train.errors import UserError
 from train.losses import compute_losses
 from parallel.pipeline.parallelize import check_micro_batches, micro_batch_quantum
 from train.metrics import MetricsLogger
-from train.model import Transformer, count_parameters
+from train.model import Transformer, count_parameters, set_recompute
 
 BYTES_PER_PARAM = 4 + 4 + 2 + 2  # fp32 weight (master), fp32 gradient, bf16 first and second moments
 
@@ -163,10 +163,10 @@ def train(cfg: Config) -> list[dict[str, Any]]:
     log = MetricsLogger(cfg, is_main=int(os.environ.get("RANK", "0")) == 0)
     try:
         model = build_meta_model(cfg)
+        set_recompute(model, cfg.memory.recompute)
         print_model_summary(model, log)
         device = choose_device(cfg)
         check_fits(cfg, device, world_size)
-        check_supported(cfg)
         runtime = setup_runtime(cfg, device)
         return _train(cfg, runtime, model, log)
     finally:
@@ -193,10 +193,18 @@ def _train(cfg: Config, runtime: Runtime, model: Transformer, log: MetricsLogger
     loader = TokenLoader(prepared.tokens_path, cfg.train.seq_len, cfg.train.micro_batch_size, cfg.train.seed,
                          dp_rank=layout.dp_rank, dp_size=layout.dp)
 
+    quantizer = None
+    if cfg.fp8.enabled:  # design order: the FP8 swap, then the pipeline split and the expert sharding
+        from fp8.convert import convert_to_fp8
+        from fp8.dispatch import Fp8DispatchQuantizer
+
+        log.info(f"fp8: {convert_to_fp8(model, cfg.fp8.backend, runtime.device).summary()}")
+        if cfg.fp8.dispatch:
+            quantizer = Fp8DispatchQuantizer(runtime.compute_dtype)
     if layout.ep > 1:
         from parallel.expert import parallelize_experts
 
-        parallelize_experts(model, groups, cfg.parallel.dispatch)
+        parallelize_experts(model, groups, cfg.parallel.dispatch, quantizer)
     pipeline = None
     if layout.pp > 1:  # this rank materializes only its stages
         from parallel.pipeline.parallelize import PipelinePart
