@@ -197,25 +197,43 @@ def quantize(x: Tensor, group_rows: int = 1, fmt: str = "e4m3", pow2: bool = Fal
         raise ValueError(f"quantize expects a floating-point tensor, got {x.dtype}")
     if not isinstance(group_rows, int) or group_rows < 1:
         raise ValueError(f"group_rows must be a positive int, got {group_rows!r}")
-    finite = torch.isfinite(x)
-    if not bool(finite.all()):
-        raise ValueError(f"quantize: input has {int((~finite).sum())} non-finite value(s) (NaN/inf); "
-                         "fp8 scales are computed from the max-abs of each tile and would be meaningless")
     work = x.double() if x.dtype == torch.float64 else x.float()
     rows, cols = work.shape
-    row_tiles, col_tiles = _ceil_div(rows, group_rows), _ceil_div(cols, BLOCK)
-    padded = torch.nn.functional.pad(work.abs(), (0, col_tiles * BLOCK - cols, 0, row_tiles * group_rows - rows))
-    amax = padded.view(row_tiles, group_rows, col_tiles, BLOCK).amax(dim=(1, 3)).double()
+    tiles = _tiles(work, group_rows)  # [row tiles, group_rows, col tiles, 128], zero-padded
+    amax = tiles.abs().amax(dim=(1, 3))
+    if not bool(torch.isfinite(amax).all()):  # NaN and inf reach their tile's max
+        bad = int((~torch.isfinite(x)).sum())
+        raise ValueError(f"quantize: input has {bad} non-finite value(s) (NaN/inf); "
+                         "fp8 scales are computed from the max-abs of each tile and would be meaningless")
+    amax = amax.double()
 
     scale = (amax / FORMAT_MAX[fmt]).clamp(min=MIN_SCALE)
     if pow2:
         scale = _pow2_ceil(scale)
     scale = torch.where(amax == 0, torch.ones_like(scale), scale).float()
 
-    expanded = scale.repeat_interleave(group_rows, 0)[:rows].repeat_interleave(BLOCK, 1)[:, :cols]
-    scaled = (work / expanded.to(work.dtype)).float().clamp(-FORMAT_MAX[fmt], FORMAT_MAX[fmt])
+    scaled = _untile(tiles / scale.to(work.dtype)[:, None, :, None], rows, cols)
+    scaled = scaled.float().clamp(-FORMAT_MAX[fmt], FORMAT_MAX[fmt])
     data = scaled.to(torch.float8_e4m3fn) if fmt == "e4m3" else e5m6_encode(scaled)
     return Quantized(data, scale, group_rows, fmt, pow2)
+
+
+def _tiles(x: Tensor, group_rows: int) -> Tensor:
+    """x [R, K] as [ceil(R/g), g, ceil(K/128), 128] tiles (zero-padded at the ends, a view when no
+    padding is needed): per-tile scales then broadcast as scale[:, None, :, None]."""
+    rows, cols = x.shape
+    row_tiles, col_tiles = _ceil_div(rows, group_rows), _ceil_div(cols, BLOCK)
+    pad_rows, pad_cols = row_tiles * group_rows - rows, col_tiles * BLOCK - cols
+    if pad_rows or pad_cols:
+        x = torch.nn.functional.pad(x, (0, pad_cols, 0, pad_rows))
+    return x.reshape(row_tiles, group_rows, col_tiles, BLOCK)
+
+
+def _untile(tiles: Tensor, rows: int, cols: int) -> Tensor:
+    """Inverse of ``_tiles``: [R, K] without the padding."""
+    row_tiles, group_rows, col_tiles, _ = tiles.shape
+    full = tiles.reshape(row_tiles * group_rows, col_tiles * BLOCK)
+    return full if full.shape == (rows, cols) else full[:rows, :cols]
 
 
 def dequantize(q: Quantized, dtype: torch.dtype = torch.float32) -> Tensor:
@@ -224,7 +242,9 @@ def dequantize(q: Quantized, dtype: torch.dtype = torch.float32) -> Tensor:
     Returns ``q.orig_shape`` if set (``quantize_act``), else [R, K].
     """
     work = torch.float64 if dtype == torch.float64 else torch.float32
-    out = (q.payload().to(work) * q.expanded_scale().to(work)).to(dtype)
+    rows, cols = q.data.shape
+    tiles = _tiles(q.payload().to(work), q.group_rows) * q.scale.to(work)[:, None, :, None]
+    out = _untile(tiles, rows, cols).to(dtype)
     return out.reshape(q.orig_shape) if q.orig_shape is not None else out
 
 
