@@ -1,0 +1,351 @@
+"""Triton FP8 GEMM with fine-grained scales and FP32 promotion every 128 along K (report sec 3.3.2).
+
+``TritonBackend().gemm(a, b)`` computes ``A @ B.T`` for a [M, K], b [N, K] quantized by ``fp8.quant``
+(tiles of ``group_rows x 128`` along K, group_rows 1 or 128); ``grouped_gemm(a, b, counts)`` does the MoE
+expert GEMM in one launch (b the stacked expert weights [E * N, K], rows of a sorted by expert). The
+numbers are those of ``fp8.gemm.gemm_reference`` / ``grouped_gemm_reference``; it is the same algorithm
+as DeepGEMM and Figure 7b of the report:
+
+* each program owns a ``BLOCK_M x BLOCK_N`` output tile and walks K in blocks of ``BLOCK_K = 128``, the
+  quantization tile width (N_C of the report);
+* per K block, ``tl.dot`` of the fp8 tiles A [BLOCK_M, 128] and B [128, BLOCK_N] goes into a fresh
+  temporary accumulator: on Hopper this is 4 FP8 WGMMAs (K = 32 each) that accumulate in the Tensor
+  Cores' limited-precision accumulator (Triton's default ``max_num_imprecise_acc`` for fp8 on sm90 never
+  splits a 128-wide dot);
+* the temporary is then "promoted": multiplied by a's scale of each row (its 1x128 or 128x128 tile) and
+  b's scale of each column (its 1x128 tile or 128x128 block) and added into the FP32 accumulator held
+  in registers (the CUDA-core side). When the whole N-tile lies in one 128-row block of b (b in 128x128
+  blocks, ``BLOCK_N`` <= 128: every weight operand) this is DeepGEMM's form, one fp32 scale per row
+  ``scale_a * scale_b`` and one FFMA per element ``acc += partial * scale``; otherwise
+  ``acc += (partial * scale_a) * scale_b`` (an FMUL and an FFMA). The reference rounds
+  ``(partial * scale_a) * scale_b`` and the sum separately: with FP fusion on (set explicitly) the
+  kernel's promotion differs by about one fp32 rounding per K block, far below the tests' tolerances,
+  and not at all with power-of-two scales;
+* out-of-range rows/columns and the partial last K block are masked (loaded as 0, which adds exact
+  zeros; the last block's scale covers only the elements present, as ``fp8.quant`` defines it);
+* the FP32 accumulator is stored as fp32 (default) or bf16 (rounded to nearest even; in interpret mode,
+  whose fp32 -> bf16 cast truncates, the kernel stores fp32 and torch rounds).
+
+Scales are loaded per row of the tile (index ``row // group_rows``), so one kernel serves 1x128 and
+128x128 tiles on either side and any ``BLOCK_M`` / ``BLOCK_N``.
+
+Grouped GEMM: the host turns ``counts`` into a table of M-tiles ``(row_start, row_end, expert)``, each
+tile inside one expert (a tile never straddles two experts); the 1-D grid covers (M-tile, N-tile) with
+the N-tile fastest, so consecutive programs share the activation tile; a program reads rows
+``expert * N + n`` of the stacked weights and their 128x128-block scales.
+
+Payloads: e4m3 (``torch.float8_e4m3fn``) goes to ``tl.dot`` as fp8. If either operand is E5M6
+(``fmt="e5m6"``: the top 12 bits of an fp16), both payloads are decoded exactly to fp16 on the host
+(every E5M6 and every e4m3 value is an fp16 value) and the kernel runs an fp16 ``tl.dot`` with the same
+scaling; so does every operand on a GPU without fp8 ``tl.dot`` (before sm_89).
+
+CPU: Triton kernels need a GPU. With ``TRITON_INTERPRET=1`` the same kernel runs in Triton's NumPy
+interpreter on CPU tensors, slowly; its ``tl.dot`` decodes fp8 to fp16 exactly and sums in fp32, so it
+matches the reference up to fp32 summation order. The variable is read when the kernel is launched, not
+when this module or triton is imported: the ``triton.jit`` wrapper is created lazily, once per mode, and
+the kernel calls none of Triton's own ``@triton.jit`` library functions (``tl.cdiv``, ``tl.zeros`` and the
+rest of ``triton.language.standard`` are wrapped at ``import triton`` in the mode of that moment and fail
+in the other one), hence the hand-written ceil-divisions and ``tl.full``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError as exc:  # pragma: no cover - exercised only without triton
+    raise ImportError("fp8.triton_gemm needs Triton: pip install -e '.[gpu]' (or: pip install triton)",
+                      name="triton") from exc
+
+from fp8.quant import BLOCK, Quantized, e5m6_decode
+
+BLOCK_K = BLOCK  # one K block per promotion: N_C = 128 (4 WGMMAs of K = 32)
+OUT_DTYPES = (torch.float32, torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """Launch parameters: output tile ``block_m x block_n`` (K block fixed at 128), warps, pipeline stages,
+    and ``group_m`` (dense only: M-tiles per L2 swizzle group). Block sizes must be powers of two >= 16."""
+
+    block_m: int = 128
+    block_n: int = 128
+    num_warps: int = 8
+    num_stages: int = 4
+    group_m: int = 8
+
+    def __post_init__(self) -> None:
+        for name in ("block_m", "block_n"):
+            v = getattr(self, name)
+            if v < 16 or v & (v - 1):
+                raise ValueError(f"KernelConfig.{name} must be a power of two >= 16, got {v}")
+
+
+DENSE_CONFIG = KernelConfig()
+# Experts get ~T * top_k / E rows each (128 at T = 4096 with 256 experts, top-8): smaller M-tiles waste
+# less on each expert's last, partial tile.
+GROUPED_CONFIG = KernelConfig(block_m=64, block_n=128, num_warps=4, num_stages=4)
+
+
+# --------------------------------------------------------------------------------------------------
+# Kernel (plain function; ``_kernel()`` wraps it with triton.jit lazily, once per interpret mode)
+
+
+def _fp8_gemm_kernel(
+    a_ptr, b_ptr, out_ptr, sa_ptr, sb_ptr, tiles_ptr,
+    M, N, K,
+    stride_am, stride_ak, stride_bn, stride_bk, stride_om, stride_on,
+    stride_sam, stride_sak, stride_sbn, stride_sbk,
+    GROUP_A: tl.constexpr, GROUP_B: tl.constexpr,
+    GROUPED: tl.constexpr, EVEN_K: tl.constexpr, B_SCALAR: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_pid_n = (N + BLOCK_N - 1) // BLOCK_N  # not tl.cdiv: see the module docstring
+    if GROUPED:
+        # tiles_ptr: int32 [n_tiles, 3] = (row_start, row_end, expert); N is the per-expert N.
+        tile = pid // num_pid_n
+        pid_n = pid % num_pid_n
+        row_start = tl.load(tiles_ptr + tile * 3)
+        row_end = tl.load(tiles_ptr + tile * 3 + 1)
+        expert = tl.load(tiles_ptr + tile * 3 + 2)
+        offs_m = row_start + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < row_end
+        b_row0 = expert * N  # first row of this expert in the stacked weights
+    else:
+        # L2-friendly order: GROUP_M M-tiles share the N-tiles they sweep (Triton matmul tutorial).
+        num_pid_m = (M + BLOCK_M - 1) // BLOCK_M
+        num_pid_in_group = GROUP_M * num_pid_n
+        group_id = pid // num_pid_in_group
+        first_pid_m = group_id * GROUP_M
+        group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+        pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+        pid_n = (pid % num_pid_in_group) // group_size_m
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < M
+        b_row0 = 0
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    rows_b = b_row0 + offs_n
+    offs_k = tl.arange(0, BLOCK_K)
+
+    # Row offsets in 64 bits: the stacked weights of 256 experts x 2048 x 7168 span 3.8e9 elements.
+    a_ptrs = a_ptr + offs_m.to(tl.int64)[:, None] * stride_am + offs_k[None, :] * stride_ak  # [BLOCK_M, BLOCK_K]
+    b_ptrs = b_ptr + rows_b.to(tl.int64)[None, :] * stride_bn + offs_k[:, None] * stride_bk  # [BLOCK_K, BLOCK_N]
+    sa_ptrs = sa_ptr + (offs_m // GROUP_A) * stride_sam  # per row: scale of its tile
+    if B_SCALAR:  # the whole N-tile lies in one 128x128 block of b: one scale per K block
+        sb_ptrs = sb_ptr + ((b_row0 + pid_n * BLOCK_N) // GROUP_B) * stride_sbn
+    else:  # per column of B^T: scale of its tile
+        sb_ptrs = sb_ptr + (rows_b // GROUP_B) * stride_sbn
+
+    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)  # not tl.zeros (a @triton.jit library function)
+    for kb in range(0, (K + BLOCK_K - 1) // BLOCK_K):
+        if EVEN_K:
+            a = tl.load(a_ptrs, mask=mask_m[:, None], other=0.0)
+            b = tl.load(b_ptrs, mask=mask_n[None, :], other=0.0)
+        else:
+            k_left = K - kb * BLOCK_K
+            a = tl.load(a_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < k_left), other=0.0)
+            b = tl.load(b_ptrs, mask=mask_n[None, :] & (offs_k[:, None] < k_left), other=0.0)
+        # 128 wide along K: on sm90, 4 WGMMAs into a fresh (limited-precision) Tensor Core accumulator.
+        partial = tl.dot(a, b, out_dtype=tl.float32)
+        # Promotion: dequantize with the two groups' scales and add into the FP32 accumulator.
+        scale_a = tl.load(sa_ptrs + kb * stride_sak, mask=mask_m, other=0.0)
+        if B_SCALAR:  # DeepGEMM's form: one per-row scale, one FFMA per element
+            scale = scale_a * tl.load(sb_ptrs + kb * stride_sbk)
+            acc += partial * scale[:, None]
+        else:
+            scale_b = tl.load(sb_ptrs + kb * stride_sbk, mask=mask_n, other=0.0)
+            acc += partial * scale_a[:, None] * scale_b[None, :]
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+
+    out_ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :] * stride_on
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+_JITTED: dict[bool, object] = {}
+
+
+def interpret_mode() -> bool:
+    """Whether Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``), read now."""
+    knobs = getattr(triton, "knobs", None)
+    if knobs is not None:
+        return bool(knobs.runtime.interpret)
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
+
+
+def _kernel():
+    """The kernel wrapped by ``triton.jit`` for the current mode (compiled or interpreted)."""
+    mode = interpret_mode()
+    if mode not in _JITTED:
+        _JITTED[mode] = triton.jit(_fp8_gemm_kernel)
+    return _JITTED[mode]
+
+
+# --------------------------------------------------------------------------------------------------
+# Host side
+
+
+def _needs_fp16(device: torch.device) -> bool:
+    """fp8 ``tl.dot`` needs sm_89+ (Ada, Hopper); older GPUs get exact fp16 payloads instead."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9)
+
+
+def _payloads(a: Quantized, b: Quantized) -> tuple[Tensor, Tensor]:
+    """Kernel operands: the fp8 payloads, or both as exact fp16 if either is E5M6 (or the GPU lacks fp8)."""
+    if a.fmt == "e4m3" and b.fmt == "e4m3" and not _needs_fp16(a.data.device):
+        return a.data, b.data
+
+    def as_fp16(q: Quantized) -> Tensor:
+        # exact: e4m3 and E5M6 values are fp16 values
+        return q.data.to(torch.float16) if q.fmt == "e4m3" else e5m6_decode(q.data).to(torch.float16)
+
+    return as_fp16(a), as_fp16(b)
+
+
+def _check_pair(a: Quantized, b: Quantized, out_dtype: torch.dtype) -> None:
+    if not isinstance(a, Quantized) or not isinstance(b, Quantized):
+        raise ValueError("TritonBackend operands must be fp8.quant.Quantized")
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"gemm K mismatch: a is {tuple(a.shape)}, b is {tuple(b.shape)} (computes a @ b.T)")
+    if out_dtype not in OUT_DTYPES:
+        raise ValueError(f"out_dtype must be one of {OUT_DTYPES}, got {out_dtype}")
+    for name, q in (("a", a), ("b", b)):
+        if q.group_rows not in (1, BLOCK):
+            raise ValueError(f"{name}.group_rows must be 1 or {BLOCK}, got {q.group_rows}")
+        if q.scale.dtype != torch.float32:
+            raise ValueError(f"{name}.scale must be fp32, got {q.scale.dtype}")
+    devices = {a.data.device, b.data.device, a.scale.device, b.scale.device}
+    if len(devices) != 1:
+        raise ValueError(f"TritonBackend operands are on several devices: {sorted(map(str, devices))}")
+
+
+@dataclass
+class Launch:
+    """One kernel launch: 1-D grid size, runtime arguments in kernel order, constexprs, compile options."""
+
+    grid: int
+    args: tuple
+    constexprs: dict
+    options: dict
+
+    def run(self) -> None:
+        device = self.args[0].device
+        if device.type != "cuda" and not interpret_mode():
+            raise RuntimeError(f"TritonBackend needs CUDA tensors, got {device} (Triton kernels run on a GPU); "
+                               "set TRITON_INTERPRET=1 to run them slowly on CPU in Triton's interpreter")
+        _kernel()[(self.grid,)](*self.args, **self.constexprs, **self.options)
+
+
+def _plan(a: Quantized, b: Quantized, out: Tensor, tiles: Tensor | None, m: int, n: int,
+          cfg: KernelConfig) -> Launch:
+    pa, pb = _payloads(a, b)
+    sa, sb = a.scale, b.scale
+    k = a.shape[1]
+    m_tiles = tiles.shape[0] if tiles is not None else triton.cdiv(m, cfg.block_m)
+    args = (pa, pb, out, sa, sb, tiles if tiles is not None else sa,
+            m, n, k,
+            pa.stride(0), pa.stride(1), pb.stride(0), pb.stride(1), out.stride(0), out.stride(1),
+            sa.stride(0), sa.stride(1), sb.stride(0), sb.stride(1))
+    constexprs = dict(GROUP_A=a.group_rows, GROUP_B=b.group_rows, GROUPED=tiles is not None,
+                      EVEN_K=k % BLOCK_K == 0, B_SCALAR=b.group_rows % cfg.block_n == 0,
+                      BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=BLOCK_K, GROUP_M=cfg.group_m)
+    # FP fusion on: the promotion ``acc += partial * scale`` is one FFMA per element (as in DeepGEMM).
+    options = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=True)
+    return Launch(m_tiles * triton.cdiv(n, cfg.block_n), args, constexprs, options)
+
+
+def _kernel_out_dtype(out_dtype: torch.dtype) -> torch.dtype:
+    """Triton's interpreter casts fp32 -> bf16 by truncation (the GPU rounds to nearest even): in
+    interpret mode the kernel stores fp32 and torch rounds to bf16 afterwards."""
+    return torch.float32 if out_dtype == torch.bfloat16 and interpret_mode() else out_dtype
+
+
+def expert_tiles(counts: list[int], block_m: int) -> Tensor:
+    """int32 [n_tiles, 3] rows ``(row_start, row_end, expert)``: each expert's rows (a's rows sorted by
+    expert) cut into tiles of at most ``block_m`` rows; experts with 0 rows get no tile."""
+    c = torch.tensor(counts, dtype=torch.int64)
+    starts = torch.cumsum(c, 0) - c
+    per_expert = (c + block_m - 1) // block_m
+    expert = torch.repeat_interleave(torch.arange(len(counts)), per_expert)
+    first_tile = torch.cumsum(per_expert, 0) - per_expert
+    index = torch.arange(int(per_expert.sum())) - first_tile[expert]
+    row_start = starts[expert] + index * block_m
+    row_end = torch.minimum(row_start + block_m, starts[expert] + c[expert])
+    return torch.stack([row_start, row_end, expert], 1).to(torch.int32)
+
+
+class TritonBackend:
+    """Blockwise-scaled FP8 GEMMs in Triton (``GemmBackend``: ``name``, ``gemm``, ``grouped_gemm``).
+
+    ``dense_config`` / ``grouped_config``: launch parameters (``KernelConfig``). ``out_dtype`` of each
+    call: fp32 (default) or bf16. Operands must be CUDA tensors (or CPU tensors with ``TRITON_INTERPRET=1``).
+    Fast path: K a multiple of 16 (16-byte aligned fp8 rows; other K work through unvectorized loads).
+    """
+
+    name = "triton"
+
+    def __init__(self, dense_config: KernelConfig = DENSE_CONFIG, grouped_config: KernelConfig = GROUPED_CONFIG):
+        self.dense_config = dense_config
+        self.grouped_config = grouped_config
+
+    def gemm(self, a: Quantized, b: Quantized, out_dtype: torch.dtype = torch.float32) -> Tensor:
+        """``A @ B.T`` [M, N] for a [M, K], b [N, K] (tiles of 128 along K, group_rows 1 or 128)."""
+        out, launch = self.plan_gemm(a, b, _kernel_out_dtype(out_dtype))
+        if launch is not None:
+            launch.run()
+        return out.to(out_dtype)
+
+    def grouped_gemm(self, a: Quantized, b: Quantized, counts: list[int],
+                     out_dtype: torch.dtype = torch.float32) -> Tensor:
+        """MoE grouped GEMM in one launch: rows of a [T, K] sorted by expert (``counts[e]`` rows for
+        expert e), b the stacked expert weights [E * N, K] (tiles of 128 along K, group_rows 1 or 128, no
+        block straddling two experts); returns [T, N] with expert e's rows multiplied by its weight."""
+        out, launch = self.plan_grouped_gemm(a, b, counts, _kernel_out_dtype(out_dtype))
+        if launch is not None:
+            launch.run()
+        return out.to(out_dtype)
+
+    def plan_gemm(self, a: Quantized, b: Quantized,
+                  out_dtype: torch.dtype = torch.float32) -> tuple[Tensor, Launch | None]:
+        """The output buffer and the launch that fills it (None when there is nothing to compute)."""
+        _check_pair(a, b, out_dtype)
+        (m, k), n = a.shape, b.shape[0]
+        out = torch.empty(m, n, dtype=out_dtype, device=a.data.device)
+        if m == 0 or n == 0 or k == 0:
+            return out.zero_(), None
+        return out, _plan(a, b, out, None, m, n, self.dense_config)
+
+    def plan_grouped_gemm(self, a: Quantized, b: Quantized, counts: list[int],
+                          out_dtype: torch.dtype = torch.float32) -> tuple[Tensor, Launch | None]:
+        _check_pair(a, b, out_dtype)
+        counts = [int(c) for c in counts]
+        if any(c < 0 for c in counts) or sum(counts) != a.shape[0]:
+            raise ValueError(f"counts {counts} must be non-negative and sum to the {a.shape[0]} rows of a")
+        n_experts = len(counts)
+        if n_experts == 0 or b.shape[0] % n_experts:
+            raise ValueError(f"stacked weights of {b.shape[0]} rows do not split into {n_experts} experts")
+        n, k = b.shape[0] // n_experts, a.shape[1]
+        if n % b.group_rows:
+            raise ValueError(f"stacked weight blocks of {b.group_rows} rows straddle experts of {n} rows")
+        if a.group_rows > 1:
+            start = 0
+            for c in counts:
+                end = start + c
+                if c and (start % a.group_rows or (end % a.group_rows and end != a.shape[0])):
+                    raise ValueError(f"activation tiles of {a.group_rows} rows straddle experts (counts {counts})")
+                start = end
+        t = a.shape[0]
+        out = torch.empty(t, n, dtype=out_dtype, device=a.data.device)
+        if t == 0 or n == 0 or k == 0:
+            return out.zero_(), None
+        cfg = self.grouped_config
+        tiles = expert_tiles(counts, cfg.block_m).to(a.data.device)
+        return out, _plan(a, b, out, tiles, t, n, cfg)
