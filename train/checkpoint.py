@@ -71,13 +71,19 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def model_state(model: torch.nn.Module, groups: ProcessGroups | None = None) -> dict[str, Any]:
+def model_state(model: torch.nn.Module, groups: ProcessGroups | None = None,
+                tensors: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
     """The model's persistent tensors, aliasing the live ones (DCP loads in place). With expert
     parallelism each routed-expert tensor is a DTensor of the global shape [E, ...], Shard(0) over the
-    ep group and replicated over edp, so it is written once and can be loaded under any layout."""
+    ep group and replicated over edp, so it is written once and can be loaded under any layout.
+    ``tensors``: stand-ins by name (e.g. the parameters' EMA), laid out like the model's; only those."""
     sharded = groups is not None and groups.layout.ep > 1
     state: dict[str, Any] = {}
     for name, tensor in model.state_dict(keep_vars=True).items():
+        if tensors is not None:
+            if name not in tensors:
+                continue
+            tensor = tensors[name]
         tensor = tensor.detach()
         module = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
         if sharded and isinstance(module, RoutedExperts):
@@ -95,6 +101,7 @@ def save_checkpoint(
     model_cfg: ModelConfig,
     trainer_state: dict[str, Any],
     keep: int,
+    ema_state: dict[str, Any] | None = None,
 ) -> Path:
     """Write checkpoint ``step`` atomically and keep only the newest ``keep`` complete ones.
 
@@ -112,6 +119,8 @@ def save_checkpoint(
     _barrier()
     state = {"model": model_state, "optim": optim_state,
              "trainer": pickle.dumps({"step": step, "tokens": tokens, **trainer_state})}
+    if ema_state is not None:
+        state["ema"] = ema_state
     with _quiet_single_process():
         dcp.save(state, checkpoint_id=str(tmp), no_dist=not dist.is_initialized())
     _barrier()
@@ -233,3 +242,18 @@ def load_checkpoint(
         raise CheckpointError(f"{path}: cannot be loaded ({_root_cause(err)}); the checkpoint is corrupt or "
                               "from a different run: pass another checkpoint.resume=PATH") from err
     return pickle.loads(state["trainer"])
+
+
+def has_ema(path: str | Path) -> bool:
+    """Whether the checkpoint holds a parameter EMA (``memory.ema``)."""
+    return any(key.startswith("ema.") for key in dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata)
+
+
+def load_ema(path: str | Path, ema_state: dict[str, Any]) -> None:
+    """Fill ``ema_state`` (``model_state(..., tensors=ema.state())``) from the checkpoint, in place."""
+    try:
+        with _quiet_single_process():
+            dcp.load({"ema": ema_state}, checkpoint_id=str(path), no_dist=not dist.is_initialized())
+    except (Exception, CheckpointException) as err:
+        raise CheckpointError(f"{path}: its parameter EMA cannot be loaded ({_root_cause(err)}); resume with "
+                              "memory.ema=false or from another checkpoint") from err

@@ -149,6 +149,8 @@ class FP8Config:
 @dataclass
 class MemoryConfig:
     recompute: str = "none"  # none | selective (RMSNorm and MLA projections, report sec 3.2.3) | full (whole blocks)
+    ema: bool = False  # keep an EMA of the parameters in CPU memory, updated in a background thread (sec 3.2.3)
+    ema_decay: float = 0.999  # EMA weight of the past: ema = decay * ema + (1 - decay) * parameters
 
 
 @dataclass
@@ -230,6 +232,7 @@ def validate(cfg: Config, world_size: int = 1) -> Config:
 
     _require(cfg.memory.recompute in ("none", "selective", "full"),
              f"memory.recompute ({cfg.memory.recompute!r}) must be none, selective or full")
+    _require(0.0 < cfg.memory.ema_decay < 1.0, f"memory.ema_decay ({cfg.memory.ema_decay}) must be in (0, 1)")
     backends = ("auto", "emulate", "reference", "triton", "torch", "te")
     _require(cfg.fp8.backend in backends, f"fp8.backend ({cfg.fp8.backend!r}) must be one of {', '.join(backends)}")
 

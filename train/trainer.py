@@ -28,6 +28,7 @@ from parallel.zero import ZeroAdamW
 from train import checkpoint, schedules
 from train.balance import max_violation, update_gate_biases
 from train.config import Config, config_to_yaml
+from train.ema import CpuEma
 from train.errors import UserError
 from train.losses import compute_losses
 from parallel.pipeline.parallelize import check_micro_batches, micro_batch_quantum
@@ -228,6 +229,14 @@ def _train(cfg: Config, runtime: Runtime, model: Transformer, log: MetricsLogger
         loader.load_state_dict(trainer_state["loader"])
         set_rng_states(trainer_state["rng"])
         log.info(f"resumed from {start} at step {step:,} ({tokens:,} tokens)")
+    ema = None
+    if cfg.memory.ema:
+        ema = CpuEma(module, cfg.memory.ema_decay)  # starts from the (resumed) parameters
+        if start is not None:
+            if checkpoint.has_ema(start):
+                checkpoint.load_ema(start, checkpoint.model_state(module, groups, tensors=ema.state()))
+            else:
+                log.info(f"memory.ema: {start} holds no EMA; it starts from the resumed parameters")
     log.start(first_step=step)
 
     per_micro = cfg.train.micro_batch_size * layout.dp  # sequences in one micro-batch of every dp rank
@@ -256,6 +265,11 @@ def _train(cfg: Config, runtime: Runtime, model: Transformer, log: MetricsLogger
         grad_norm = optimizer.step(lr, cfg.optim.grad_clip)
         all_reduce_sum(sums, load, group=groups.dp)  # losses and expert loads of the whole global batch
         update_gate_biases(moe_layers, load, gamma)
+        ema_wait = 0.0
+        if ema is not None:  # waits only for the previous step's blend, then blends in the background
+            t_ema = time.perf_counter()
+            ema.update()
+            ema_wait = time.perf_counter() - t_ema
 
         step += 1
         tokens += batch * cfg.train.seq_len
@@ -269,6 +283,8 @@ def _train(cfg: Config, runtime: Runtime, model: Transformer, log: MetricsLogger
             "max_vio_worst": vio_worst, "batch_size": batch, "mtp_weight": lam,
             "bias_update_speed": gamma, "step_time_s": elapsed,
         }
+        if ema is not None:
+            record["ema_update_s"] = ema_wait  # time the step spent on the EMA (the blend runs behind it)
         if traffic:
             record.update(_traffic_totals(traffic, groups))
         history.append(record)
@@ -279,8 +295,11 @@ def _train(cfg: Config, runtime: Runtime, model: Transformer, log: MetricsLogger
                 cfg.run.dir, step, tokens, checkpoint.model_state(module, groups), optimizer.state_dict(), cfg.model,
                 trainer_state={"loader": loader.state_dict(), "rng": rng_states(), "config": dataclasses.asdict(cfg)},
                 keep=cfg.checkpoint.keep,
+                ema_state=checkpoint.model_state(module, groups, tensors=ema.state()) if ema is not None else None,
             )
             last_saved = step
+    if ema is not None:
+        ema.close()
     if step == last_saved and not history:
         log.info(f"nothing to do: the run is already at step {step:,} (train.steps={cfg.train.steps}); "
                  "raise train.steps or use another run.dir")
