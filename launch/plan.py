@@ -1,0 +1,155 @@
+"""Plan a config on a cluster: parameters, FLOPs, memory per GPU, all-to-all traffic, time and cost.
+
+    python launch/plan.py +conf=671b cluster.gpus=2048
+    python launch/plan.py +conf=671b parallel.pp=8 cluster.gpus=1024 --json
+    python launch/plan.py +conf=small cluster.gpus=1 cluster.gpu_memory_gb=24 plan.json=runs/plan.json
+
+The config takes the overrides of launch/pretrain.py (``+conf=NAME``, ``section.field=value``); the
+machines are described by ``cluster.KEY=VALUE`` (keys below, defaults: the report's H800 cluster;
+``cluster.gpus`` defaults to parallel.pp x parallel.ep). ``--json`` prints the plan as JSON instead
+of the table; ``plan.json=PATH`` also writes it there. The model of each number: docs/planner.md.
+
+Exit status: 0 the plan fits; 2 it does not (the last line names the term that overflows and the
+nearest layout that fits); 1 bad input (one line ``error: ...`` on stderr).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # `python launch/plan.py` from anywhere
+    sys.path.insert(0, str(REPO))
+
+from train.config import Config, ConfigError, check_preset_args  # noqa: E402
+from train.errors import UserError  # noqa: E402
+from train.plan import Cluster, Plan, fewest_gpus, format_plan, plan, suggest_layout  # noqa: E402
+
+CLUSTER_KEYS = {f.name: f.type for f in dataclasses.fields(Cluster)}
+
+
+def parse_args(argv: list[str]) -> tuple[dict[str, object], list[str], bool, str]:
+    """(cluster keys given, config overrides, --json, plan.json path); UserError on a bad argument."""
+    cluster: dict[str, object] = {}
+    overrides: list[str] = []
+    as_json, json_path = False, ""
+    for arg in argv:
+        if arg == "--json":
+            as_json = True
+        elif arg.startswith("plan.json="):
+            json_path = arg.split("=", 1)[1]
+            if not json_path:
+                raise UserError("plan.json= needs a path: plan.json=PATH")
+        elif arg.startswith("cluster."):
+            key, sep, value = arg[len("cluster."):].partition("=")
+            if key not in CLUSTER_KEYS:
+                raise UserError(f"unknown key cluster.{key}; valid keys: "
+                                f"{', '.join('cluster.' + k for k in CLUSTER_KEYS)}")
+            if not sep or not value:
+                raise UserError(f"cluster.{key} needs a value: cluster.{key}=VALUE")
+            kind = CLUSTER_KEYS[key]
+            convert = {"int": int, "float": float}.get(kind if isinstance(kind, str) else kind.__name__)
+            try:
+                cluster[key] = convert(value) if convert else value
+            except ValueError:
+                what = "an integer" if convert is int else "a number"
+                raise UserError(f"cluster.{key}={value!r} is not {what}") from None
+        elif arg.startswith("-"):
+            raise UserError(f"unknown option {arg}; options: --json (and plan.json=PATH, cluster.KEY=VALUE, overrides)")
+        else:
+            overrides.append(arg)
+    return cluster, overrides, as_json, json_path
+
+
+def compose(overrides: list[str]):
+    """The composed (unvalidated) Hydra config, as train.config.load_config composes it."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from train.config import REPO_ROOT, SCHEMA_NAME, register_schema
+
+    register_schema()
+    try:
+        with initialize_config_dir(config_dir=str(REPO_ROOT), version_base=None):
+            return hydra_compose(config_name=SCHEMA_NAME, overrides=list(overrides))
+    except Exception as err:  # Hydra / OmegaConf errors: one line with the cause
+        if not type(err).__module__.startswith(("hydra", "omegaconf")):
+            raise
+        text = str(err).splitlines()[0] if str(err) else type(err).__name__
+        cause = err.__cause__
+        if cause is not None and str(cause):
+            text += f": {str(cause).splitlines()[0]}"
+        raise UserError(text) from None
+
+
+def load(overrides: list[str], cluster_keys: dict[str, object]) -> tuple[Config, Cluster]:
+    from train.config import to_config
+
+    node = compose(overrides)
+    gpus = cluster_keys.get("gpus")
+    if gpus is None:  # the smallest world the configured layout allows
+        first = to_config(node, world_size=1)
+        gpus = first.parallel.pp * first.parallel.ep
+    cluster = Cluster(**{**cluster_keys, "gpus": gpus})
+    cluster.check()
+    return to_config(node, world_size=cluster.gpus), cluster
+
+
+def nearest(cfg: Config, cluster: Cluster) -> str:
+    """Overrides of the nearest layout that fits, on these GPUs or, failing that, on the fewest."""
+    fix = suggest_layout(cfg, cluster)
+    if fix:
+        return fix
+    more = fewest_gpus(cfg, cluster)
+    if more is None:
+        return ""
+    gpus, changes = more
+    return f"cluster.gpus={gpus}" + ("" if changes == "as configured" else f" {changes}")
+
+
+def plan_dict(result: Plan, overrides: list[str]) -> dict:
+    out = result.as_dict()
+    out["overrides"] = overrides
+    return out
+
+
+def main(argv: list[str]) -> int:
+    if any(a in ("-h", "--help") for a in argv):
+        print(__doc__.strip())
+        keys = ", ".join(f"cluster.{f.name} (default {'parallel.pp x parallel.ep' if f.name == 'gpus' else f.default})"
+                         for f in dataclasses.fields(Cluster))
+        print(f"\ncluster keys: {keys}")
+        return 0
+    try:
+        cluster_keys, overrides, as_json, json_path = parse_args(argv)
+        check_preset_args(overrides)
+        cfg, cluster = load(overrides, cluster_keys)
+        try:
+            result = plan(cfg, cluster, suggest=False)
+        except ConfigError as err:  # a layout these GPUs cannot hold: say what would
+            fix = nearest(cfg, cluster)
+            raise UserError(f"{err}" + (f"; nearest layout that fits: {fix}" if fix else "")) from None
+        if not result.fits:
+            result.suggestion = nearest(cfg, cluster)
+        data = plan_dict(result, overrides)
+        if json_path:
+            try:
+                Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+                Path(json_path).write_text(json.dumps(data, indent=1) + "\n")
+            except OSError as e:
+                raise UserError(f"plan.json={json_path}: cannot write it ({e.strerror or e})") from None
+        if as_json:
+            print(json.dumps(data, indent=1))
+        else:
+            print(format_plan(result, " ".join(overrides)))
+        return 0 if result.fits else 2
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
