@@ -34,8 +34,8 @@ from train.losses import compute_losses
 from parallel.pipeline.parallelize import check_micro_batches, micro_batch_quantum
 from train.metrics import MetricsLogger
 from train.model import Transformer, count_parameters, set_recompute
+from train.plan import check_plan
 
-BYTES_PER_PARAM = 4 + 4 + 2 + 2  # fp32 weight (master), fp32 gradient, bf16 first and second moments
 
 
 @dataclass
@@ -95,32 +95,6 @@ def available_memory_bytes(device: torch.device) -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def check_fits(cfg: Config, device: torch.device, world_size: int) -> None:
-    """Refuse, before allocating anything, a model whose weights and optimizer state cannot fit here.
-
-    Per process: the routed experts are split over parallel.ep; weights and gradients (fp32) are
-    replicated over the data-parallel ranks, the AdamW moments (BF16) sharded over them (ZeRO-1).
-    """
-    m, p = cfg.model, cfg.parallel
-    counts = count_parameters(m)
-    params = counts.total + counts.mtp_unique
-    experts = 3 * m.dim * m.moe_inter_dim * m.n_routed_experts * (m.n_layers - m.n_dense_layers + m.mtp_depth)
-    ep = max(1, min(p.ep, world_size))
-    local = params - experts + experts / ep
-    data_parallel = max(1, world_size // p.pp)
-    need = local * 8 + local * 4 / data_parallel
-    have = available_memory_bytes(device)
-    if need > 0.8 * have:
-        where = "GPU" if device.type == "cuda" else "machine"
-        gpus = -(-params * BYTES_PER_PARAM // (60 * 2**30))  # GPUs of 80 GB leaving ~20 GB for activations
-        raise UserError(
-            f"model too large for this {where}: {params / 1e9:.1f}B parameters need {need / 2**30:,.0f} GiB per "
-            f"process for weights, gradients and AdamW state with parallel.ep={ep} over {world_size} process(es), "
-            f"but {have / 2**30:,.0f} GiB are available. It needs at least {gpus:,} GPUs of 80 GB with pipeline and "
-            f"expert parallelism (the report trains 671B on 2048 H800 with parallel.pp=16 parallel.ep=64 and "
-            f"ZeRO-1; see docs/parallelism.md); on this machine use +conf=tiny or +conf=small")
-
-
 def build_meta_model(cfg: Config) -> Transformer:
     """The model on the meta device: shapes and parameter counts without allocating anything."""
     with torch.device("meta"):
@@ -167,7 +141,10 @@ def train(cfg: Config) -> list[dict[str, Any]]:
         set_recompute(model, cfg.memory.recompute)
         print_model_summary(model, log)
         device = choose_device(cfg)
-        check_fits(cfg, device, world_size)
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        per_process = available_memory_bytes(device) // (local if device.type == "cpu" else 1)  # CPU RAM is shared
+        check_plan(cfg, world_size, per_process, device=device.type,
+                   ranks_per_node=cfg.parallel.ranks_per_node or local)
         runtime = setup_runtime(cfg, device)
         return _train(cfg, runtime, model, log)
     finally:
