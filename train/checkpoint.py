@@ -200,16 +200,51 @@ def read_meta(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"{meta_file}: corrupt ({err}); pass another checkpoint.resume=PATH") from None
 
 
-def check_model_config(path: Path, meta: dict[str, Any], model_cfg: ModelConfig) -> None:
-    """A checkpoint must hold the same architecture as the run; name every field that differs."""
+# The context (sec 4.3): an extension stage starts from pretrained weights with these changed.
+CONTEXT_FIELDS = frozenset({"max_seq_len", "rope_factor", "original_seq_len", "beta_fast", "beta_slow", "mscale",
+                            "mscale_all_dim"})
+
+
+def check_model_config(path: Path, meta: dict[str, Any], model_cfg: ModelConfig,
+                       may_differ: frozenset[str] = frozenset()) -> None:
+    """A checkpoint must hold the same architecture as the run; name every field that differs (except
+    ``may_differ``)."""
     saved = meta.get("model", {})
     ours = dataclasses.asdict(model_cfg)
-    ignore = {"expert_impl"}  # execution choice, not architecture
+    ignore = {"expert_impl", *may_differ}  # execution choice, not architecture
     differ = [f"model.{k} (checkpoint {saved.get(k)!r}, run {v!r})" for k, v in ours.items()
               if k not in ignore and saved.get(k) != v]
     if differ:
         raise CheckpointError(f"{path}: model config differs from the run: {', '.join(differ)}; "
                               "use the checkpoint's model config or checkpoint.resume=none")
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint directory, or a run directory whose newest complete checkpoint is taken."""
+    path = Path(path)
+    if is_complete(path):
+        return path
+    latest = latest_checkpoint(path) if path.is_dir() else None
+    if latest is None:
+        raise CheckpointError(f"{path}: no complete checkpoint there (a checkpoint directory with {META_FILE}, "
+                              "or a run directory with checkpoints/); check checkpoint.init_from")
+    return latest
+
+
+def load_model_weights(path: str | Path, model_state: dict[str, Any], model_cfg: ModelConfig) -> dict[str, Any]:
+    """Fill ``model_state`` in place with a checkpoint's model tensors only (a new run from trained
+    weights: ``checkpoint.init_from``); the context fields may differ (sec 4.3). Returns its meta."""
+    path = resolve_checkpoint(path)
+    meta = read_meta(path)
+    check_model_config(path, meta, model_cfg, may_differ=CONTEXT_FIELDS)
+    check_experts_complete(path)
+    try:
+        with _quiet_single_process():
+            dcp.load({"model": model_state}, checkpoint_id=str(path), no_dist=not dist.is_initialized())
+    except (Exception, CheckpointException) as err:
+        raise CheckpointError(f"{path}: its model weights cannot be loaded ({_root_cause(err)}); "
+                              "check checkpoint.init_from") from err
+    return {"path": path, **meta}
 
 
 def _root_cause(err: BaseException) -> str:

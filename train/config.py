@@ -119,6 +119,7 @@ class CheckpointConfig:
     every: int = 0  # save every N optimizer steps (0 = only at the end)
     keep: int = 3  # keep the newest K complete checkpoints
     resume: str = "auto"  # auto (newest complete one in run.dir) | none | PATH
+    init_from: str = ""  # new run from the model weights of PATH (checkpoint or run dir): step 0, fresh optimizer
 
 
 @dataclass

@@ -206,6 +206,14 @@ def _train(cfg: Config, runtime: Runtime, model: Transformer, log: MetricsLogger
         loader.load_state_dict(trainer_state["loader"])
         set_rng_states(trainer_state["rng"])
         log.info(f"resumed from {start} at step {step:,} ({tokens:,} tokens)")
+    elif cfg.checkpoint.init_from:  # a new stage from trained weights (sec 4.3): step 0, fresh optimizer
+        origin = checkpoint.load_model_weights(cfg.checkpoint.init_from, checkpoint.model_state(module, groups),
+                                               cfg.model)
+        changed = {k: (origin["model"].get(k), getattr(cfg.model, k)) for k in sorted(checkpoint.CONTEXT_FIELDS)
+                   if origin["model"].get(k) != getattr(cfg.model, k)}
+        log.info(f"initialised from {origin['path']} (step {origin['step']:,}); new run at step 0"
+                 + (f"; context changed: {', '.join(f'{k} {a} -> {b}' for k, (a, b) in changed.items())}"
+                    if changed else ""))
     ema = None
     if cfg.memory.ema:
         ema = CpuEma(module, cfg.memory.ema_decay)  # starts from the (resumed) parameters
