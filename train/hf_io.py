@@ -52,6 +52,7 @@ import struct
 import threading
 import time
 import warnings
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -613,6 +614,9 @@ class _StreamingPlanner(DefaultSavePlanner):
         self.progress = progress
         self.largest = 0  # bytes of the largest item produced
         self.produced = 0
+        self.max_alive = 0  # most produced tensors' storages alive at once (checked when each is produced)
+        self._alive: list[weakref.ref[torch.UntypedStorage]] = []
+        self._lock = threading.Lock()
 
     def create_local_plan(self) -> SavePlan:
         plan = super().create_local_plan()
@@ -626,14 +630,18 @@ class _StreamingPlanner(DefaultSavePlanner):
         if write_item.type == WriteItemType.BYTE_IO:
             return super().resolve_data(write_item)
         piece = self.pieces[(write_item.index.fqn, tuple(write_item.index.offset))]
-        tensor = piece.produce()
+        tensor = piece.produce().contiguous()
         if tuple(tensor.shape) != piece.sizes or tensor.dtype != piece.dtype:
             raise ConvertError(f"{piece.fqn}: produced {list(tensor.shape)} {tensor.dtype}, planned "
                                f"{list(piece.sizes)} {piece.dtype}")
-        self.largest = max(self.largest, tensor.nbytes)
-        self.produced += 1
+        with self._lock:
+            # storages, not tensor objects: a view (detach, narrow) kept by a writer keeps the memory alive too
+            self._alive = [ref for ref in self._alive if ref() is not None] + [weakref.ref(tensor.untyped_storage())]
+            self.max_alive = max(self.max_alive, len(self._alive))
+            self.largest = max(self.largest, tensor.nbytes)
+            self.produced += 1
         self.progress.advance(piece.source_bytes)
-        return tensor.contiguous()
+        return tensor
 
 
 class _HashingFileSystem(FileSystem):
@@ -655,36 +663,70 @@ class _HashingFileSystem(FileSystem):
                 self.hashes[Path(path).name] = digest
 
 
+_RECORD_WRITER_ARGS = ["transforms", "stream", "data", "write_item", "storage_key", "serialization_format"]
+
+
+def _record_writer() -> Callable[..., Any] | None:
+    """DCP's per-item record writer (``filesystem._write_item``) if it has the signature we call, else None."""
+    import inspect
+
+    from torch.distributed.checkpoint import filesystem
+
+    write_item = getattr(filesystem, "_write_item", None)
+    if write_item is None or list(inspect.signature(write_item).parameters) != _RECORD_WRITER_ARGS:
+        return None
+    return write_item
+
+
 class _GroupedWriter(FileSystemWriter):
-    """DCP's FileSystemWriter writing one data file per source shard (``__0_{i}.distcp``), items in plan
-    order, ``threads`` files at a time; the plan must come back whole (DCP's worker threads would otherwise
-    drop a failure silently)."""
+    """DCP's FileSystemWriter writing one data file per source shard (``__0_{i}.distcp``), items in plan order,
+    ``threads`` files at a time, ONE item alive per thread.
+
+    DCP's own loop (``_write_files_from_queue``, torch 2.13) keeps a reference to every tensor of a file until
+    the file is closed (for its safetensors format), which would make the bound a whole source shard in fp32;
+    so the loop is ours and only the record format is DCP's (``_write_item``: a ``torch.save`` record per item,
+    the offsets and lengths that the metadata stores). With a torch whose ``_write_item`` differs, DCP's own
+    ``write_data`` is used (same files, weaker memory bound)."""
 
     def __init__(self, path: Path, threads: int, hashes: dict[str, str], group: Callable[[WriteItem], int]) -> None:
         super().__init__(str(path), single_file_per_rank=True, sync_files=True, thread_count=threads,
                          per_thread_copy_ahead=0, overwrite=True)
         self.fs = _HashingFileSystem(hashes)
         self.group = group
+        self.threads = threads
 
     def write_data(self, plan: SavePlan, planner: Any) -> Any:
-        if not hasattr(self, "_write_data"):  # a torch without the per-file queue: DCP's own single-file split
-            return super().write_data(plan, planner)
-        import queue
+        from concurrent.futures import ThreadPoolExecutor
 
         from torch.distributed.checkpoint.filesystem import DEFAULT_SUFFIX
+        from torch.futures import Future
 
+        write_item = _record_writer()
+        if write_item is None:
+            return super().write_data(plan, planner)
         files: dict[int, list[WriteItem]] = {}
         for item in plan.items:
             files.setdefault(self.group(item), []).append(item)
-        file_queue: queue.Queue = queue.Queue()
-        for number, key in enumerate(sorted(files)):
-            name = f"{plan.storage_data.prefix}{number}{DEFAULT_SUFFIX}"
-            file_queue.put((self.fs.concat_path(self.path, name), name, files[key]))
-        future = self._write_data(planner, file_queue)
-        written = {r.index.fqn + str(tuple(r.index.offset or ())) for r in future.value()}
-        lost = [i.index.fqn for i in plan.items if i.index.fqn + str(tuple(i.index.offset or ())) not in written]
-        if lost:
-            raise ConvertError(f"{self.path}: {len(lost)} item(s) were not written: {_names(lost)}")
+        names = [f"{plan.storage_data.prefix}{number}{DEFAULT_SUFFIX}" for number in range(len(files))]
+
+        def write_file(name: str, items: list[WriteItem]) -> list[Any]:
+            results = []
+            with self.fs.create_stream(self.fs.concat_path(self.path, name), "wb") as stream:
+                for item in items:
+                    data = planner.resolve_data(item)  # a fresh CPU tensor (or the trainer bytes)
+                    results.append(write_item(self.transforms, stream, data, item, name, self.serialization_format))
+                    del data  # before the next item is produced
+                stream.flush()
+                os.fsync(stream.fileno())
+            return results
+
+        with ThreadPoolExecutor(max_workers=max(1, self.threads)) as pool:
+            done = pool.map(write_file, names, [files[key] for key in sorted(files)])
+            results = [result for per_file in done for result in per_file]
+        if len(results) != len(plan.items):
+            raise ConvertError(f"{self.path}: {len(plan.items) - len(results)} item(s) were not written")
+        future: Future[list[Any]] = Future()
+        future.set_result(results)
         return future
 
 
@@ -795,6 +837,7 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path, *, drop_mtp: bool = False
         stats.files = len(manifest["files"])
         stats.bytes_written = sum(f["bytes"] for f in manifest["files"].values())
     stats.largest_item = planner.largest
+    stats.extra["max_items_alive"] = planner.max_alive
     stats.rss_start, stats.rss_peak = meter.start, meter.peak
     return stats
 
@@ -1081,11 +1124,12 @@ def export_hf(ckpt_dir: str | Path, out_dir: str | Path, *, dtype: str = "bf16",
             writer = SafetensorsWriter(tmp / name, specs)
             try:
                 for entry in entries:
-                    for (hf, _, _), tensor in zip(_out_specs(entry, dtype),
-                                                  _out_tensors(entry, source.read(entry.ours, entry.expert), dtype)):
+                    outs = _out_tensors(entry, source.read(entry.ours, entry.expert), dtype)
+                    for (hf, _, _), tensor in zip(_out_specs(entry, dtype), outs):
                         writer.write(hf, tensor)
                         stats.largest_item = max(stats.largest_item, tensor.nbytes)
                         weight_map[hf] = name
+                    del outs, tensor  # before the next entry is read
                     bar.advance(_nbytes(_out_specs(entry, dtype)))
             finally:
                 hashes[name] = writer.close() if writer.next == len(specs) else (writer.file.close() or "")

@@ -202,7 +202,8 @@ def test_import_threads_give_the_same_checkpoint(tmp_path, tiny_cfg, random_mode
     model = random_model(cfg)
     write_hf_dir(tmp_path / "hf", cfg, to_hf_state_dict(model.state_dict(), cfg))
     import_hf(tmp_path / "hf", tmp_path / "one")
-    import_hf(tmp_path / "hf", tmp_path / "three", threads=3)
+    stats = import_hf(tmp_path / "hf", tmp_path / "three", threads=3)
+    assert stats.extra["max_items_alive"] <= 3  # one per writer thread
     a, b = ours_from(tmp_path / "one", cfg).state_dict(), ours_from(tmp_path / "three", cfg).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a) and all(torch.equal(a[k], v) for k, v in model.state_dict().items())
 
@@ -430,6 +431,7 @@ def test_streaming_memory_is_bounded_by_a_shard_not_the_model(tmp_path):
 
     stats = import_hf(tmp_path / "hf", tmp_path / "ours")
     assert stats.bytes_read == model_bytes and stats.largest_item == largest
+    assert stats.extra["max_items_alive"] == 1  # each item was freed before the next was produced
     assert stats.largest_item < model_bytes / 10
     if stats.rss_growth is not None:
         bound = shard_bytes + 3 * largest + 32 * 2**20
