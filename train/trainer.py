@@ -209,6 +209,7 @@ def _train(cfg: Config, runtime: Runtime, model: Transformer, log: MetricsLogger
     elif cfg.checkpoint.init_from:  # a new stage from trained weights (sec 4.3): step 0, fresh optimizer
         origin = checkpoint.load_model_weights(cfg.checkpoint.init_from, checkpoint.model_state(module, groups),
                                                cfg.model)
+        optimizer.copy_masters_from_params()  # the FP32 masters were taken from the random init
         changed = {k: (origin["model"].get(k), getattr(cfg.model, k)) for k in sorted(checkpoint.CONTEXT_FIELDS)
                    if origin["model"].get(k) != getattr(cfg.model, k)}
         log.info(f"initialised from {origin['path']} (step {origin['step']:,}); new run at step 0"

@@ -32,6 +32,8 @@ def test_new_stage_starts_from_trained_weights_with_a_longer_context(tmp_path, d
     assert [m["step"] for m in metrics] == [1, 2] and metrics[0]["tokens"] == 4 * 512  # a new run
     # the trained weights carried over: far below a fresh model's ln(2048) = 7.6, near the base's loss
     assert metrics[0]["lm_loss"] < min(trained + 1.0, 7.0), (metrics[0]["lm_loss"], trained)
+    # and after the first update too: the optimizer's FP32 masters hold the loaded weights, not the init
+    assert metrics[1]["lm_loss"] < min(trained + 1.0, 7.0), (metrics[1]["lm_loss"], trained)
 
     # resume=auto inside the new run takes its own checkpoint, not init_from again
     result = run_pretrain(stage, data_cache, *longer[:-2], "train.steps=3", f"checkpoint.init_from={base}")
