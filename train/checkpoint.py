@@ -222,7 +222,7 @@ def check_model_config(path: Path, meta: dict[str, Any], model_cfg: ModelConfig,
 def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint directory, or a run directory whose newest complete checkpoint is taken."""
     path = Path(path)
-    if is_complete(path):
+    if (path / META_FILE).is_file() and (path / ".metadata").is_file():  # any name (an import, a copy)
         return path
     latest = latest_checkpoint(path) if path.is_dir() else None
     if latest is None:
@@ -267,6 +267,9 @@ def load_checkpoint(
     if not path.is_dir():
         raise CheckpointError(f"{path}: checkpoint directory not found; check checkpoint.resume")
     meta = read_meta(path)
+    if meta.get("weights_only"):
+        raise CheckpointError(f"{path}: holds model weights only (an import, launch/convert.py); start a run from it "
+                              f"with checkpoint.init_from={path} instead of resuming it")
     check_model_config(path, meta, model_cfg)
     check_experts_complete(path)
     state = {"model": model_state, "optim": optim_state, "trainer": b""}

@@ -859,11 +859,10 @@ def is_weights_only(path: str | Path) -> bool:
 
 def load_weights(path: str | Path, model_state: dict[str, Any], model_cfg: ModelConfig) -> dict[str, Any]:
     """Fill ``model_state`` (``train.checkpoint.model_state(model, groups)``) from any of our checkpoints,
-    reading no optimizer state: how a run starts from an imported checkpoint. Returns its trainer state
-    (``{"step": 0, "tokens": 0, "weights_only": True}`` for an import)."""
-    from train.checkpoint import load_checkpoint
+    reading no optimizer state (``checkpoint.init_from`` does this in the trainer). Returns its meta."""
+    from train.checkpoint import load_model_weights
 
-    return load_checkpoint(path, model_state, {}, model_cfg)
+    return load_model_weights(path, model_state, model_cfg)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -543,21 +543,21 @@ def test_cli_subprocess_exit_status_and_summary(tmp_path, good_hf_dir):
     assert "imported" in ok.stdout and "GB/s" in ok.stdout
 
 
-def test_imported_checkpoint_loads_with_load_checkpoint(tmp_path, good_hf_dir, random_model):
-    """What the trainer calls: load_checkpoint with an EMPTY optimizer state (an import has none) fills the
-    model and returns step 0; asking for optimizer state fails with load_checkpoint's one-line error."""
+def test_imported_checkpoint_loads_as_init_from_not_as_resume(tmp_path, good_hf_dir, random_model):
+    """What the trainer calls for checkpoint.init_from: load_model_weights fills the model (step 0 in the
+    meta); resuming an import (load_checkpoint, with optimizer state) is refused with one line."""
+    from train.checkpoint import load_model_weights
+    from train.errors import CheckpointError
+
     cfg, _, good = good_hf_dir
     import_hf(good, tmp_path / "ours")
     model = Transformer(cfg)
-    state = load_checkpoint(tmp_path / "ours", model_state(model), {}, cfg)
-    assert state == {"step": 0, "tokens": 0, "weights_only": True}
+    meta = load_model_weights(tmp_path / "ours", model_state(model), cfg)
+    assert meta["step"] == 0 and meta["weights_only"]
     reference = random_model(cfg)
     assert all(torch.equal(v, reference.state_dict()[k]) for k, v in model.state_dict().items())
-    from train.errors import CheckpointError
-
-    with pytest.raises(CheckpointError, match="cannot be loaded"):
-        load_checkpoint(tmp_path / "ours", model_state(model), {"state": {"m": torch.zeros(3)}}, cfg)
-    assert pickle.loads(pickle.dumps(state)) == state
+    with pytest.raises(CheckpointError, match="holds model weights only .* checkpoint.init_from="):
+        load_checkpoint(tmp_path / "ours", model_state(model), {}, cfg)
 
 
 def test_parse_size():
