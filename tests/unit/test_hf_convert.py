@@ -21,7 +21,6 @@ import dataclasses
 import json
 import math
 import os
-import pickle
 import subprocess
 import sys
 from pathlib import Path
