@@ -36,8 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from train.config import ModelConfig  # noqa: E402
-from train.hf import config_to_hf  # noqa: E402
-from train.hf_io import SafetensorsWriter, hf_layout  # noqa: E402
+from train.hf_io import hf_layout, write_synthetic_hf  # noqa: E402
 
 MiB = 2**20
 
@@ -61,37 +60,6 @@ def bench_config(size_gb: float, quick: bool) -> ModelConfig:
 
 def model_bytes(cfg: ModelConfig) -> int:
     return sum(2 * math.prod(e.shape) for e in hf_layout(cfg) if not e.copy)
-
-
-def synthesize(path: Path, cfg: ModelConfig, shard_bytes: int) -> tuple[int, int, int]:
-    """Random BF16 weights, DeepSeek-V3 layout, one shard in memory at a time. Returns (bytes, largest shard, files)."""
-    path.mkdir(parents=True)
-    (path / "config.json").write_text(json.dumps(config_to_hf(cfg), indent=1))
-    entries = [e for e in hf_layout(cfg) if not e.copy]
-    shards, sizes = [[]], [0]
-    for e in entries:
-        nbytes = 2 * math.prod(e.shape)
-        if sizes[-1] + nbytes > shard_bytes and shards[-1]:
-            shards.append([])
-            sizes.append(0)
-        shards[-1].append(e)
-        sizes[-1] += nbytes
-    generator = torch.Generator().manual_seed(0)
-    weight_map = {}
-    for i, shard in enumerate(shards):
-        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        writer = SafetensorsWriter(path / name, [(e.hf, torch.bfloat16, e.shape) for e in shard])
-        for e in shard:
-            if e.hf.endswith("norm.weight"):
-                tensor = torch.rand(e.shape, generator=generator) + 0.5
-            else:
-                tensor = torch.randn(e.shape, generator=generator) * 0.02
-            writer.write(e.hf, tensor.to(torch.bfloat16))
-            weight_map[e.hf] = name
-        writer.close()
-    (path / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map}, indent=1))
-    return sum(sizes), max(sizes), len(shards)
 
 
 def child(argv: list[str]) -> None:
@@ -146,7 +114,7 @@ def main() -> None:
         shutil.rmtree(work / name, ignore_errors=True)
     cfg = bench_config(size_gb, args.quick)
     t0 = time.perf_counter()
-    total, largest_shard, n_shards = synthesize(work / "hf", cfg, shard)
+    total, largest_shard, n_shards = write_synthetic_hf(work / "hf", cfg, shard)
     print(f"synthetic checkpoint: {cfg.n_layers} layers (+{cfg.mtp_depth} MTP), dim {cfg.dim}, {cfg.n_routed_experts} "
           f"experts x {cfg.moe_inter_dim}, vocab {cfg.vocab_size}: {total / 1e9:.2f} GB BF16 in {n_shards} shards of "
           f"<= {largest_shard / MiB:.0f} MiB ({time.perf_counter() - t0:.1f} s to write) in {work}")

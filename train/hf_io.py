@@ -842,6 +842,39 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path, *, drop_mtp: bool = False
     return stats
 
 
+def write_synthetic_hf(path: Path, cfg: ModelConfig, shard_bytes: int) -> tuple[int, int, int]:
+    """A DeepSeek-V3-layout checkpoint of random BF16 weights (norms U(0.5, 1.5), the rest N(0, 0.02)) in
+    shards of about ``shard_bytes``, one tensor in memory at a time: for benchmarks and memory tests.
+    Returns (bytes, largest shard, files)."""
+    path.mkdir(parents=True)
+    (path / "config.json").write_text(json.dumps(config_to_hf(cfg), indent=1))
+    entries = [e for e in hf_layout(cfg) if not e.copy]
+    shards, sizes = [[]], [0]
+    for e in entries:
+        nbytes = 2 * math.prod(e.shape)
+        if sizes[-1] + nbytes > shard_bytes and shards[-1]:
+            shards.append([])
+            sizes.append(0)
+        shards[-1].append(e)
+        sizes[-1] += nbytes
+    generator = torch.Generator().manual_seed(0)
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        writer = SafetensorsWriter(path / name, [(e.hf, torch.bfloat16, e.shape) for e in shard])
+        for e in shard:
+            if e.hf.endswith("norm.weight"):
+                tensor = torch.rand(e.shape, generator=generator) + 0.5
+            else:
+                tensor = torch.randn(e.shape, generator=generator) * 0.02
+            writer.write(e.hf, tensor.to(torch.bfloat16))
+            weight_map[e.hf] = name
+        writer.close()
+    (path / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map}, indent=1))
+    return sum(sizes), max(sizes), len(shards)
+
+
 def model_overrides(cfg: ModelConfig) -> list[str]:
     """``model.FIELD=VALUE`` overrides (launch/pretrain.py) for the fields of ``cfg`` that differ from the
     defaults: a run must have the checkpoint's model config (``train.checkpoint.check_model_config``)."""
@@ -1153,6 +1186,7 @@ def export_hf(ckpt_dir: str | Path, out_dir: str | Path, *, dtype: str = "bf16",
 
 
 __all__ = [
+    "write_synthetic_hf",
     "ConvertError", "ConvertStats", "DcpCheckpoint", "Entry", "HFCheckpoint", "dequantize_fp8", "export_hf",
     "fp8_scale_shape", "hf_config_for_export", "hf_layout", "import_hf", "is_weights_only", "load_weights",
     "model_overrides", "our_shapes", "parse_size", "read_safetensors_header", "SafetensorsWriter", "verify_manifest",

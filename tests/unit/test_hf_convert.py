@@ -37,7 +37,6 @@ from train.hf_io import (
     SCALE_SUFFIX,
     ConvertError,
     DcpCheckpoint,
-    SafetensorsWriter,
     dequantize_fp8,
     export_hf,
     fp8_scale_shape,
@@ -47,6 +46,7 @@ from train.hf_io import (
     load_weights,
     parse_size,
     verify_manifest,
+    write_synthetic_hf,
 )
 from train.model import Transformer
 
@@ -389,33 +389,6 @@ def test_fp8_export_loads_in_transformers(tmp_path, tiny_cfg, random_model):
 # streaming: memory stays around one shard / one tensor, not the model
 
 
-def synthetic_hf_dir(path: Path, cfg: ModelConfig, shard_bytes: int) -> tuple[int, int]:
-    """Random BF16 weights in DeepSeek-V3 layout, written one shard at a time (the test never holds the
-    model either) with SafetensorsWriter. Returns (model bytes on disk, largest shard bytes)."""
-    path.mkdir(parents=True)
-    (path / "config.json").write_text(json.dumps(config_to_hf(cfg)))
-    entries = [e for e in hf_layout(cfg) if not e.copy]
-    shards, sizes = [[]], [0]
-    for e in entries:
-        nbytes = 2 * math.prod(e.shape)
-        if sizes[-1] + nbytes > shard_bytes and shards[-1]:
-            shards.append([])
-            sizes.append(0)
-        shards[-1].append(e)
-        sizes[-1] += nbytes
-    weight_map = {}
-    gen = torch.Generator().manual_seed(0)
-    for i, shard in enumerate(shards):
-        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        writer = SafetensorsWriter(path / name, [(e.hf, torch.bfloat16, e.shape) for e in shard])
-        for e in shard:
-            writer.write(e.hf, (torch.randn(e.shape, generator=gen) * 0.02).to(torch.bfloat16))
-            weight_map[e.hf] = name
-        writer.close()
-    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    return sum(sizes), max(sizes)
-
-
 def test_streaming_memory_is_bounded_by_a_shard_not_the_model(tmp_path):
     """~190 MB of BF16 weights (380 MB as our fp32 checkpoint) in ~16 MB shards: the import's peak RSS growth
     (kernel high-water mark, reset at its start) stays within one source shard (mmap pages of the open
@@ -424,7 +397,7 @@ def test_streaming_memory_is_bounded_by_a_shard_not_the_model(tmp_path):
                       n_heads=4, q_lora_rank=128, kv_lora_rank=128, qk_nope_head_dim=64, qk_rope_head_dim=32,
                       v_head_dim=64, n_routed_experts=32, n_shared_experts=1, n_activated_experts=4, mtp_depth=1,
                       max_seq_len=64, original_seq_len=64)
-    model_bytes, shard_bytes = synthetic_hf_dir(tmp_path / "hf", cfg, shard_bytes=16 * 2**20)
+    model_bytes, shard_bytes, _ = write_synthetic_hf(tmp_path / "hf", cfg, shard_bytes=16 * 2**20)
     assert model_bytes > 180e6 and shard_bytes <= 16 * 2**20
     largest = max(4 * math.prod(e.shape) for e in hf_layout(cfg))  # fp32 embedding / head: 16 MiB
 
