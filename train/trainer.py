@@ -145,6 +145,8 @@ def train(cfg: Config) -> list[dict[str, Any]]:
         per_process = available_memory_bytes(device) // (local if device.type == "cpu" else 1)  # CPU RAM is shared
         check_plan(cfg, world_size, per_process, device=device.type,
                    ranks_per_node=cfg.parallel.ranks_per_node or local)
+        if cfg.checkpoint.init_from and resume_path(cfg) is None:  # a wrong path fails now, not after set-up
+            checkpoint.resolve_checkpoint(cfg.checkpoint.init_from)
         runtime = setup_runtime(cfg, device)
         return _train(cfg, runtime, model, log)
     finally:
