@@ -305,6 +305,7 @@ class EvalConfig:
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | float32 | bfloat16
     out: str = ""  # write the results as JSON here (also: --json PATH)
+    use_ema: bool = False  # evaluate the parameters' EMA saved with the checkpoint (memory.ema, sec 3.2.3)
     model: ContextOverrides = field(default_factory=ContextOverrides)  # context fields only; None = checkpoint's
     data: DataOverrides = field(default_factory=DataOverrides)  # None = the run's config.yaml value
 
@@ -442,6 +443,10 @@ def load_run(cfg: EvalConfig) -> LoadedRun:
         ckpt.load_model_weights(path, ckpt.model_state(model), model_cfg)
     except CheckpointError as err:
         raise CheckpointError(str(err).replace("check checkpoint.init_from", "check checkpoint=")) from None
+    if cfg.use_ema:  # the EMA section holds the parameters (buffers such as gate biases stay the model's)
+        if not ckpt.has_ema(path):
+            raise CheckpointError(f"{path}: holds no parameter EMA (train with memory.ema=true); drop use_ema=true")
+        ckpt.load_ema(path, ckpt.model_state(model, tensors=dict(model.named_parameters())))
     model.eval()
     trained = (run.get("train") or {}).get("seq_len")
     return LoadedRun(model, model_cfg, path, int(meta.get("step", 0)), data, seed, device, saved,

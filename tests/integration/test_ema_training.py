@@ -46,3 +46,11 @@ def test_ema_is_checkpointed_and_resumes_exactly(tmp_path, data_cache):
         assert torch.equal(a[name], b[name]), name  # resumed EMA = uninterrupted EMA, bit for bit on CPU
     moved = [n for n in a if not torch.equal(a[n], model[n])]
     assert moved, "the EMA lags the trained parameters"
+
+    # launch/eval.py use_ema=true evaluates those averages (the model's own buffers stay)
+    from train.evaluate import EvalConfig, load_run
+
+    run = load_run(EvalConfig(checkpoint=str(straight), use_ema=True))
+    assert all(torch.equal(p, a[n]) for n, p in run.model.named_parameters())
+    plain = load_run(EvalConfig(checkpoint=str(straight)))
+    assert any(not torch.equal(p, a[n]) for n, p in plain.model.named_parameters())
