@@ -238,12 +238,7 @@ def load_model_weights(path: str | Path, model_state: dict[str, Any], model_cfg:
     meta = read_meta(path)
     check_model_config(path, meta, model_cfg, may_differ=CONTEXT_FIELDS)
     check_experts_complete(path)
-    try:
-        with _quiet_single_process():
-            dcp.load({"model": model_state}, checkpoint_id=str(path), no_dist=not dist.is_initialized())
-    except (Exception, CheckpointException) as err:
-        raise CheckpointError(f"{path}: its model weights cannot be loaded ({_root_cause(err)}); "
-                              "check checkpoint.init_from") from err
+    _load(path, {"model": model_state}, "its model weights ", "check checkpoint.init_from")
     return {"path": path, **meta}
 
 
@@ -273,12 +268,7 @@ def load_checkpoint(
     check_model_config(path, meta, model_cfg)
     check_experts_complete(path)
     state = {"model": model_state, "optim": optim_state, "trainer": b""}
-    try:
-        with _quiet_single_process():
-            dcp.load(state, checkpoint_id=str(path), no_dist=not dist.is_initialized())
-    except (Exception, CheckpointException) as err:  # CheckpointException (a BaseException) wraps rank failures
-        raise CheckpointError(f"{path}: cannot be loaded ({_root_cause(err)}); the checkpoint is corrupt or "
-                              "from a different run: pass another checkpoint.resume=PATH") from err
+    _load(path, state, "", "the checkpoint is corrupt or from a different run: pass another checkpoint.resume=PATH")
     return pickle.loads(state["trainer"])
 
 
@@ -289,9 +279,14 @@ def has_ema(path: str | Path) -> bool:
 
 def load_ema(path: str | Path, ema_state: dict[str, Any]) -> None:
     """Fill ``ema_state`` (``model_state(..., tensors=ema.state())``) from the checkpoint, in place."""
+    _load(path, {"ema": ema_state}, "its parameter EMA ", "resume with memory.ema=false or from another checkpoint")
+
+
+def _load(path: str | Path, state: dict[str, Any], what: str, fix: str) -> None:
+    """DCP-load the sections of ``state`` in place; any failure is one CheckpointError line:
+    "PATH: {what}cannot be loaded (root cause); {fix}"."""
     try:
         with _quiet_single_process():
-            dcp.load({"ema": ema_state}, checkpoint_id=str(path), no_dist=not dist.is_initialized())
-    except (Exception, CheckpointException) as err:
-        raise CheckpointError(f"{path}: its parameter EMA cannot be loaded ({_root_cause(err)}); resume with "
-                              "memory.ema=false or from another checkpoint") from err
+            dcp.load(state, checkpoint_id=str(path), no_dist=not dist.is_initialized())
+    except (Exception, CheckpointException) as err:  # CheckpointException (a BaseException) wraps rank failures
+        raise CheckpointError(f"{path}: {what}cannot be loaded ({_root_cause(err)}); {fix}") from err
