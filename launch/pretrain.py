@@ -35,5 +35,8 @@ if __name__ == "__main__":
         check_preset_args(sys.argv[1:])
     except UserError as err:
         sys.exit(f"error: {err}")
+    # `async` is a Python keyword, so the field is checkpoint.async_save; accept the short spelling too
+    sys.argv = [a.replace("checkpoint.async=", "checkpoint.async_save=", 1) if a.startswith("checkpoint.async=")
+                else a for a in sys.argv]
     sys.argv += HYDRA_RUN_OVERRIDES
     main()

@@ -112,6 +112,10 @@ class TrainConfig:
     balance_alpha: float = 0.0001  # alpha of the sequence-wise balance loss
     dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | float32 | bfloat16
     device: str = "auto"  # auto | cpu | cuda
+    max_bad_steps: int = 5  # stop (with a checkpoint of the last good state) after K non-finite steps in a row
+    on_spike: str = "log"  # a loss spike: log | skip (skip the update) | rollback (to the last checkpoint, skip the batch)
+    spike_window: int = 50  # steps of loss history the spike z-score is measured against
+    spike_zscore: float = 6.0  # a loss more than this many standard deviations above the window's mean is a spike
 
 
 @dataclass
@@ -120,6 +124,8 @@ class CheckpointConfig:
     keep: int = 3  # keep the newest K complete checkpoints
     resume: str = "auto"  # auto (newest complete one in run.dir) | none | PATH
     init_from: str = ""  # new run from the model weights of PATH (checkpoint or run dir): step 0, fresh optimizer
+    async_save: bool = False  # write checkpoints in the background while training goes on (also: checkpoint.async)
+    verify: str = "full"  # check a checkpoint's manifest on load: full (sizes and checksums) | size | none
 
 
 @dataclass
@@ -127,6 +133,9 @@ class LoggingConfig:
     wandb: str = "disabled"  # disabled | offline | online
     project: str = "dsv3"  # wandb project
     every: int = 1  # console line every N steps
+    plot_every: int = 0  # refresh the PNG plots in RUN_DIR/plots every N steps (0: only by launch/report.py)
+    expert_load_every: int = 10  # log the full layers x experts load matrix every N steps (for the heatmap)
+    dead_expert_window: int = 100  # warn about an expert that received no token for N steps in a row
 
 
 @dataclass
@@ -137,6 +146,7 @@ class ParallelConfig:
     ranks_per_node: int = 0  # processes per node for the layout (0 = LOCAL_WORLD_SIZE); emulate nodes on one machine
     dispatch: str = "flat"  # expert-parallel all-to-all: flat (one hop) | hierarchical (across nodes, then inside)
     micro_batches: int = 0  # micro-batches per step at train.batch_size; sets train.micro_batch_size (0: keep it)
+    stage_boundaries: list[int] = field(default_factory=list)  # first layer of each stage after the first ([]: the planner's)
     overlap: bool = True  # pipeline F&B chunks overlap one micro-batch's all-to-all with another's compute (ep > 1)
 
 
@@ -264,6 +274,15 @@ def validate(cfg: Config, world_size: int = 1) -> Config:
     _require(cfg.logging.wandb in ("disabled", "offline", "online"),
              f"logging.wandb ({cfg.logging.wandb!r}) must be disabled, offline or online")
     _require(cfg.logging.every >= 1, f"logging.every ({cfg.logging.every}) must be >= 1")
+    for name in ("plot_every", "expert_load_every", "dead_expert_window"):
+        _require(getattr(cfg.logging, name) >= 0, f"logging.{name} ({getattr(cfg.logging, name)}) must be >= 0")
+    _require(cfg.checkpoint.verify in ("full", "size", "none"),
+             f"checkpoint.verify ({cfg.checkpoint.verify!r}) must be full, size or none")
+    _require(t.max_bad_steps >= 1, f"train.max_bad_steps ({t.max_bad_steps}) must be >= 1")
+    _require(t.on_spike in ("log", "skip", "rollback"),
+             f"train.on_spike ({t.on_spike!r}) must be log, skip or rollback")
+    _require(t.spike_window >= 2, f"train.spike_window ({t.spike_window}) must be >= 2")
+    _require(t.spike_zscore > 0, f"train.spike_zscore ({t.spike_zscore}) must be > 0")
     p = cfg.parallel
     _require(p.schedule in ("1f1b", "zb1p", "dualpipe", "dualpipev"),
              f"parallel.schedule ({p.schedule!r}) must be 1f1b, zb1p, dualpipe or dualpipev")
