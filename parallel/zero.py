@@ -254,15 +254,21 @@ class ZeroAdamW:
             shard.master.copy_(shard.param_slice())
 
     @torch.no_grad()
-    def step(self, lr: float, max_norm: float) -> float:
+    def step(self, lr: float, max_norm: float, skip: bool = False) -> float:
         """Reduce-scatter, clip, AdamW on the shards, all-gather; returns the gradient norm before clipping.
 
         max_norm <= 0 or inf: no clipping. A parameter without a gradient on every rank is skipped (its
         AdamW step does not advance), as AdamW skips it; a rank without one contributes zeros.
+        ``skip`` (the caller's verdict, equal on every rank) or a non-finite global norm (equal on every rank,
+        it is all-reduced): the gradients are dropped and nothing changes (parameters, masters, moments,
+        AdamW step counts); the norm is still returned.
         """
         has_grad = torch.tensor([float(s.param.grad is not None) for s in self.shards.values()], dtype=torch.float64)
         grads = self._reduce_scatter_gradients()
         norm = self._global_norm(grads, has_grad)
+        if skip or not math.isfinite(norm):
+            self.zero_grad()
+            return norm
         if 0 < max_norm < math.inf:
             coef = max_norm / (norm + 1e-6)  # as torch.nn.utils.clip_grad_norm_
             if coef < 1.0:

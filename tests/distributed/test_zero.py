@@ -14,6 +14,7 @@ absolute, for elements near zero (a few 1e-6 of the largest update, lr = 2e-2, a
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -195,6 +196,36 @@ def test_missing_gradients_count_as_zero_or_skip_the_parameter():
             assert torch.equal(params[name], p.detach()), name
     assert torch.equal(results[0][0]["g"], Toy().g.detach())  # skipped: no weight decay either
     assert results[0][1]["g"]["step"].item() == 0 and results[0][1]["c"]["step"].item() == 2
+
+
+def _nonfinite_run(rank: int, world: int):
+    """Step 0 normal; step 1: one rank's gradient holds a NaN (or inf), or the caller says skip; step 2 normal."""
+    model = Toy()
+    zero = ZeroAdamW(model, make_groups(rank, world), CFG)
+    snapshots, norms = [], []
+    for step, poison in enumerate([None, "nan", "inf", "skip", None]):
+        for i, (name, p) in enumerate(model.named_parameters()):
+            p.grad = dyadic(p.shape, rank, step, i)
+        if poison in ("nan", "inf") and rank == world - 1:
+            model.e.grad[3, 7] = float(poison)  # one element on one rank: the all-reduced norm tells every rank
+        snapshots.append(({n: p.detach().clone() for n, p in model.named_parameters()}, full_state(zero)))
+        norms.append(zero.step(LRS[0], 1.0, skip=poison == "skip"))
+        assert all(p.grad is None for p in model.parameters())
+    return snapshots, norms, ({n: p.detach().clone() for n, p in model.named_parameters()}, full_state(zero))
+
+
+def test_nonfinite_gradient_or_skip_changes_nothing():
+    for params_and_state in run_ranks(_nonfinite_run, 2):
+        snapshots, norms, final = params_and_state
+        assert math.isnan(norms[1]) and math.isinf(norms[2]) and math.isfinite(norms[3])
+        for skipped in (1, 2, 3):  # parameters, moments and AdamW step counts as before the skipped step
+            before, after = snapshots[skipped], snapshots[skipped + 1]
+            for name in SHAPES:
+                assert torch.equal(before[0][name], after[0][name]), (skipped, name)
+                for key, value in before[1][name].items():
+                    assert torch.equal(value, after[1][name][key]), (skipped, name, key)
+        assert all(entry["step"].item() == 2 for entry in final[1].values())  # steps 0 and 4 applied
+        assert not torch.equal(snapshots[4][0]["a"], final[0]["a"])  # training goes on after the skips
 
 
 # ---------------------------------------------------------------- expert parameters (ep 2 x edp 2)
