@@ -73,6 +73,14 @@ class MetricsLogger:
         if record["step"] % self.cfg.logging.every == 0:
             self.console.print(line, markup=False)
 
+    def rewind(self, step: int) -> None:
+        """Drop the records after ``step`` (a rollback to the checkpoint of that step replays them)."""
+        if not self.is_main or self.file is None:
+            return
+        self.file.close()
+        _truncate_after(self.path, step)
+        self.file = self.path.open("a")
+
     def close(self) -> None:
         if self.progress is not None:
             self.progress.stop()
