@@ -16,7 +16,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -30,11 +30,13 @@ from train.balance import max_violation, update_gate_biases
 from train.config import Config, config_to_yaml
 from train.ema import CpuEma
 from train.errors import UserError
+from train.guards import LossGuard, TrainingHalted, Verdict
 from train.losses import compute_losses
 from parallel.pipeline.parallelize import check_micro_batches, micro_batch_quantum
 from train.metrics import MetricsLogger
 from train.model import Transformer, count_parameters, set_recompute
 from train.plan import check_plan
+from train.preempt import StopRequest
 
 
 
@@ -132,7 +134,7 @@ def autocast(runtime: Runtime) -> contextlib.AbstractContextManager:
     return torch.autocast(device_type=runtime.device.type, dtype=runtime.compute_dtype)
 
 
-def train(cfg: Config) -> list[dict[str, Any]]:
+def train(cfg: Config, hooks: TrainHooks | None = None) -> list[dict[str, Any]]:
     """Run (or resume) pretraining as configured; return the metrics of the steps run in this call."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     log = MetricsLogger(cfg, is_main=int(os.environ.get("RANK", "0")) == 0)
@@ -148,14 +150,15 @@ def train(cfg: Config) -> list[dict[str, Any]]:
         if cfg.checkpoint.init_from and resume_path(cfg) is None:  # a wrong path fails now, not after set-up
             checkpoint.resolve_checkpoint(cfg.checkpoint.init_from)
         runtime = setup_runtime(cfg, device)
-        return _train(cfg, runtime, model, log)
+        return _train(cfg, runtime, model, log, hooks)
     finally:
         log.close()
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
-def _train(cfg: Config, runtime: Runtime, model: Transformer, log: MetricsLogger) -> list[dict[str, Any]]:
+def _train(cfg: Config, runtime: Runtime, model: Transformer, log: MetricsLogger,
+           hooks: TrainHooks | None) -> list[dict[str, Any]]:
     groups = runtime.groups
     layout = groups.layout
     log.info(f"layout: {layout.world_size} processes = dp {layout.dp} (ep {layout.ep} x edp {layout.edp}), "
@@ -197,17 +200,11 @@ def _train(cfg: Config, runtime: Runtime, model: Transformer, log: MetricsLogger
         moe_layers = module.moe_layers()
         optimizer = ZeroAdamW(module, groups, cfg.optim)
     traffic = [m.traffic for m in module.modules() if hasattr(m, "traffic")]  # bytes of the expert all-to-alls
-    step, tokens = 0, 0
+    state = TrainState(guard=LossGuard(cfg.train))
     start = resume_path(cfg)
     if start is not None:
-        optim_state = optimizer.state_dict()
-        trainer_state = checkpoint.load_checkpoint(start, checkpoint.model_state(module, groups), optim_state,
-                                                   cfg.model)
-        optimizer.load_state_dict(optim_state)
-        step, tokens = trainer_state["step"], trainer_state["tokens"]
-        loader.load_state_dict(trainer_state["loader"])
-        set_rng_states(trainer_state["rng"])
-        log.info(f"resumed from {start} at step {step:,} ({tokens:,} tokens)")
+        restore(start, state, module, optimizer, loader, groups, cfg)
+        log.info(f"resumed from {start} at step {state.step:,} ({state.tokens:,} tokens)")
     elif cfg.checkpoint.init_from:  # a new stage from trained weights (sec 4.3): step 0, fresh optimizer
         origin = checkpoint.load_model_weights(cfg.checkpoint.init_from, checkpoint.model_state(module, groups),
                                                cfg.model)
@@ -225,73 +222,181 @@ def _train(cfg: Config, runtime: Runtime, model: Transformer, log: MetricsLogger
                 checkpoint.load_ema(start, checkpoint.model_state(module, groups, tensors=ema.state()))
             else:
                 log.info(f"memory.ema: {start} holds no EMA; it starts from the resumed parameters")
-    log.start(first_step=step)
+    log.start(first_step=state.step)
+
+    def save() -> Path:
+        if ema is not None:
+            ema.wait()
+        path = checkpoint.save_checkpoint(
+            cfg.run.dir, state.step, state.tokens, checkpoint.model_state(module, groups), optimizer.state_dict(),
+            cfg.model, trainer_state={"loader": loader.state_dict(), "rng": rng_states(),
+                                      "guard": state.guard.state_dict(), "config": dataclasses.asdict(cfg)},
+            keep=cfg.checkpoint.keep,
+            ema_state=checkpoint.model_state(module, groups, tensors=ema.state()) if ema is not None else None,
+        )
+        state.last_saved = state.step
+        return path
 
     per_micro = cfg.train.micro_batch_size * layout.dp  # sequences in one micro-batch of every dp rank
     quantum = micro_batch_quantum(cfg, layout.dp)  # the batch ramp rounds the global batch to a multiple
-    last_saved = step
+    state.last_saved = state.step
     history: list[dict[str, Any]] = []
-    while not _finished(cfg, step, tokens):
-        t0 = time.perf_counter()
-        lr = schedules.learning_rate(step, tokens, cfg.optim)
-        batch = schedules.batch_size(tokens, cfg.train, quantum)
-        lam = schedules.mtp_weight(tokens, cfg.train)
-        gamma = schedules.bias_update_speed(tokens, cfg.train)
-        n_micro = batch // per_micro
+    hooks = hooks or TrainHooks()
+    with StopRequest() as stop:
+        while not _finished(cfg, state.step, state.tokens):
+            t0 = time.perf_counter()
+            lr = schedules.learning_rate(state.step, state.tokens, cfg.optim)
+            batch = schedules.batch_size(state.tokens, cfg.train, quantum)
+            lam = schedules.mtp_weight(state.tokens, cfg.train)
+            gamma = schedules.bias_update_speed(state.tokens, cfg.train)
+            n_micro = batch // per_micro
 
-        for counter in traffic:
-            counter.reset()
-        module.train()
-        windows = [loader.next_batch().to(runtime.device, non_blocking=True) for _ in range(n_micro)]
-        if pipeline is not None:
-            result = pipeline.runtime(len(windows)).step(windows, lam, cfg.train.balance_alpha)
-            sums, load = result.sums.to(runtime.device), result.expert_load.to(runtime.device).float()
-        else:
-            sums, load = forward_backward(module, windows, lam, cfg.train.balance_alpha, runtime)
+            for counter in traffic:
+                counter.reset()
+            module.train()
+            if state.step + 1 in state.guard.skip_batches:  # this step's batch spiked before the rollback
+                for _ in range(n_micro):
+                    loader.next_batch()
+                log.info(f"step {state.step + 1}: drew past the batch that spiked before the rollback")
+            windows = [loader.next_batch().to(runtime.device, non_blocking=True) for _ in range(n_micro)]
+            if hooks.before_step is not None:
+                hooks.before_step(state.step + 1, module)
+            if pipeline is not None:
+                result = pipeline.runtime(len(windows)).step(windows, lam, cfg.train.balance_alpha)
+                sums, load = result.sums.to(runtime.device), result.expert_load.to(runtime.device).float()
+            else:
+                sums, load = forward_backward(module, windows, lam, cfg.train.balance_alpha, runtime)
+            if hooks.after_backward is not None:
+                hooks.after_backward(state.step + 1, module)
+            all_reduce_sum(sums, load, group=groups.dp)  # losses and expert loads of the whole global batch
+            means = (sums / (n_micro * layout.dp)).tolist()
 
-        # ZeRO-1: reduce-scatter gradients, clip by the global norm, AdamW on this rank's shards, all-gather
-        grad_norm = optimizer.step(lr, cfg.optim.grad_clip)
-        all_reduce_sum(sums, load, group=groups.dp)  # losses and expert loads of the whole global batch
-        update_gate_biases(moe_layers, load, gamma)
-        ema_wait = 0.0
-        if ema is not None:  # waits only for the previous step's blend, then blends in the background
-            t_ema = time.perf_counter()
-            ema.update()
-            ema_wait = time.perf_counter() - t_ema
+            # judged before the update; ZeRO-1 then reduce-scatters, clips by the global norm, steps AdamW on
+            # this rank's shards and all-gathers (or drops everything: a skip or a non-finite gradient norm)
+            verdict = state.guard.judge_loss(means[0])
+            grad_norm = optimizer.step(lr, cfg.optim.grad_clip, skip=verdict.skip)
+            verdict = state.guard.after_step(verdict, means[0], grad_norm)
+            ema_wait = 0.0
+            if not verdict.skip:
+                update_gate_biases(moe_layers, load, gamma)
+                if ema is not None:  # waits only for the previous step's blend, then blends in the background
+                    t_ema = time.perf_counter()
+                    ema.update()
+                    ema_wait = time.perf_counter() - t_ema
 
-        step += 1
-        tokens += batch * cfg.train.seq_len
-        means = (sums / (n_micro * layout.dp)).tolist()
-        vio_mean, vio_worst = _max_violation(load, groups)
-        elapsed = time.perf_counter() - t0
-        record = {
-            "step": step, "tokens": tokens, "loss": means[0], "lm_loss": means[1], "mtp_loss": means[2],
-            "balance_loss": means[3], "lr": lr, "grad_norm": grad_norm,
-            "tokens_per_s": batch * cfg.train.seq_len / elapsed, "max_vio": vio_mean,
-            "max_vio_worst": vio_worst, "batch_size": batch, "mtp_weight": lam,
-            "bias_update_speed": gamma, "step_time_s": elapsed,
-        }
-        if ema is not None:
-            record["ema_update_s"] = ema_wait  # time the step spent on the EMA (the blend runs behind it)
-        if traffic:
-            record.update(_traffic_totals(traffic, groups))
-        history.append(record)
-        log.step(record)
+            state.step += 1
+            state.tokens += batch * cfg.train.seq_len
+            vio_mean, vio_worst = _max_violation(load, groups)
+            elapsed = time.perf_counter() - t0
+            record = {
+                "step": state.step, "tokens": state.tokens, "loss": means[0], "lm_loss": means[1],
+                "mtp_loss": means[2], "balance_loss": means[3], "lr": lr, "grad_norm": grad_norm,
+                "tokens_per_s": batch * cfg.train.seq_len / elapsed, "max_vio": vio_mean,
+                "max_vio_worst": vio_worst, "batch_size": batch, "mtp_weight": lam,
+                "bias_update_speed": gamma, "step_time_s": elapsed, "loss_zscore": verdict.zscore,
+                "skipped": verdict.reason if verdict.skip else "", "nonfinite_steps": state.guard.nonfinite_steps,
+                "spikes": state.guard.spikes, "rollbacks": state.rollbacks,
+            }
+            if ema is not None:
+                record["ema_update_s"] = ema_wait  # time the step spent on the EMA (the blend runs behind it)
+            if traffic:
+                record.update(_traffic_totals(traffic, groups))
+            history.append(record)
+            log.step(record)
+            if verdict.reason:
+                log.info(_verdict_line(verdict, record, cfg))
 
-        if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or _finished(cfg, step, tokens):
-            checkpoint.save_checkpoint(
-                cfg.run.dir, step, tokens, checkpoint.model_state(module, groups), optimizer.state_dict(), cfg.model,
-                trainer_state={"loader": loader.state_dict(), "rng": rng_states(), "config": dataclasses.asdict(cfg)},
-                keep=cfg.checkpoint.keep,
-                ema_state=checkpoint.model_state(module, groups, tensors=ema.state()) if ema is not None else None,
-            )
-            last_saved = step
+            if verdict.rollback:
+                target = checkpoint.latest_checkpoint(cfg.run.dir)
+                if target is None:
+                    log.info(f"step {state.step}: no checkpoint to roll back to; the update was skipped instead")
+                elif state.rollback_targets.get(target.name, 0) >= cfg.train.max_bad_steps:
+                    path = save()
+                    raise TrainingHalted(
+                        f"training stopped at step {state.step}: the loss spiked again after "
+                        f"{cfg.train.max_bad_steps} rollbacks to {target}; state saved in {path}; lower optim.lr, "
+                        "raise train.spike_zscore or use train.on_spike=log, then resume")
+                else:
+                    state.rollback_targets[target.name] = state.rollback_targets.get(target.name, 0) + 1
+                    spiked = state.step
+                    restore(target, state, module, optimizer, loader, groups, cfg, keep_skips=True)
+                    state.guard.skip_batches.append(spiked)
+                    state.rollbacks += 1
+                    if ema is not None and checkpoint.has_ema(target):
+                        ema.wait()
+                        checkpoint.load_ema(target, checkpoint.model_state(module, groups, tensors=ema.state()))
+                    history = [r for r in history if r["step"] <= state.step]
+                    log.rewind(state.step)
+                    log.info(f"rolled back to {target} (step {state.step:,}); the batch of step {spiked} "
+                             "will be skipped")
+                    continue
+            if state.guard.must_halt():
+                path = save()
+                raise TrainingHalted(
+                    f"training stopped at step {state.step}: {state.guard.bad_in_a_row} updates in a row were "
+                    f"skipped for a non-finite loss or gradient or a loss spike (train.max_bad_steps="
+                    f"{cfg.train.max_bad_steps}); the last good "
+                    f"parameters are saved in {path}; lower optim.lr or check the data, then resume")
+            if (cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0) or _finished(cfg, state.step,
+                                                                                              state.tokens):
+                save()
+            if stop.agreed():
+                path = save() if state.last_saved != state.step else checkpoint.latest_checkpoint(cfg.run.dir)
+                log.info(f"stopped by {stop.signal_name} after step {state.step:,}; checkpoint {path}; "
+                         "run the same command to resume")
+                break
     if ema is not None:
         ema.close()
-    if step == last_saved and not history:
-        log.info(f"nothing to do: the run is already at step {step:,} (train.steps={cfg.train.steps}); "
+    if not history and _finished(cfg, state.step, state.tokens):
+        log.info(f"nothing to do: the run is already at step {state.step:,} (train.steps={cfg.train.steps}); "
                  "raise train.steps or use another run.dir")
     return history
+
+
+@dataclass
+class TrainState:
+    """The loop's counters; with the loader, the RNG and the guard they make a checkpoint's trainer state."""
+
+    guard: LossGuard
+    step: int = 0
+    tokens: int = 0
+    last_saved: int = 0
+    rollbacks: int = 0
+    rollback_targets: dict[str, int] = dataclasses.field(default_factory=dict)  # checkpoint name -> rollbacks to it
+
+
+@dataclass
+class TrainHooks:
+    """Optional callbacks into the loop (inspection, fault injection in tests): called with the number of the
+    step being run (1-based) and the rank's module (the pipeline part with pp > 1)."""
+
+    before_step: Callable[[int, torch.nn.Module], None] | None = None  # before the forward passes
+    after_backward: Callable[[int, torch.nn.Module], None] | None = None  # gradients complete, before the update
+
+
+def restore(path: Path, state: TrainState, module: torch.nn.Module, optimizer: ZeroAdamW, loader: TokenLoader,
+            groups: ProcessGroups, cfg: Config, keep_skips: bool = False) -> None:
+    """Load a checkpoint into the live model, optimizer, loader, RNG and guard (resume, or a rollback)."""
+    optim_state = optimizer.state_dict()
+    saved = checkpoint.load_checkpoint(path, checkpoint.model_state(module, groups), optim_state, cfg.model)
+    optimizer.load_state_dict(optim_state)
+    state.step, state.tokens, state.last_saved = saved["step"], saved["tokens"], saved["step"]
+    loader.load_state_dict(saved["loader"])
+    set_rng_states(saved["rng"])
+    skips = state.guard.skip_batches
+    state.guard.load_state_dict(saved.get("guard", {}))
+    if keep_skips:
+        state.guard.skip_batches = sorted(set(state.guard.skip_batches) | set(skips))
+
+
+def _verdict_line(verdict: Verdict, record: dict[str, Any], cfg: Config) -> str:
+    if verdict.reason == "nonfinite":
+        return (f"step {record['step']}: non-finite loss ({record['loss']}) or gradient norm ({record['grad_norm']});"
+                f" update skipped ({record['nonfinite_steps']} so far, train.max_bad_steps={cfg.train.max_bad_steps}"
+                " in a row stop the run)")
+    action = {"log": "logged only", "skip": "update skipped", "rollback": "rolling back"}[cfg.train.on_spike]
+    return (f"step {record['step']}: loss spike {record['loss']:.4f} (z-score {verdict.zscore:.1f} > "
+            f"{cfg.train.spike_zscore} over the last {cfg.train.spike_window} steps); {action}")
 
 
 def forward_backward(model: Transformer, windows: list[torch.Tensor], mtp_weight: float, balance_alpha: float,
