@@ -1,5 +1,10 @@
 """Per-step metrics: RUN_DIR/metrics.jsonl, a console line (and a progress bar on a terminal), wandb.
 
+The progress bar shows the ETA, loss, tokens/s and MaxVio. wandb gets the same series as
+metrics.jsonl (``wandb_record``): scalars as they are, per-layer dicts (``max_vio_layers``: ``{"3": ...}``,
+see train/observe.py) as ``max_vio/layer_3`` keys; the load matrix (``expert_load``) reaches wandb only
+as the heatmap image of ``log_plots``.
+
 Only the main process writes. On resume, lines of metrics.jsonl past the resumed step (written by a run
 that crashed before its next checkpoint) are dropped, so the file always describes one history.
 """
@@ -63,13 +68,14 @@ class MetricsLogger:
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
         if self.wandb_run is not None:
-            self.wandb_run.log(record, step=record["step"])
+            self.wandb_run.log(wandb_record(record), step=record["step"])
         line = (f"step {record['step']:>6} | loss {record['loss']:.4f} | lm {record['lm_loss']:.4f} | "
                 f"mtp {record['mtp_loss']:.4f} | lr {record['lr']:.2e} | bs {record['batch_size']} | "
                 f"gnorm {record['grad_norm']:.2f} | maxvio {record['max_vio']:.2f} | "
                 f"{record['tokens_per_s']:,.0f} tok/s")
         if self.progress is not None:
-            self.progress.update(self.task, completed=record["step"], description=f"loss {record['loss']:.4f}")
+            self.progress.update(self.task, completed=record["step"], description=(
+                f"loss {record['loss']:.4f} | {record['tokens_per_s']:,.0f} tok/s | maxvio {record['max_vio']:.2f}"))
         if record["step"] % self.cfg.logging.every == 0:
             self.console.print(line, markup=False)
 
@@ -81,6 +87,14 @@ class MetricsLogger:
         _truncate_after(self.path, step)
         self.file = self.path.open("a")
 
+    def log_plots(self, paths: list[Path], step: int) -> None:
+        """Send PNGs written by train.plots.write_plots to wandb as images (``plots/<name>``), if enabled."""
+        if not self.is_main or self.wandb_run is None or not paths:
+            return
+        import wandb
+
+        self.wandb_run.log({f"plots/{Path(p).stem}": wandb.Image(str(p)) for p in paths}, step=step)
+
     def close(self) -> None:
         if self.progress is not None:
             self.progress.stop()
@@ -88,6 +102,21 @@ class MetricsLogger:
             self.file.close()
         if self.wandb_run is not None:
             self.wandb_run.finish()
+
+
+def wandb_record(record: dict[str, Any]) -> dict[str, Any]:
+    """The record as wandb series: numbers as they are, per-layer dicts ``X_layers = {"3": v}`` as
+    ``X/layer_3``; lists and other nested values (the ``expert_load`` matrix) are left out."""
+    out: dict[str, Any] = {}
+    for key, value in record.items():
+        if isinstance(value, (int, float)):
+            out[key] = value
+        elif isinstance(value, dict) and key.endswith("_layers"):
+            prefix = key[: -len("_layers")]
+            for layer, v in value.items():
+                if isinstance(v, (int, float)):
+                    out[f"{prefix}/layer_{layer}"] = v
+    return out
 
 
 def _truncate_after(path: Path, step: int) -> None:
