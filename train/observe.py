@@ -76,8 +76,11 @@ def expert_load_stats(load: Tensor, layer_ids: list[int]) -> dict[str, dict[str,
     (population std). A layer that routed no token reports zeros.
     """
     _check_rows(load, layer_ids)
+    if not layer_ids:  # a pipeline stage without MoE layers
+        return {"max_vio_layers": {}, "load_min_layers": {}, "load_max_layers": {}, "load_std_layers": {}}
     load = load.detach().float().cpu()
-    vio = max_violation(load) if len(layer_ids) else torch.zeros(0)
+    vio = max_violation(load)
+    vio = torch.where(load.sum(dim=-1) > 0, vio, torch.zeros_like(vio))  # no token: 0, not -1
     frac = load / load.mean(dim=-1, keepdim=True).clamp_min(1e-9)
     keys = [str(i) for i in layer_ids]
     return {
