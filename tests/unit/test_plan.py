@@ -56,12 +56,12 @@ def test_parameters_per_stage_add_up_and_costs_match_the_runtime():
     """The per-layer split of the parameters sums to count_parameters, and block/tail costs are those
     ``stage_costs`` reads off a built model (so the planner's boundaries are split_model's)."""
     from parallel.pipeline.stages import stage_costs
-    from train.plan import _stage_plans
+    from train.plan import stage_plans
 
     for overrides in (["+conf=small"], ["+conf=tiny"]):
         cfg = load_config(overrides)
         c = count_parameters(cfg.model)
-        (stage,) = _stage_plans(cfg, 1, precision(cfg))
+        (stage,) = stage_plans(cfg, 1, precision(cfg))
         assert stage.dense_params + stage.expert_params + stage.embed_params == c.total + c.mtp_unique
         with torch.device("meta"):
             model = Transformer(cfg.model)
@@ -218,11 +218,11 @@ def test_memory_terms_by_hand_zero1_expert_parallel_and_fp8():
 def test_pipeline_activations_follow_the_schedule():
     """1F1B at pp 2: stage 0 holds 2 micro-batches (PP), the last stage 1; DualPipe at pp 4 holds PP+1
     chunks on every rank (Table 2), counted on the schedule's own action lists."""
-    from train.plan import _stage_plans
+    from train.plan import stage_plans
 
     cfg = small_cfg("parallel.pp=2", "parallel.schedule=1f1b", "train.micro_batch_size=2", world=2)
     pl = plan(cfg, Cluster(gpus=2))
-    stages = _stage_plans(cfg, 2, precision(cfg), pl.boundaries)
+    stages = stage_plans(cfg, 2, precision(cfg), pl.boundaries)
     assert pl.ranks[0].terms["activations"] == pytest.approx(2 * stages[0].activation_bytes)
     assert pl.ranks[1].terms["activations"] == pytest.approx(stages[1].activation_bytes)
     cfg = small_cfg("parallel.pp=4", "parallel.schedule=dualpipe", "train.micro_batch_size=2", world=4)
