@@ -45,7 +45,6 @@ import io
 import json
 import math
 import os
-import pickle
 import re
 import shutil
 import struct
@@ -604,7 +603,7 @@ class _Piece:
 class _StreamingPlanner(DefaultSavePlanner):
     """DCP save planner whose tensors are recipes (``_Piece.produce``), run when the writer reaches them.
 
-    ``dcp.save`` gets only the small real entries (the pickled trainer state); the model's items are added
+    ``dcp.save`` gets only the small real entries (the trainer state, JSON in a uint8 tensor); the model's items are added
     to the local plan here, with the flatten mapping (``model``, key) that DCP's own save would record."""
 
     def __init__(self, pieces: list[_Piece], progress: Progress) -> None:
@@ -627,9 +626,9 @@ class _StreamingPlanner(DefaultSavePlanner):
         return self.plan
 
     def resolve_data(self, write_item: WriteItem) -> Tensor | io.BytesIO:
-        if write_item.type == WriteItemType.BYTE_IO:
+        piece = self.pieces.get((write_item.index.fqn, tuple(write_item.index.offset or ())))
+        if piece is None:  # a real entry of the state dict (the trainer state)
             return super().resolve_data(write_item)
-        piece = self.pieces[(write_item.index.fqn, tuple(write_item.index.offset))]
         tensor = piece.produce().contiguous()
         if tuple(tensor.shape) != piece.sizes or tensor.dtype != piece.dtype:
             raise ConvertError(f"{piece.fqn}: produced {list(tensor.shape)} {tensor.dtype}, planned "
@@ -775,6 +774,8 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path, *, drop_mtp: bool = False
     Raises ConvertError (one line) for a directory without config.json, a config that is not DeepSeek-V3
     shaped, missing / unexpected tensors, a shape mismatch, an FP8 weight without its scale.
     """
+    from train.checkpoint import TRAINER_KEY, encode_trainer_state
+
     start = time.perf_counter()
     source = HFCheckpoint(hf_dir, drop_mtp=drop_mtp)
     cfg = source.cfg
@@ -812,13 +813,14 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path, *, drop_mtp: bool = False
                          shard_bytes=max(f.stat().st_size for f in source.files))
     with _atomic_dir(out, force) as tmp, Progress(f"import {Path(hf_dir).name}", total, progress) as bar:
         planner = _StreamingPlanner(pieces, bar)
-        first = pieces[0].order[0]  # the pickled trainer state goes with the first source shard
+        first = pieces[0].order[0]  # the trainer state goes with the first source shard
         writer = _GroupedWriter(tmp, threads, hashes,
                                 lambda item: group_of.get((item.index.fqn, tuple(item.index.offset or ())), first))
         try:
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-                dcp.save({"trainer": pickle.dumps(trainer)}, storage_writer=writer, planner=planner, no_dist=True)
+                dcp.save({TRAINER_KEY: encode_trainer_state(trainer)}, storage_writer=writer, planner=planner,
+                         no_dist=True)
         except BaseException as err:  # noqa: BLE001 - DCP raises CheckpointException, a BaseException
             inner = _unwrap(err)
             if isinstance(inner, UserError):
@@ -832,7 +834,9 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path, *, drop_mtp: bool = False
                            "mtp_copies_checked": copies}}
         (tmp / META_FILE).write_text(json.dumps(meta, indent=1))
         stats.seconds = time.perf_counter() - start
-        manifest = write_manifest(tmp, hashes, {"kind": "dsv3 DCP checkpoint (weights only)",
+        # the manifest train.checkpoint.verify_checkpoint reads (files: bytes and sha256), like a trainer save's
+        manifest = write_manifest(tmp, hashes, {"format": 1, "step": 0, "tokens": 0, "config_sha256": None,
+                                                "hash": "sha256", "kind": "dsv3 DCP checkpoint (weights only)",
                                                 "tool": "launch/convert.py import", "source": meta["source"]})
         stats.files = len(manifest["files"])
         stats.bytes_written = sum(f["bytes"] for f in manifest["files"].values())
