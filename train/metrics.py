@@ -105,11 +105,12 @@ class MetricsLogger:
 
 
 def wandb_record(record: dict[str, Any]) -> dict[str, Any]:
-    """The record as wandb series: numbers as they are, per-layer dicts ``X_layers = {"3": v}`` as
-    ``X/layer_3``; lists and other nested values (the ``expert_load`` matrix) are left out."""
+    """The record as wandb series: scalars (numbers, strings, None) as they are, per-layer dicts
+    ``X_layers = {"3": v}`` as ``X/layer_3``; lists and other nested values (the ``expert_load`` matrix)
+    are left out."""
     out: dict[str, Any] = {}
     for key, value in record.items():
-        if isinstance(value, (int, float)):
+        if value is None or isinstance(value, (int, float, str)):
             out[key] = value
         elif isinstance(value, dict) and key.endswith("_layers"):
             prefix = key[: -len("_layers")]

@@ -149,8 +149,9 @@ def _lines(ax, records: list[dict[str, Any]], keys: list[str]) -> bool:
     return drawn > 0
 
 
-def _layer_lines(fig: Figure, ax, layers: dict[int, tuple[list[float], list[float]]]) -> None:
-    """One line per MoE layer coloured by depth; a legend for a few layers, a colour bar for many."""
+def _layer_lines(fig: Figure, ax, layers: dict[int, tuple[list[float], list[float]]], legend: bool = True) -> None:
+    """One line per MoE layer coloured by depth; a legend for a few layers (if ``legend``), a colour bar
+    for many."""
     ids = list(layers)
     norm = Normalize(min(ids), max(ids) if max(ids) > min(ids) else min(ids) + 1)
     cmap = colormaps["viridis"]
@@ -158,7 +159,7 @@ def _layer_lines(fig: Figure, ax, layers: dict[int, tuple[list[float], list[floa
     for layer, (steps, values) in layers.items():  # a label starting with "_" stays out of legends
         ax.plot(*_thin(steps, values), color=cmap(norm(layer)), linewidth=1.0,
                 label=f"layer {layer}" if few else f"_layer {layer}")
-    if few:
+    if few and legend:
         ax.legend(fontsize="small", ncol=2)
     else:
         fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=ax, label="layer")
@@ -286,7 +287,7 @@ def _gate_bias(records: list[dict[str, Any]]) -> Figure | None:
     if not panels:
         return None
     fig, axes = _figure(len(panels), title="aux-loss-free gate biases per layer")
-    for ax, (key, label) in zip(axes, panels):
-        _layer_lines(fig, ax, _layer_series(records, key))
+    for k, (ax, (key, label)) in enumerate(zip(axes, panels)):
+        _layer_lines(fig, ax, _layer_series(records, key), legend=k == 0)
         ax.set_ylabel(label)
     return fig

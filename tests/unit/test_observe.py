@@ -161,10 +161,10 @@ def test_dead_expert_state_round_trips_through_json():
 
 
 def test_wandb_record_flattens_layers_and_drops_the_matrix():
-    record = {"step": 3, "loss": 2.5, "max_vio_layers": {"1": 0.2, "3": 0.4},
+    record = {"step": 3, "loss": 2.5, "skipped": "", "loss_zscore": None, "max_vio_layers": {"1": 0.2, "3": 0.4},
               "gate_bias_std_layers": {"1": 0.01}, "expert_load": {"1": [1.0, 1.0]}, "note": [1, 2]}
-    assert wandb_record(record) == {"step": 3, "loss": 2.5, "max_vio/layer_1": 0.2, "max_vio/layer_3": 0.4,
-                                    "gate_bias_std/layer_1": 0.01}
+    assert wandb_record(record) == {"step": 3, "loss": 2.5, "skipped": "", "loss_zscore": None,
+                                    "max_vio/layer_1": 0.2, "max_vio/layer_3": 0.4, "gate_bias_std/layer_1": 0.01}
 
 
 # ----- write_plots on hand-written files
