@@ -39,9 +39,9 @@ def test_expert_load_stats_by_hand():
     assert stats["max_vio_layers"] == {"3": 1.0, "4": 0.0}
     assert stats["load_min_layers"] == {"3": 0.0, "4": 1.0}
     assert stats["load_max_layers"] == {"3": 2.0, "4": 1.0}
-    assert stats["load_std_layers"]["3"] == pytest.approx(math.sqrt(0.5), rel=1e-5)
+    assert stats["load_std_layers"]["3"] == pytest.approx(math.sqrt(0.5), rel=1e-3)  # 4 significant digits
     assert stats["load_std_layers"]["4"] == 0.0
-    assert list(stats["max_vio_layers"].values()) == pytest.approx(max_violation(load).tolist())
+    assert list(stats["max_vio_layers"].values()) == pytest.approx(max_violation(load).tolist(), rel=1e-3)
     assert json.loads(json.dumps(stats)) == stats
 
 
@@ -68,7 +68,7 @@ def test_gate_bias_stats_by_hand(tiny_cfg):
     assert stats["gate_bias_mean_layers"]["1"] == pytest.approx(0.0, abs=1e-7)
     assert stats["gate_bias_abs_mean_layers"]["1"] == pytest.approx(0.6 / 8)
     assert stats["gate_bias_abs_max_layers"]["1"] == pytest.approx(0.3)
-    assert stats["gate_bias_std_layers"]["1"] == pytest.approx(math.sqrt(0.14 / 8), rel=1e-5)
+    assert stats["gate_bias_std_layers"]["1"] == pytest.approx(math.sqrt(0.14 / 8), rel=1e-3)
     assert stats["gate_bias_std_layers"]["2"] == 0.0
 
     # one real bias update (sec 2.1.2): expert 0 got every token, so it drops by gamma, the others rise by gamma
@@ -80,7 +80,7 @@ def test_gate_bias_stats_by_hand(tiny_cfg):
     assert stats["gate_bias_abs_mean_layers"]["2"] == pytest.approx(gamma)
     assert stats["gate_bias_abs_max_layers"]["2"] == pytest.approx(gamma)
     assert stats["gate_bias_mean_layers"]["2"] == pytest.approx(0.75 * gamma)  # (7 - 1) / 8
-    assert stats["gate_bias_std_layers"]["2"] == pytest.approx(gamma * math.sqrt(1 - 0.75**2), rel=1e-4)
+    assert stats["gate_bias_std_layers"]["2"] == pytest.approx(gamma * math.sqrt(1 - 0.75**2), rel=1e-3)
 
 
 def test_moe_layer_ids():
