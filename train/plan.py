@@ -41,11 +41,11 @@ from train.plan_flops import (
     block_cost, forward_flops_per_token, layer_flops, layer_params, recompute_flops_per_token, tail_cost,
     training_flops_per_token,
 )
-from train.plan_memory import RankMemory, best_split, memory_fits
+from train.plan_memory import RankMemory, best_split, memory_fits, pipeline_boundaries
 from train.plan_report import format_plan, largest_term, overflow_line
 from train.plan_stages import (
-    check_schedule, memory_micro_batches, micro_batches_per_step, runtime_boundaries, shifted_boundaries, stage_layers,
-    stage_plans, weighted_peaks,
+    check_schedule, check_stage_boundaries, forward_boundaries, memory_micro_batches, micro_batches_per_step,
+    shifted_boundaries, stage_layers, stage_plans, weighted_peaks,
 )
 from train.plan_suggest import fewest_gpus, suggest_layout
 from train.plan_time import implied_mfu, step_time
@@ -54,8 +54,8 @@ __all__ = [
     "GiB", "Cluster", "Precision", "precision", "Plan", "plan", "check_plan", "format_plan", "suggest_layout",
     "fewest_gpus", "memory_fits", "forward_flops_per_token", "training_flops_per_token", "layer_flops",
     "layer_params", "block_cost", "tail_cost", "activation_items", "layer_activation_bytes", "all_to_all",
-    "weighted_peaks", "memory_micro_batches", "runtime_boundaries", "shifted_boundaries", "stage_layers",
-    "stage_plans", "best_split",
+    "weighted_peaks", "memory_micro_batches", "forward_boundaries", "shifted_boundaries", "stage_layers",
+    "stage_plans", "check_stage_boundaries", "best_split", "pipeline_boundaries",
 ]
 
 
@@ -101,9 +101,10 @@ class Plan:
     gpu_hours_per_trillion: float
     days_per_trillion: float
     implied_mfu: float  # the MFU at which this plan gives the report's 180K GPU-hours per trillion tokens
-    boundaries: list[int] = field(default_factory=list)  # split_model(model, n_stages, boundaries) for this memory
-    runtime_boundaries: list[int] = field(default_factory=list)  # split_model's default (forward-balanced)
-    runtime_split_total: float = 0.0  # the fullest rank's bytes with the default boundaries
+    boundaries: list[int] = field(default_factory=list)  # the cuts the pipeline runs with (pipeline_boundaries)
+    boundaries_source: str = ""  # parallel.stage_boundaries | memory-balanced | forward-balanced
+    forward_boundaries: list[int] = field(default_factory=list)  # the forward-balanced cuts
+    forward_split_total: float = 0.0  # the fullest rank's bytes with the forward-balanced cuts
     overflow: str = ""  # one line when it does not fit
     suggestion: str = ""  # the nearest layout that fits (overrides), when it does not
     notes: list[str] = field(default_factory=list)
@@ -161,16 +162,16 @@ def plan(cfg: Config, cluster: Cluster | None = None, suggest: bool = True) -> P
         chunk_a2a_s=chunk_comm, p2p_s=p2p, step_s=step, pipeline_s=pipeline, dp_comm_s=dp_comm,
         bubble_fraction=bubble, gpu_hours_per_trillion=hours, days_per_trillion=hours / world / 24,
         implied_mfu=implied_mfu(cfg, layout, split, cluster, a2a, p, dense, expert, tokens), notes=notes,
-        boundaries=split.boundaries, runtime_boundaries=split.runtime_boundaries,
-        runtime_split_total=split.runtime_total,
+        boundaries=split.boundaries, boundaries_source=split.source, forward_boundaries=split.forward_boundaries,
+        forward_split_total=split.forward_total,
     )
-    if split.boundaries != split.runtime_boundaries:
+    if split.source == "memory-balanced":
         result.notes.insert(0, (
-            f"split_model's default boundaries {split.runtime_boundaries} (forward-balanced) need "
-            f"{split.runtime_total / GiB:,.1f} GiB on the fullest rank; these, {split.boundaries}, move "
-            f"{split.runtime_boundaries[0] - split.boundaries[0]} block(s) from the first stage to the last "
+            f"the forward-balanced cuts {split.forward_boundaries} would need {split.forward_total / GiB:,.1f} GiB "
+            f"on the fullest rank; the pipeline cuts at {split.boundaries} instead, "
+            f"{split.forward_boundaries[0] - split.boundaries[0]} block(s) moved from the first stage to the last "
             f"(both on rank 0 under {cfg.parallel.schedule}, which holds many micro-batches of the first and few of "
-            "the last): pass Plan.boundaries to split_model"))
+            "the last)"))
     if not fits:
         result.overflow = overflow_line(cfg, ranks, capacity)
         if suggest:
@@ -195,7 +196,8 @@ def check_plan(cfg: Config, world_size: int, gpu_memory_bytes: float, *, device:
     try:
         result = plan(cfg, cluster, suggest=False)
     except ConfigError as err:  # a layout this world cannot hold: judge the model on the simplest one first
-        simple = dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, pp=1, ep=1, micro_batches=0))
+        simple = dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, pp=1, ep=1, micro_batches=0,
+                                                                       stage_boundaries=[]))
         try:
             result = plan(simple, cluster, suggest=False)
         except ConfigError:

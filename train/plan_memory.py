@@ -12,8 +12,8 @@ from train.model import count_parameters
 from train.plan_cluster import RESERVE, Cluster, Precision, layout_for, precision
 from train.plan_comm import all_to_all
 from train.plan_stages import (
-    StagePlan, cached_schedule, check_schedule, memory_micro_batches, micro_batches_per_step, runtime_boundaries,
-    shifted_boundaries, stage_plans, weighted_peaks,
+    StagePlan, cached_schedule, check_schedule, check_stage_boundaries, forward_boundaries, memory_micro_batches,
+    micro_batches_per_step, shifted_boundaries, stage_plans, weighted_peaks,
 )
 
 MEMORY_TERMS = ("weights", "gradients", "master", "moments", "activations", "buffers", "reserve")
@@ -88,8 +88,9 @@ class Split:
     boundaries: list[int]  # first layer of each stage after the first (``split_model``'s argument)
     ranks: list[RankMemory]
     stages: list[StagePlan]
-    runtime_boundaries: list[int]  # split_model's default
-    runtime_total: float  # the fullest rank's bytes with the default boundaries
+    forward_boundaries: list[int]  # the forward-balanced cuts (split_model's default without boundaries)
+    forward_total: float  # the fullest rank's bytes with the forward-balanced cuts
+    source: str  # why these cuts: "parallel.stage_boundaries", "memory-balanced" or "forward-balanced"
 
     @property
     def worst(self) -> RankMemory:
@@ -97,23 +98,38 @@ class Split:
 
 
 def best_split(cfg: Config, cluster: Cluster, layout: Any, p: Precision) -> Split:
-    """The runtime's forward-balanced split, or, under DualPipe / DualPipeV (first and last stage on one
-    rank), that split with blocks moved from the first stage to the last when it lowers the fullest
-    rank's memory (``shifted_boundaries``); the fewest blocks moved among equals."""
+    """The cuts the pipeline runs with (``pipeline_boundaries``) and what each rank then holds.
+
+    ``parallel.stage_boundaries`` when given (checked, ``check_stage_boundaries``); else the forward-balanced
+    cuts or, under DualPipe / DualPipeV (first and last stage on one rank, report sec 3.2.1, Table 2), those
+    with blocks moved from the first stage to the last when it lowers the fullest rank's memory
+    (``shifted_boundaries``), the fewest blocks moved among equals."""
     _, n_stages, _ = rank_placement(cfg, layout.dp)
-    default = runtime_boundaries(cfg.model, n_stages)
+    given = check_stage_boundaries(cfg, n_stages)
+    default = forward_boundaries(cfg.model, n_stages)
     ranks, stages = rank_memory(cfg, cluster, layout, p, default)
-    runtime_total = max(r.total for r in ranks)
-    best = Split(default, ranks, stages, default, runtime_total)
+    forward_total = max(r.total for r in ranks)
+    best = Split(default, ranks, stages, default, forward_total, "forward-balanced")
+    if given:
+        ranks, stages = rank_memory(cfg, cluster, layout, p, given)
+        return Split(given, ranks, stages, default, forward_total, "parallel.stage_boundaries")
     if cfg.parallel.pp > 1 and cfg.parallel.schedule in ("dualpipe", "dualpipev"):
         shift = 1
         while (bounds := shifted_boundaries(cfg.model, n_stages, shift)) is not None:
             ranks, stages = rank_memory(cfg, cluster, layout, p, bounds)
             if max(r.total for r in ranks) < best.worst.total:
-                best = Split(bounds, ranks, stages, default, runtime_total)
+                best = Split(bounds, ranks, stages, default, forward_total, "memory-balanced")
             shift += 1
     return best
 
+
+def pipeline_boundaries(cfg: Config, layout: Any, device: str = "cuda") -> list[int]:
+    """The cuts ``parallel.pipeline.parallelize.PipelinePart`` passes to ``split_model``: ``best_split``'s for
+    this config and ``layout`` (a ``parallel.mesh.Layout``), exactly what ``plan`` reports as ``Plan.boundaries``.
+    Pure arithmetic on the config, so every rank computes the same list; ConfigError for a bad
+    ``parallel.stage_boundaries``. ``device``: "cuda" or "cpu" (what train.dtype=auto means)."""
+    cluster = Cluster(gpus=layout.world_size, gpus_per_node=layout.ranks_per_node, device=device)
+    return best_split(cfg, cluster, layout, precision(cfg, device)).boundaries
 
 
 def memory_lower_bound(cfg: Config, cluster: Cluster) -> float:

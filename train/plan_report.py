@@ -60,6 +60,11 @@ def format_plan(pl: Plan, title: str = "") -> str:
     lines.append(f"layout       pp {pl.pp} ({sched}; blocks per stage {layers} + head/MTP on the last), "
                  f"dp {pl.dp} = ep {pl.ep} x edp {pl.edp}, ep spans {pl.a2a.nodes} node(s); micro-batch "
                  f"{pl.micro_batch_size} x {pl.seq_len} tokens, {pl.micro_batches} micro-batches per step")
+    if pl.pp > 1:
+        why = {"parallel.stage_boundaries": "as given by parallel.stage_boundaries",
+               "memory-balanced": "the planner's, balancing memory: the first and last stage share rank 0",
+               "forward-balanced": "the planner's, balancing the forward cost per stage"}[pl.boundaries_source]
+        lines.append(f"stages       cut before layers {pl.boundaries} ({why}); the pipeline runs with these cuts")
     lines.append(f"precision    weights {p.name}, gradients FP32, master FP32, AdamW moments "
                  f"{'BF16' if p.moments == 4 else 'FP32'}; activations {p.name}"
                  f"{' with FP8 GEMM inputs (E5M6 after attention)' if p.fp8 else ''}; memory.recompute="

@@ -21,8 +21,9 @@ def cached_boundaries(costs: tuple[int, ...], tail: int, n_stages: int) -> tuple
     return tuple(balanced_boundaries(list(costs), tail, n_stages))
 
 
-def runtime_boundaries(m: ModelConfig, n_stages: int) -> list[int]:
-    """The boundaries ``split_model`` uses by default (``balanced_boundaries`` of the forward cost)."""
+def forward_boundaries(m: ModelConfig, n_stages: int) -> list[int]:
+    """The forward-balanced cuts (``balanced_boundaries`` of the forward cost: ``split_model``'s default
+    when it is given no boundaries)."""
     if n_stages == 1:
         return []
     costs = tuple(block_cost(m, i) for i in range(m.n_layers))
@@ -30,13 +31,13 @@ def runtime_boundaries(m: ModelConfig, n_stages: int) -> list[int]:
 
 
 def shifted_boundaries(m: ModelConfig, n_stages: int, shift: int) -> list[int] | None:
-    """The runtime's boundaries moved ``shift`` blocks towards the first layer: the first stage gives
+    """The forward-balanced cuts moved ``shift`` blocks towards the first layer: the first stage gives
     ``shift`` blocks, the last stage takes them, every middle stage keeps its count (None if the first
     stage would be left without a block). Under DualPipe and DualPipeV the first and last stages share
     a rank, which then keeps about the same parameters and work (exactly when the blocks that cross
     the middle stages are alike) and holds fewer activations: its first stage has the most micro-batches
     in flight, its last the fewest."""
-    bounds = runtime_boundaries(m, n_stages)
+    bounds = forward_boundaries(m, n_stages)
     if not bounds:
         return [] if shift == 0 else None
     if shift >= bounds[0]:
@@ -44,13 +45,36 @@ def shifted_boundaries(m: ModelConfig, n_stages: int, shift: int) -> list[int] |
     return [b - shift for b in bounds]
 
 
+def check_stage_boundaries(cfg: Config, n_stages: int) -> list[int]:
+    """``parallel.stage_boundaries`` checked against the ``n_stages`` stages (ConfigError, one line): n_stages - 1
+    increasing layer indices in 1..n_layers (stage 0 and the middle stages keep at least one block; the last
+    may keep none, only the head and MTP). Returns it ([]: the planner chooses)."""
+    p, n = cfg.parallel, cfg.model.n_layers
+    if n_stages - 1 > n:
+        raise ConfigError(f"parallel.pp={p.pp} under parallel.schedule={p.schedule} makes {n_stages} pipeline stages; "
+                          f"model.n_layers ({n}) allows at most {n + 1} (every stage but the last needs a block): "
+                          "lower parallel.pp")
+    given = list(p.stage_boundaries)
+    if not given:
+        return []
+    if n_stages == 1:
+        raise ConfigError(f"parallel.stage_boundaries ({given}) cuts pipeline stages, but parallel.pp=1 has one "
+                          "stage: set parallel.stage_boundaries=[] or parallel.pp > 1")
+    increasing = all(a < b for a, b in zip(given, given[1:]))
+    if len(given) != n_stages - 1 or not increasing or given[0] < 1 or given[-1] > n:
+        raise ConfigError(
+            f"parallel.stage_boundaries ({given}) must be {n_stages - 1} increasing layer indices in 1..{n} (the "
+            f"first block of each of the {n_stages} stages of parallel.pp={p.pp} {p.schedule} after the first), "
+            "or [] for the planner's cuts")
+    return given
+
+
 def stage_layers(m: ModelConfig, n_stages: int, boundaries: list[int] | None = None) -> list[tuple[int, int]]:
-    """[lo, hi) layer range of each stage (default: as ``split_model`` cuts them, balanced forward cost)."""
+    """[lo, hi) layer range of each stage (default: the forward-balanced cuts)."""
     if n_stages == 1:
         return [(0, m.n_layers)]
-    edges = [0, *(runtime_boundaries(m, n_stages) if boundaries is None else boundaries), m.n_layers]
+    edges = [0, *(forward_boundaries(m, n_stages) if boundaries is None else boundaries), m.n_layers]
     return [(edges[k], edges[k + 1]) for k in range(n_stages)]
-
 
 
 @dataclass

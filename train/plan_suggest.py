@@ -44,7 +44,9 @@ def _candidates(cfg: Config, world: int) -> list[tuple[tuple, Config, list[str]]
                                     ((pp, p.pp), (ep, p.ep), (mbs, t.micro_batch_size)))
                         key = (fp8 != cfg.fp8.enabled, RECOMPUTE_ORDER.index(recompute), len(changes), steps, -ep, pp)
                         new_cfg = dataclasses.replace(
-                            cfg, parallel=dataclasses.replace(p, pp=pp, ep=ep, micro_batches=0),
+                            cfg, parallel=dataclasses.replace(
+                                p, pp=pp, ep=ep, micro_batches=0,
+                                stage_boundaries=p.stage_boundaries if pp == p.pp else []),
                             train=dataclasses.replace(t, micro_batch_size=mbs),
                             memory=dataclasses.replace(cfg.memory, recompute=recompute),
                             fp8=dataclasses.replace(cfg.fp8, enabled=fp8))

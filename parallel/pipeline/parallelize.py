@@ -1,7 +1,9 @@
 """Apply pipeline parallelism to a model built on the meta device (design: the pipeline-split step).
 
-This rank keeps only its stages (``schedule.placement[pp_rank]``), materializes and initialises just
-their parameters (seeded by name, so exactly what one process would hold), and runs one
+The model is cut where the planner says (``train.plan.pipeline_boundaries``: ``parallel.stage_boundaries``
+when given, else the cuts that balance memory, the ones ``launch/plan.py`` prints; report sec 3.2.1,
+Table 2). This rank keeps only its stages (``schedule.placement[pp_rank]``), materializes and initialises
+just their parameters (seeded by name, so exactly what one process would hold), and runs one
 ``PipelineRuntime`` per micro-batch count (the batch-size ramp changes it during a run).
 """
 
@@ -19,6 +21,7 @@ from parallel.pipeline.schedule import make_schedule, min_micro_batches
 from parallel.pipeline.stages import Stage, rank_module, split_model
 from train.config import Config, ConfigError
 from train.model import MoE, Transformer, init_parameters
+from train.plan import pipeline_boundaries
 
 
 def micro_batch_quantum(cfg: Config, dp: int) -> int:
@@ -54,7 +57,9 @@ class PipelinePart:
         layout = groups.layout
         self.cfg, self.groups, self.autocast = cfg, groups, autocast
         probe = make_schedule(cfg.parallel.schedule, layout.pp, min_micro_batches(cfg.parallel.schedule, layout.pp))
-        stages = split_model(model, probe.n_stages)
+        # the planner's cuts, the same on every rank (pure arithmetic on the config and the layout)
+        self.boundaries = pipeline_boundaries(cfg, layout, "cuda" if device.type == "cuda" else "cpu")
+        stages = split_model(model, probe.n_stages, self.boundaries)
         self.stages: dict[int, Stage] = {chunk: stages[s] for chunk, s in enumerate(probe.placement[layout.pp_rank])}
         self.module: nn.Module = rank_module(list(self.stages.values()))
         self.module.to_empty(device=device)

@@ -15,6 +15,9 @@ Automatic boundaries balance the forward cost per stage, estimated as the parame
 through (the active parameters: dense weights, the gate, shared experts and K of the N routed experts;
 ~FLOPs/2 per token). The embedding lookup costs nothing; the head counts once per use (main output and
 each MTP depth). Attention's sequence-length-dependent score FLOPs are ignored (equal for every block).
+The trainer does not rely on this default: ``parallelize.PipelinePart`` passes the planner's cuts
+(``train.plan.pipeline_boundaries``: ``parallel.stage_boundaries``, or these moved to balance memory where
+the first and last stage share a rank, docs/planner.md).
 """
 
 from __future__ import annotations
@@ -217,7 +220,8 @@ def split_model(model: Transformer, n_stages: int, boundaries: list[int] | None 
 
     boundaries: the layer index where each stage after the first starts (n_stages - 1 increasing
     numbers; stage 0 and the middle stages need at least one layer, the last may have none); None
-    balances the estimated forward cost (``stage_costs``).
+    balances the estimated forward cost (``stage_costs``). The trainer passes the planner's
+    (``train.plan.pipeline_boundaries``).
     """
     n = len(model.layers)
     if boundaries is None:

@@ -18,12 +18,12 @@ from torch.utils.flop_counter import FlopCounterMode
 from parallel.pipeline.schedule import make_schedule
 from parallel.pipeline.simulate import activations_held
 from tests.conftest import TINY
-from train.config import Config, ModelConfig, load_config
+from train.config import Config, ConfigError, ModelConfig, load_config
 from train.errors import UserError
 from train.model import Transformer, count_parameters
 from train.plan import (
-    GiB, Cluster, block_cost, check_plan, forward_flops_per_token, layer_flops, memory_micro_batches, plan,
-    precision, tail_cost, weighted_peaks,
+    GiB, Cluster, block_cost, check_plan, format_plan, forward_flops_per_token, layer_flops, memory_micro_batches,
+    plan, precision, tail_cost, weighted_peaks,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -253,9 +253,10 @@ def test_report_layout_fits(report_plan):
     assert pl.fits and pl.memory_total < 80 * GiB
     assert all(r.chunks_in_flight == 17 for r in pl.ranks)  # PP + 1 (Table 2)
     assert pl.ranks[0].stages == [0, 15]  # embedding and head on one rank
-    # the forward-balanced default split overflows the end ranks; moving 3 blocks from stage 0 to stage 15
-    # (the same rank) fits
-    assert pl.runtime_boundaries[0] == 5 and pl.boundaries[0] == 2 and pl.runtime_split_total > 80 * GiB
+    # the forward-balanced split overflows the end ranks; moving 3 blocks from stage 0 to stage 15 (the same
+    # rank) fits: the pipeline runs with these cuts
+    assert pl.forward_boundaries[0] == 5 and pl.forward_split_total > 80 * GiB
+    assert pl.boundaries == list(range(2, 59, 4)) and pl.boundaries_source == "memory-balanced"
     # node-limited all-to-all: 4 target nodes, 3.5 of them over IB; FP8 dispatch rows, BF16 combine rows
     a = pl.a2a
     assert (a.nodes, a.target_nodes, a.ib_nodes) == (8, 4, 3.5)
@@ -283,6 +284,93 @@ def test_a_layout_that_does_not_fit_names_the_term_and_gets_a_layout_that_does()
     assert bf16.suggestion == "memory.recompute=full"
     stored = plan(load_config(["+conf=671b", "memory.recompute=none"], world_size=2048), cluster)
     assert not stored.fits and stored.suggestion == "memory.recompute=selective"
+
+
+# --------------------------------------------------------------------------------------------------
+# The cuts the pipeline runs with
+
+
+def runtime_cuts(cfg: Config, gpus: int, device: str) -> list[int]:
+    """What PipelinePart passes to split_model on a rank of this world (its layout from parallel.mesh)."""
+    from parallel.mesh import plan_layout
+    from train.plan import pipeline_boundaries
+
+    return pipeline_boundaries(cfg, plan_layout(cfg, gpus, 0, min(gpus, 8)), device)
+
+
+@pytest.mark.parametrize("overrides,gpus,device", [
+    (REPORT, 2048, "cuda"),
+    (["+conf=tiny", "parallel.pp=2", "train.micro_batch_size=2"], 4, "cpu"),  # DualPipe
+    (["+conf=tiny", "parallel.pp=2", "parallel.schedule=1f1b"], 2, "cpu"),
+    (["+conf=small", "parallel.pp=2"], 4, "cpu"),
+    (["+conf=small", "parallel.pp=4", "parallel.schedule=dualpipev"], 4, "cpu"),
+    (["+conf=16b", "parallel.pp=2", "parallel.ep=8"], 16, "cuda"),
+])
+def test_the_pipeline_runs_with_the_cuts_the_plan_prints(overrides, gpus, device):
+    """PipelinePart's boundaries (train.plan.pipeline_boundaries on its layout) are the plan's, and
+    split_model cuts the model into the plan's stage_layers with them."""
+    from parallel.pipeline.stages import split_model
+
+    cfg = load_config(overrides, world_size=gpus)
+    pl = plan(cfg, Cluster(gpus=gpus, device=device), suggest=False)
+    assert runtime_cuts(cfg, gpus, device) == pl.boundaries
+    if cfg.model.n_layers < 30:  # build the (meta) model: the stages hold the planned layers
+        with torch.device("meta"):
+            stages = split_model(Transformer(cfg.model), pl.n_stages, pl.boundaries)
+        assert [(s.layer_ids[0], s.layer_ids[-1] + 1) if s.layer_ids else (lo, lo)
+                for s, (lo, _) in zip(stages, pl.stage_layers)] == pl.stage_layers
+
+
+def test_the_report_layout_fits_with_the_runtime_cuts(report_plan):
+    """The 671B plan at PP 16 / EP 64 / 2048 GPUs fits 80 GiB on every rank with the cuts the runtime uses,
+    and would not with the forward-balanced ones (rank 0: 16 micro-batches of stage 0 in flight)."""
+    cfg = load_config(REPORT, world_size=2048)
+    assert runtime_cuts(cfg, 2048, "cuda") == report_plan.boundaries
+    assert all(r.total <= 80 * GiB for r in report_plan.ranks)
+    forward = plan(load_config([*REPORT, f"parallel.stage_boundaries={report_plan.forward_boundaries}"],
+                               world_size=2048), Cluster(gpus=2048), suggest=False)
+    assert forward.boundaries_source == "parallel.stage_boundaries" and not forward.fits
+    assert forward.memory_total == pytest.approx(report_plan.forward_split_total)
+
+
+def test_explicit_stage_boundaries_are_planned_and_checked():
+    cfg = load_config(["+conf=small", "parallel.pp=2", "parallel.stage_boundaries=[4]"], world_size=4)
+    pl = plan(cfg, Cluster(gpus=4, device="cpu"), suggest=False)
+    assert pl.boundaries == [4] and pl.stage_layers == [(0, 4), (4, 8)] and runtime_cuts(cfg, 4, "cpu") == [4]
+    assert "parallel.stage_boundaries" in format_plan(pl)
+    for bad in ("[0]", "[9]", "[3,5]"):
+        cfg = load_config(["+conf=small", "parallel.pp=2", f"parallel.stage_boundaries={bad}"], world_size=4)
+        with pytest.raises(ConfigError) as err:
+            plan(cfg, Cluster(gpus=4, device="cpu"))
+        line = str(err.value)
+        assert "\n" not in line and line.startswith(f"parallel.stage_boundaries ({bad.replace(',', ', ')}) must be 1 "
+                                                     "increasing layer indices in 1..8"), line
+        with pytest.raises(ConfigError, match=r"^parallel.stage_boundaries"):  # the trainer's start-up check
+            check_plan(cfg, 4, 24 * GiB, device="cpu", ranks_per_node=4)
+    # DualPipeV at pp 2 has 4 stages: 3 cuts
+    cfg = load_config(["+conf=small", "parallel.pp=2", "parallel.schedule=dualpipev", "parallel.micro_batches=4",
+                       "parallel.stage_boundaries=[2,5]"], world_size=2)
+    with pytest.raises(ConfigError, match=r"must be 3 increasing layer indices in 1\.\.8 \(the first block of each "
+                                          r"of the 4 stages of parallel.pp=2 dualpipev"):
+        plan(cfg, Cluster(gpus=2, device="cpu"))
+    # one stage: no cuts; more stages than blocks + 1: one line, not a traceback
+    with pytest.raises(ConfigError, match=r"parallel.pp=1 has one stage"):
+        plan(load_config(["+conf=small", "parallel.stage_boundaries=[4]"]), Cluster(gpus=1, device="cpu"))
+    with pytest.raises(ConfigError, match=r"makes 64 pipeline stages; model.n_layers \(61\) allows at most 62"):
+        plan(load_config(["+conf=671b", "parallel.pp=32", "parallel.schedule=dualpipev"], world_size=2048))
+
+
+def test_tiny_two_stage_cuts():
+    """+conf=tiny at pp 2 (docs/planner.md, "The split"): under DualPipe the memory-balanced cut leaves the dense
+    block on stage 0 and both MoE blocks on stage 1; under 1F1B / ZB1P the forward-balanced cut puts all three
+    blocks on stage 0, since the last stage's head and MTP module cost more forward FLOPs than all of them."""
+    m = load_config(["+conf=tiny"]).model
+    assert tail_cost(m) > sum(block_cost(m, i) for i in range(m.n_layers))
+    dualpipe = load_config(["+conf=tiny", "parallel.pp=2", "train.micro_batch_size=2"], world_size=4)
+    assert plan(dualpipe, Cluster(gpus=4, device="cpu")).boundaries == [1]
+    for schedule in ("1f1b", "zb1p"):
+        cfg = load_config(["+conf=tiny", "parallel.pp=2", f"parallel.schedule={schedule}"], world_size=2)
+        assert plan(cfg, Cluster(gpus=2, device="cpu")).boundaries == [3]
 
 
 # --------------------------------------------------------------------------------------------------
