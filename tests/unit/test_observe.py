@@ -14,8 +14,15 @@ import torch
 from train.balance import max_violation, update_gate_biases
 from train.metrics import wandb_record
 from train.model import Transformer
-from train.observe import (DeadExpertMonitor, expert_load_matrix, expert_load_stats, gate_bias_stats,
-                           moe_layer_ids, moe_layer_ids_from_names, moe_metrics)
+from train.observe import (
+    DeadExpertMonitor,
+    expert_load_matrix,
+    expert_load_stats,
+    gate_bias_stats,
+    moe_layer_ids,
+    moe_layer_ids_from_names,
+    moe_metrics,
+)
 from train.plots import write_plots
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
