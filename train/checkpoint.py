@@ -597,9 +597,9 @@ def load_checkpoint(
     verify: str = "full",
 ) -> dict[str, Any]:
     """Check the checkpoint (meta.json, model config, DCP metadata, then ``verify_checkpoint`` at level
-    ``verify``), fill model_state and optim_state in place (they alias the live tensors, in the current layout, whatever layout saved the checkpoint) and
-    return the trainer state (JSON values; tensors such as the RNG states as tensors). Collective when
-    torch.distributed is initialized."""
+    ``verify``), fill model_state and optim_state in place (they alias the live tensors, in the current
+    layout, whatever layout saved the checkpoint) and return the trainer state (JSON values; tensors such
+    as the RNG states come back as tensors). Collective when torch.distributed is initialized."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: checkpoint directory not found; check checkpoint.resume")

@@ -603,8 +603,8 @@ class _Piece:
 class _StreamingPlanner(DefaultSavePlanner):
     """DCP save planner whose tensors are recipes (``_Piece.produce``), run when the writer reaches them.
 
-    ``dcp.save`` gets only the small real entries (the trainer state, JSON in a uint8 tensor); the model's items are added
-    to the local plan here, with the flatten mapping (``model``, key) that DCP's own save would record."""
+    ``dcp.save`` gets only the small real entries (the trainer state: JSON in a uint8 tensor); the model's items
+    are added to the local plan here, with the flatten mapping (``model``, key) that DCP's own save would record."""
 
     def __init__(self, pieces: list[_Piece], progress: Progress) -> None:
         super().__init__(flatten_state_dict=True, flatten_sharded_tensors=False)
