@@ -165,11 +165,13 @@ class DeadExpertMonitor:
             self.reported[key] = sorted(reported)
         return lines
 
-    def n_dead(self) -> int:
-        """Experts currently dead (no token for at least ``window`` steps), over the layers seen."""
+    def n_dead(self, layer_ids: list[int] | None = None) -> int:
+        """Experts currently dead (no token for at least ``window`` steps) in ``layer_ids`` (default: every
+        layer in the state, which after loading a merged state includes other pipeline stages' layers)."""
         if self.window == 0:
             return 0
-        return sum(n >= self.window for idle in self.idle.values() for n in idle)
+        keys = self.idle.keys() if layer_ids is None else [str(i) for i in layer_ids]
+        return sum(n >= self.window for k in keys for n in self.idle.get(k, []))
 
     def state_dict(self) -> dict[str, Any]:
         return {"window": self.window, "idle": {k: list(v) for k, v in self.idle.items()},
@@ -190,5 +192,5 @@ def moe_metrics(step: int, load: Tensor, layer_ids: list[int], moe_layers: list[
     if expert_load_every and step % expert_load_every == 0:
         record.update(expert_load_matrix(load, layer_ids))
     if monitor is not None:
-        record["dead_experts"] = monitor.n_dead()
+        record["dead_experts"] = monitor.n_dead(layer_ids)
     return record

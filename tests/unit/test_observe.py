@@ -164,6 +164,18 @@ def test_dead_expert_state_round_trips_through_json():
     assert second.state_dict() == reference.state_dict()
 
 
+def test_dead_expert_states_of_pipeline_stages_merge():
+    first, second = DeadExpertMonitor(window=1), DeadExpertMonitor(window=1)
+    first.update(torch.tensor([[0, 1]]), [1])  # stage 0 holds layer 1, stage 1 holds layer 2
+    second.update(torch.tensor([[0, 0]]), [2])
+    merged = {"idle": {**first.state_dict()["idle"], **second.state_dict()["idle"]},
+              "reported": {**first.state_dict()["reported"], **second.state_dict()["reported"]}}
+    resumed = DeadExpertMonitor(window=1)
+    resumed.load_state_dict(merged)
+    assert resumed.n_dead() == 3 and resumed.n_dead([1]) == 1 and resumed.n_dead([2]) == 2
+    assert resumed.update(torch.tensor([[0, 1]]), [1]) == []  # already reported before the resume
+
+
 # ----- wandb
 
 
