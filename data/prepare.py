@@ -5,10 +5,14 @@ The output directory ``<data.cache_dir>/tokens-<hash>/`` holds
     tokens.bin       raw little-endian uint32 tokens; every document is followed by EOS
     doc_offsets.npy  uint64 start of each document in tokens.bin
     tokenizer.json   the tokenizer that made them
-    index.json       counts, dtype, vocab size, settings and the hash (written last)
+    index.json       counts, dtype, vocab size, settings, the hash, the files' SHA-256 sums and its own
+                     (written last)
 
 The hash covers the document text read, in order, and every setting that changes the tokens, so a
-second call with the same inputs rereads and hashes the corpus and returns (a cache hit). A
+second call with the same inputs rereads and hashes the corpus and returns (a cache hit). A cache hit
+is trusted only after its index.json matches its own checksum and the hash it is filed under, and the
+three files match their sizes and SHA-256 sums (a truncated, replaced or edited file is a DataError
+naming the directory to delete; rereading the files costs about as much as rehashing the corpus). A
 directory is built under a temporary sibling name and renamed when complete: a crash never leaves a
 half directory under the final name, and a complete one is never overwritten. Under
 torch.distributed, rank 0 prepares while the other ranks wait, then they open its result.
@@ -25,7 +29,7 @@ import socket
 import sys
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -41,7 +45,7 @@ from tokenizers import Tokenizer
 from train.config import DataConfig
 from train.errors import DataError, UserError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: checksums in index.json
 TOKENS_FILE = "tokens.bin"
 OFFSETS_FILE = "doc_offsets.npy"
 TOKENIZER_FILE = "tokenizer.json"
@@ -66,10 +70,36 @@ class PreparedData:
     tokenizer_vocab_size: int
     cache_hit: bool = False
     seconds: float = 0.0  # time this call took
+    empty_files: list[str] = field(default_factory=list)
+    split_documents: int = 0  # documents over data/corpus.py MAX_DOCUMENT_BYTES, cut into pieces
 
 
-def open_prepared(directory: str | Path, cache_hit: bool = True) -> PreparedData:
-    """Open a complete prepared directory; DataError if it is incomplete or damaged."""
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _index_sha256(index: dict[str, Any]) -> str:
+    """SHA-256 of index.json's content without its own checksum field (keys sorted)."""
+    body = {key: value for key, value in index.items() if key != "index_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def _untrusted(directory: Path, what: str) -> DataError:
+    return DataError(f"{directory}: {what}; the prepared data cannot be trusted: delete {directory} and run again")
+
+
+def open_prepared(directory: str | Path, cache_hit: bool = True, key: str | None = None,
+                  verify_files: bool = False) -> PreparedData:
+    """Open a complete prepared directory; DataError if it is incomplete, damaged or edited.
+
+    Always checked: index.json against its own checksum and format version, the token file's size, the
+    offsets' length. ``key``: the hash the directory must have been built for. ``verify_files``: also the
+    SHA-256 sums of the token, offsets and tokenizer files (reads them whole).
+    """
     directory = Path(directory)
     index_path = directory / INDEX_FILE
     tokens_path = directory / TOKENS_FILE
@@ -77,16 +107,37 @@ def open_prepared(directory: str | Path, cache_hit: bool = True) -> PreparedData
         index = json.loads(index_path.read_text())
         prepared = PreparedData(
             directory=directory, tokens_path=tokens_path, offsets_path=directory / OFFSETS_FILE,
-            tokenizer_path=directory / TOKENIZER_FILE, n_tokens=index["n_tokens"], n_documents=index["n_documents"],
-            n_fim=index["n_fim"], n_bytes=index["n_bytes"], skipped_files=index["skipped_files"],
-            tokenizer_vocab_size=index["tokenizer_vocab_size"], cache_hit=cache_hit)
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+            tokenizer_path=directory / TOKENIZER_FILE, n_tokens=int(index["n_tokens"]),
+            n_documents=int(index["n_documents"]), n_fim=int(index["n_fim"]), n_bytes=int(index["n_bytes"]),
+            skipped_files=list(index["skipped_files"]), tokenizer_vocab_size=int(index["tokenizer_vocab_size"]),
+            cache_hit=cache_hit, empty_files=list(index["empty_files"]), split_documents=int(index["split_documents"]))
+        stored_sha, checksums = index["index_sha256"], dict(index["checksums"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise DataError(f"{index_path}: missing or unreadable ({type(exc).__name__}: {exc}); delete {directory} "
                         "and prepare again") from exc
+    if index.get("format_version") != FORMAT_VERSION:
+        raise _untrusted(directory, f"format version {index.get('format_version')}, not {FORMAT_VERSION}")
+    if stored_sha != _index_sha256(index):
+        raise _untrusted(directory, f"{INDEX_FILE} does not match its index_sha256 (edited or damaged)")
+    if key is not None and index.get("hash") != key:
+        raise _untrusted(directory, f"{INDEX_FILE} was made from other data or settings (hash {index.get('hash')}, "
+                                    f"not {key})")
     expected = prepared.n_tokens * TOKEN_DTYPE.itemsize
     if not tokens_path.is_file() or tokens_path.stat().st_size != expected:
         raise DataError(f"{tokens_path}: missing or not {expected} bytes as index.json says; delete {directory} "
                         "and prepare again")
+    try:
+        offsets = np.load(prepared.offsets_path, mmap_mode="r", allow_pickle=False)
+        offsets_ok = offsets.dtype == np.uint64 and offsets.shape == (prepared.n_documents,)
+    except (OSError, ValueError) as exc:
+        raise _untrusted(directory, f"{OFFSETS_FILE} is unreadable ({exc})") from exc
+    if not offsets_ok:
+        raise _untrusted(directory, f"{OFFSETS_FILE} does not hold {prepared.n_documents} uint64 offsets")
+    if verify_files:
+        for name in (TOKENS_FILE, OFFSETS_FILE, TOKENIZER_FILE):
+            path = directory / name
+            if not path.is_file() or _file_sha256(path) != checksums.get(name):
+                raise _untrusted(directory, f"{name} is missing or does not match its SHA-256 in {INDEX_FILE}")
     return prepared
 
 
@@ -211,10 +262,13 @@ def _build(tmp: Path, cfg: DataConfig, vocab_size: int, seed: int, key: str, tot
 
     stats = CorpusStats()
     lengths, n_tokens, n_fim = [], 0, 0
+    tokens_sha = hashlib.sha256()
     task = progress.add_task("tokenizing documents", total=total.documents)
     with open(tmp / TOKENS_FILE, "wb") as out:
         for chunk in encode_corpus(cfg, tokenizer_path, seed, workers, stats):
-            out.write(chunk.tokens.astype(TOKEN_DTYPE, copy=False).tobytes())
+            data = chunk.tokens.astype(TOKEN_DTYPE, copy=False).tobytes()
+            out.write(data)
+            tokens_sha.update(data)
             lengths.append(chunk.doc_lengths)
             n_tokens += len(chunk.tokens)
             n_fim += chunk.n_fim
@@ -229,9 +283,13 @@ def _build(tmp: Path, cfg: DataConfig, vocab_size: int, seed: int, key: str, tot
         "format_version": FORMAT_VERSION, "hash": key, "n_tokens": n_tokens, "n_documents": len(doc_lengths),
         "n_fim": n_fim, "n_bytes": stats.bytes, "dtype": "uint32", "byte_order": "little",
         "tokenizer_vocab_size": tokenizer_vocab_size(tok), "skipped_files": stats.skipped_files,
+        "empty_files": stats.empty_files, "split_documents": stats.split_documents,
         "settings": {**_settings(cfg, vocab_size, seed), "source": cfg.source, "text_field": cfg.text_field},
         "files": {"tokens": TOKENS_FILE, "doc_offsets": OFFSETS_FILE, "tokenizer": TOKENIZER_FILE},
+        "checksums": {TOKENS_FILE: tokens_sha.hexdigest(), OFFSETS_FILE: _file_sha256(tmp / OFFSETS_FILE),
+                      TOKENIZER_FILE: _file_sha256(tokenizer_path)},
     }
+    index["index_sha256"] = _index_sha256(index)
     _fsync_write(tmp / INDEX_FILE, json.dumps(index, indent=1) + "\n")
 
 
@@ -256,7 +314,8 @@ def _prepare_here(cfg: DataConfig, vocab_size: int, seed: int) -> PreparedData:
     root = Path(cfg.cache_dir).expanduser()
     final = root / f"tokens-{key[:20]}"
     if (final / INDEX_FILE).is_file():
-        result = open_prepared(final, cache_hit=True)
+        result = open_prepared(final, cache_hit=True, key=key, verify_files=True)
+        check_vocab_fits_size(result, vocab_size)
         result.seconds = time.perf_counter() - start
         return result
 
@@ -270,9 +329,9 @@ def _prepare_here(cfg: DataConfig, vocab_size: int, seed: int) -> PreparedData:
     try:
         with Progress(*columns, console=console, disable=not console.is_terminal) as progress:
             _build(tmp, cfg, vocab_size, seed, key, total, progress)
-        if total.skipped_files:
-            console.print(f"warning: skipped {len(total.skipped_files)} files that are not valid UTF-8 "
-                          f"(first: {total.skipped_files[0]})", markup=False, highlight=False, soft_wrap=True)
+        if total.skipped_files or total.empty_files or total.split_documents:
+            console.print(f"warning: data.source: {total.skipped_summary()}", markup=False, highlight=False,
+                          soft_wrap=True)
         try:
             os.rename(tmp, final)  # atomic; refuses to replace a non-empty directory
         except OSError:
@@ -283,9 +342,16 @@ def _prepare_here(cfg: DataConfig, vocab_size: int, seed: int) -> PreparedData:
             # another process completed the same directory first: use theirs
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    result = open_prepared(final, cache_hit=False)
+    result = open_prepared(final, cache_hit=False, key=key)
     result.seconds = time.perf_counter() - start
     return result
+
+
+def check_vocab_fits_size(prepared: PreparedData, vocab_size: int) -> None:
+    """DataError if the prepared tokens come from a tokenizer larger than the model's embedding."""
+    if prepared.tokenizer_vocab_size > vocab_size:
+        raise DataError(f"{prepared.directory}: its tokenizer has {prepared.tokenizer_vocab_size} tokens, more than "
+                        f"model.vocab_size ({vocab_size}); raise model.vocab_size or prepare with a smaller tokenizer")
 
 
 def _initialized_distributed() -> Any:

@@ -8,9 +8,10 @@ vertical bar U+FF5C and the lower one-eighth block U+2581.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -24,6 +25,10 @@ FIM_END = "<\uff5cfim\u2581end\uff5c>"  # <｜fim▁end｜>
 SPECIAL_TOKENS = (BOS, EOS, FIM_HOLE, FIM_BEGIN, FIM_END)  # ids 0..4 of a trained tokenizer
 N_BYTES = 256
 MIN_VOCAB = len(SPECIAL_TOKENS) + N_BYTES  # a byte-level BPE holds at least the specials and every byte
+# BPE training time grows with the square of a word's length (64K characters without whitespace: seconds, 1M:
+# many minutes), so training sees runs of non-whitespace cut into pieces of at most this many characters.
+MAX_TRAIN_WORD = 1000
+_LONG_RUN = re.compile(r"\S{%d,}" % (MAX_TRAIN_WORD + 1))
 
 
 @dataclass(frozen=True)
@@ -47,6 +52,18 @@ class SpecialTokens:
         return cls(eos=ids[EOS], fim_hole=ids[FIM_HOLE], fim_begin=ids[FIM_BEGIN], fim_end=ids[FIM_END], bos=ids[BOS])
 
 
+def bounded_words(texts: Iterable[str], limit: int = MAX_TRAIN_WORD) -> Iterator[str]:
+    """The texts, each cut inside runs of more than ``limit`` non-whitespace characters (text is otherwise kept;
+    stdlib sources have no such run, so they pass unchanged)."""
+    for text in texts:
+        start = 0
+        for run in _LONG_RUN.finditer(text):
+            for cut in range(run.start() + limit, run.end(), limit):
+                yield text[start:cut]
+                start = cut
+        yield text[start:]
+
+
 def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
     """Train a byte-level BPE of ``vocab_size`` tokens (fewer only if the text is too small)."""
     if vocab_size < MIN_VOCAB:
@@ -61,7 +78,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(texts, trainer)
+    tok.train_from_iterator(bounded_words(texts), trainer)
     return tok
 
 

@@ -28,7 +28,8 @@ def summary(prepared: PreparedData) -> str:
         f"{'cache hit' if prepared.cache_hit else 'prepared'} in {prepared.seconds:.2f} s: {prepared.directory}",
         f"  tokens     {prepared.n_tokens:,} ({per_byte:.3f} tokens/byte of {prepared.n_bytes:,} bytes)",
         f"  documents  {prepared.n_documents:,} ({prepared.n_fim:,} with FIM, {fim_share:.1%})",
-        f"  skipped    {skipped} file(s) not valid UTF-8" + (f", first {prepared.skipped_files[0]}" if skipped else ""),
+        f"  skipped    {skipped} file(s) not UTF-8 text" + (f", first {prepared.skipped_files[0]}" if skipped else "")
+        + f"; {len(prepared.empty_files)} empty; {prepared.split_documents} long document(s) split",
         f"  tokenizer  {prepared.tokenizer_path} (vocab {prepared.tokenizer_vocab_size:,})",
     ])
 
