@@ -1,9 +1,11 @@
 """Pipeline-parallel training end to end under torchrun (gloo): DualPipe over pp 2 x dp 2 with expert
-parallelism trains like one process, and checkpoints move between pipelined and non-pipelined layouts."""
+parallelism trains like one process, the model is cut where parallel.stage_boundaries says, and checkpoints
+move between pipelined and non-pipelined layouts."""
 
 from __future__ import annotations
 
 import pytest
+from torch.distributed.checkpoint import FileSystemReader
 
 from tests.distributed.reference import FIXED_BATCH, STEPS, assert_same_losses
 from tests.integration.pretrain_runs import run_pretrain, run_torchrun
@@ -41,3 +43,22 @@ def test_one_process_checkpoint_resumes_under_a_pipeline(tmp_path, data_cache, r
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"pp 2 ({schedule})" in result.stdout and "at step 10" in result.stdout
     assert_same_losses(read_metrics(run_dir), reference, range(11, STEPS + 1))
+
+
+def test_explicit_stage_boundaries_cut_the_model_there(tmp_path, data_cache, reference):
+    """1F1B over pp 2 (one stage per rank) with parallel.stage_boundaries=[1]: rank 1 holds blocks 1 and 2
+    (the planner alone would keep all three on rank 0, docs/planner.md "The split"), as the checkpoint's
+    DCP metadata shows (the file each tensor was written to names the rank), and the losses are one
+    process's."""
+    run_dir = tmp_path / "cut"
+    result = run_torchrun(2, run_dir, data_cache, *FIXED_BATCH, "parallel.pp=2", "parallel.schedule=1f1b",
+                          "parallel.stage_boundaries=[1]", "checkpoint.every=10")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_same_losses(read_metrics(run_dir), reference, range(1, STEPS + 1))
+    storage = FileSystemReader(str(run_dir / "checkpoints" / "step_00000010")).read_metadata().storage_data
+    writer = {}  # block -> the ranks that wrote its weights
+    for index, info in storage.items():
+        parts = index.fqn.split(".")
+        if parts[:2] == ["model", "layers"]:
+            writer.setdefault(int(parts[2]), set()).add(int(info.relative_path.split("_")[2]))
+    assert writer == {0: {0}, 1: {1}, 2: {1}}
