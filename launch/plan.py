@@ -27,6 +27,8 @@ if str(REPO) not in sys.path:  # `python launch/plan.py` from anywhere
 from train.config import Config, ConfigError, check_preset_args  # noqa: E402
 from train.errors import UserError  # noqa: E402
 from train.plan import Cluster, Plan, fewest_gpus, format_plan, plan, suggest_layout  # noqa: E402
+from train.plan_report import no_fit_line  # noqa: E402
+from train.plan_suggest import least_memory  # noqa: E402
 
 CLUSTER_KEYS = {f.name: f.type for f in dataclasses.fields(Cluster)}
 
@@ -134,6 +136,8 @@ def main(argv: list[str]) -> int:
             raise UserError(f"{err}" + (f"; nearest layout that fits: {fix}" if fix else "")) from None
         if not result.fits:
             result.suggestion = nearest(cfg, cluster)
+            if not result.suggestion:  # say why nothing fits: the least memory any nearby layout needs
+                result.no_fit = no_fit_line(cfg, cluster.gpus, least_memory(cfg, cluster))
         data = plan_dict(result, overrides)
         if json_path:
             try:

@@ -107,6 +107,7 @@ class Plan:
     forward_split_total: float = 0.0  # the fullest rank's bytes with the forward-balanced cuts
     overflow: str = ""  # one line when it does not fit
     suggestion: str = ""  # the nearest layout that fits (overrides), when it does not
+    no_fit: str = ""  # when no layout fits at all: why (launch/plan.py, plan_report.no_fit_line)
     notes: list[str] = field(default_factory=list)
 
     @property

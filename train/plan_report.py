@@ -117,5 +117,23 @@ def format_plan(pl: Plan, title: str = "") -> str:
     else:
         lines.append(f"DOES NOT FIT: {pl.overflow}"
                      + (f"; nearest layout that fits: {pl.suggestion}" if pl.suggestion else
-                        "; no layout near this one fits on these GPUs"))
+                        f"; {pl.no_fit or 'no layout near this one fits on these GPUs'}"))
     return "\n".join(lines)
+
+
+def no_fit_line(cfg: Config, gpus: int, least: tuple[float, str, RankMemory] | None) -> str:
+    """Why nothing fits: the least memory a layout of these ``gpus`` needs (``plan_suggest.least_memory``) and,
+    when activations or buffers dominate, that they grow with the micro-batch's tokens, which pipeline and
+    expert parallelism do not divide."""
+    text = f"no layout near this one fits on {gpus:,} GPUs, nor on up to 65,536"
+    if least is None:
+        return text
+    total, changes, rank = least
+    text += f"; the least memory on {gpus:,} GPUs is {total / GiB:,.1f} GiB ({changes}; {largest_term(rank)})"
+    term = max((k for k in rank.terms if k != "reserve"), key=lambda k: rank.terms[k])
+    if term in ("activations", "buffers"):
+        tokens = cfg.train.micro_batch_size * cfg.train.seq_len
+        text += (f": activations, logits and all-to-all buffers grow with the micro-batch's {tokens:,} tokens "
+                 "(train.micro_batch_size x train.seq_len), which pipeline and expert parallelism do not divide; "
+                 "it needs sequence parallelism, which this trainer does not have")
+    return text

@@ -7,7 +7,7 @@ import math
 
 from train.config import Config, ConfigError, validate
 from train.plan_cluster import Cluster
-from train.plan_memory import memory_fits
+from train.plan_memory import RankMemory, memory_fits
 
 
 def _divisors(n: int) -> list[int]:
@@ -85,3 +85,20 @@ def fewest_gpus(cfg: Config, cluster: Cluster, max_gpus: int = 65536) -> tuple[i
                 return gpus, " ".join(changes) or "as configured"
         gpus *= 2
     return None
+
+
+def least_memory(cfg: Config, cluster: Cluster, limit: int = 1000) -> tuple[float, str, RankMemory] | None:
+    """When nothing fits: the layout near ``cfg`` on ``cluster.gpus`` GPUs whose fullest rank needs the least
+    memory: (its bytes, its overrides or "as configured", that rank), None if no layout is even possible."""
+    best: tuple[float, str, RankMemory] | None = None
+    for _, new, changes in [((), cfg, [])] + _candidates(cfg, cluster.gpus)[:limit]:
+        try:
+            validate(new, cluster.gpus)
+            _, ranks = memory_fits(new, cluster)
+        except ConfigError:
+            continue
+        if ranks:
+            worst = max(ranks, key=lambda r: r.total)
+            if best is None or worst.total < best[0]:
+                best = (worst.total, " ".join(changes) or "as configured", worst)
+    return best

@@ -374,6 +374,45 @@ def test_tiny_two_stage_cuts():
 
 
 # --------------------------------------------------------------------------------------------------
+# The report's batch ramp and the long-context stages at their layouts
+
+
+def test_671b_batch_ramp_is_trainable_at_the_report_layout(report_plan):
+    """Every batch of the ramp (train.batch_size_start to train.batch_size, rounded as the trainer rounds it)
+    gives DualPipe an even number >= 30 of micro-batches on the report's 128 data-parallel ranks."""
+    from parallel.pipeline.parallelize import check_micro_batches, micro_batch_quantum
+    from parallel.pipeline.schedule import make_schedule
+
+    cfg = load_config(REPORT, world_size=2048)
+    t = cfg.train
+    assert (t.micro_batch_size, t.batch_size_start, t.batch_size) == (1, 4096, 15360)
+    check_micro_batches(cfg, dp=128)
+    quantum = micro_batch_quantum(cfg, dp=128)
+    for batch in range(t.batch_size_start, t.batch_size + 1, quantum):
+        make_schedule("dualpipe", 16, batch // 128)  # raises if it cannot run
+    assert not any("batch_size_start" in n for n in report_plan.notes)
+    # the report's 3072 would be 24 micro-batches: refused, with the batch that runs
+    cfg = load_config([*REPORT, "train.batch_size_start=3072"], world_size=2048)
+    assert any("train.batch_size_start=3840 runs" in n for n in plan(cfg, Cluster(gpus=2048), suggest=False).notes)
+
+
+@pytest.mark.parametrize("conf,gpus,tokens", [("671b_ext32k", 1024, 32768), ("671b_ext128k", 256, 131072)])
+def test_long_context_stages_do_not_fit_and_say_why(conf, gpus, tokens, capsys):
+    """The extension stages at their assumed layouts (conf files): DualPipe gets its 30 micro-batches, but one
+    micro-batch of 32K / 128K tokens does not fit 80 GiB under any layout near it (activations and buffers
+    grow with its tokens); the verdict names the term and the least memory a layout of these GPUs needs."""
+    cfg = load_config([f"+conf={conf}"], world_size=gpus)
+    assert (cfg.parallel.pp, cfg.train.micro_batch_size * cfg.train.seq_len) == (16, tokens)
+    pl = plan(cfg, Cluster(gpus=gpus), suggest=False)
+    assert pl.micro_batches == 30 and not pl.fits and "largest term activations" in pl.overflow
+    assert _launcher().main([f"+conf={conf}"]) == 2  # cluster.gpus defaults to pp x ep
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("DOES NOT FIT: needs") and f"no layout near this one fits on {gpus:,} GPUs" in last
+    assert "the least memory on" in last and f"micro-batch's {tokens:,} tokens" in last
+    assert "sequence parallelism" in last
+
+
+# --------------------------------------------------------------------------------------------------
 # The trainer's start-up check
 
 
