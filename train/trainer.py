@@ -34,6 +34,7 @@ from train.guards import LossGuard, TrainingHalted, Verdict
 from train.losses import compute_losses
 from parallel.pipeline.parallelize import check_micro_batches, micro_batch_quantum
 from train.metrics import MetricsLogger
+from train.observe import DeadExpertMonitor, moe_layer_ids, moe_layer_ids_from_names, moe_metrics
 from train.model import Transformer, count_parameters, set_recompute
 from train.plan import check_plan
 from train.preempt import StopRequest
@@ -200,7 +201,7 @@ def _train(cfg: Config, runtime: Runtime, model: Transformer, log: MetricsLogger
         moe_layers = module.moe_layers()
         optimizer = ZeroAdamW(module, groups, cfg.optim)
     traffic = [m.traffic for m in module.modules() if hasattr(m, "traffic")]  # bytes of the expert all-to-alls
-    state = TrainState(guard=LossGuard(cfg.train))
+    state = TrainState(guard=LossGuard(cfg.train), dead_experts=DeadExpertMonitor(cfg.logging.dead_expert_window))
     start = resume_path(cfg)
     if start is not None:
         restore(start, state, module, optimizer, loader, groups, cfg)
@@ -230,7 +231,9 @@ def _train(cfg: Config, runtime: Runtime, model: Transformer, log: MetricsLogger
         path = checkpoint.save_checkpoint(
             cfg.run.dir, state.step, state.tokens, checkpoint.model_state(module, groups), optimizer.state_dict(),
             cfg.model, trainer_state={"loader": loader.state_dict(), "rng": rng_states(),
-                                      "guard": state.guard.state_dict(), "config": dataclasses.asdict(cfg)},
+                                      "guard": state.guard.state_dict(),
+                                      "dead_experts": _merged_monitor_state(state.dead_experts, groups),
+                                      "config": dataclasses.asdict(cfg)},
             keep=cfg.checkpoint.keep,
             ema_state=checkpoint.model_state(module, groups, tensors=ema.state()) if ema is not None else None,
         )
@@ -264,8 +267,10 @@ def _train(cfg: Config, runtime: Runtime, model: Transformer, log: MetricsLogger
             if pipeline is not None:
                 result = pipeline.runtime(len(windows)).step(windows, lam, cfg.train.balance_alpha)
                 sums, load = result.sums.to(runtime.device), result.expert_load.to(runtime.device).float()
+                layer_ids = moe_layer_ids_from_names(result.moe_names, cfg.model.n_layers)
             else:
                 sums, load = forward_backward(module, windows, lam, cfg.train.balance_alpha, runtime)
+                layer_ids = moe_layer_ids(module, cfg.model.n_layers)
             if hooks.after_backward is not None:
                 hooks.after_backward(state.step + 1, module)
             all_reduce_sum(sums, load, group=groups.dp)  # losses and expert loads of the whole global batch
@@ -301,6 +306,13 @@ def _train(cfg: Config, runtime: Runtime, model: Transformer, log: MetricsLogger
                 record["ema_update_s"] = ema_wait  # time the step spent on the EMA (the blend runs behind it)
             if traffic:
                 record.update(_traffic_totals(traffic, groups))
+            warnings_ = state.dead_experts.update(load, layer_ids)
+            per_layer = moe_metrics(state.step, load, layer_ids, moe_layers, cfg.logging.expert_load_every,
+                                    state.dead_experts)
+            per_layer, warnings_ = _gather_stages((per_layer, warnings_), groups)
+            record.update(per_layer)
+            for line in warnings_:
+                log.info(f"warning: {line}")
             history.append(record)
             log.step(record)
             if verdict.reason:
@@ -340,6 +352,8 @@ def _train(cfg: Config, runtime: Runtime, model: Transformer, log: MetricsLogger
             if (cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0) or _finished(cfg, state.step,
                                                                                               state.tokens):
                 save()
+            if cfg.logging.plot_every and state.step % cfg.logging.plot_every == 0 and runtime.is_main:
+                _refresh_plots(cfg, state.step, log)
             if stop.agreed():
                 path = save() if state.last_saved != state.step else checkpoint.latest_checkpoint(cfg.run.dir)
                 log.info(f"stopped by {stop.signal_name} after step {state.step:,}; checkpoint {path}; "
@@ -363,6 +377,7 @@ class TrainState:
     last_saved: int = 0
     rollbacks: int = 0
     rollback_targets: dict[str, int] = dataclasses.field(default_factory=dict)  # checkpoint name -> rollbacks to it
+    dead_experts: DeadExpertMonitor = dataclasses.field(default_factory=lambda: DeadExpertMonitor(0))
 
 
 @dataclass
@@ -385,8 +400,56 @@ def restore(path: Path, state: TrainState, module: torch.nn.Module, optimizer: Z
     set_rng_states(saved["rng"])
     skips = state.guard.skip_batches
     state.guard.load_state_dict(saved.get("guard", {}))
+    state.dead_experts.load_state_dict(saved.get("dead_experts", {}))
     if keep_skips:
         state.guard.skip_batches = sorted(set(state.guard.skip_batches) | set(skips))
+
+
+def _gather_stages(part: tuple[dict[str, Any], list[str]], groups: ProcessGroups) -> tuple[dict[str, Any], list[str]]:
+    """The per-layer statistics of every pipeline stage (each holds its own layers): dicts keyed by layer
+    id are merged, ``dead_experts`` counts summed, warning lines concatenated. Without a pipeline: as is."""
+    if groups.layout.pp == 1:
+        return part
+    parts: list[Any] = [None] * groups.layout.pp
+    dist.all_gather_object(parts, part, group=groups.pp)
+    merged: dict[str, Any] = {}
+    lines: list[str] = []
+    for stats, stage_lines in parts:
+        lines += stage_lines
+        for key, value in stats.items():
+            if isinstance(value, dict):
+                merged.setdefault(key, {}).update(value)
+            elif key == "dead_experts":
+                merged[key] = merged.get(key, 0) + value
+            else:
+                merged[key] = value
+    for key, value in merged.items():  # layer order, whatever stage they came from
+        if isinstance(value, dict):
+            merged[key] = dict(sorted(value.items(), key=lambda kv: int(kv[0])))
+    return merged, lines
+
+
+def _merged_monitor_state(monitor: DeadExpertMonitor, groups: ProcessGroups) -> dict[str, Any]:
+    """The dead-expert counts of all stages' layers, equal on every rank (it goes into the checkpoint)."""
+    state = monitor.state_dict()
+    if groups.layout.pp == 1:
+        return state
+    parts: list[Any] = [None] * groups.layout.pp
+    dist.all_gather_object(parts, state, group=groups.pp)
+    for other in parts:
+        state["idle"].update(other["idle"])
+        state["reported"].update(other["reported"])
+    return state
+
+
+def _refresh_plots(cfg: Config, step: int, log: MetricsLogger) -> None:
+    """Rewrite RUN_DIR/plots (and send them to wandb); a plotting failure is reported, never fatal."""
+    from train.plots import write_plots
+
+    try:
+        log.log_plots(write_plots(cfg.run.dir), step)
+    except (OSError, ValueError, RuntimeError) as err:
+        log.info(f"warning: could not refresh the plots in {cfg.run.dir}/plots ({err}); training goes on")
 
 
 def _verdict_line(verdict: Verdict, record: dict[str, Any], cfg: Config) -> str:

@@ -1,26 +1,15 @@
-"""Plots of a real tiny run (train/plots.py, launch/report.py), with the per-layer MoE series of
-train/observe.py computed from the expert loads of the run's trained model on the run's data."""
+"""Plots of a real tiny run (train/plots.py, launch/report.py) and the per-layer MoE series the trainer logs
+(train/observe.py), with and without pipeline stages."""
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 
 import matplotlib.image
-import numpy as np
 import pytest
-import torch
-import torch.distributed.checkpoint as dcp
 
-from data.prepare import TOKEN_DTYPE, prepare_data
-from tests.integration.pretrain_runs import REPO, TINY_DATA, run_pretrain
-from train import checkpoint
-from train.balance import update_gate_biases
-from train.config import load_config
-from train.model import Transformer
-from train.observe import DeadExpertMonitor, moe_layer_ids, moe_metrics
-from train.plots import read_records, write_plots
+from tests.integration.pretrain_runs import REPO, run_pretrain, run_torchrun
 from train.trainer import read_metrics
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("single_thread"),
@@ -39,59 +28,47 @@ def assert_png(path) -> None:
     assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100, (path, image.shape)
 
 
-def add_moe_series(run_dir, data_cache) -> None:
-    """Add the trainer-to-be's per-layer keys to each record of the run: the run's final model routes
-    consecutive windows of the run's token stream, one batch per step, and its gate biases move as
-    the trainer moves them (train.balance.update_gate_biases with the step's bias_update_speed)."""
-    cfg = load_config(["+conf=tiny", f"data.cache_dir={data_cache}", *TINY_DATA])
-    tokens = np.fromfile(prepare_data(cfg.data, vocab_size=cfg.model.vocab_size, seed=cfg.train.seed).tokens_path,
-                         dtype=TOKEN_DTYPE)
-    model = Transformer(cfg.model)
-    model.init_weights(seed=0)
-    dcp.load({"model": checkpoint.model_state(model)}, checkpoint_id=str(checkpoint.latest_checkpoint(run_dir)),
-             no_dist=True)
-    model.eval()
-    layers, ids = model.moe_layers(), moe_layer_ids(model, cfg.model.n_layers)
-    monitor = DeadExpertMonitor(window=2)
-    records = read_metrics(run_dir)
-    seq, batch = 64, 8
-    for i, record in enumerate(records):
-        start = i * batch * seq
-        windows = torch.from_numpy(tokens[start:start + batch * seq].astype(np.int64)).view(batch, seq)
-        with torch.no_grad():
-            load = model(windows).expert_load
-        monitor.update(load, ids)
-        update_gate_biases(layers, load, record["bias_update_speed"])
-        record.update(moe_metrics(record["step"], load, ids, layers, expert_load_every=2, monitor=monitor))
-    lines = [json.dumps(r) for r in records]
-    (run_dir / "metrics.jsonl").write_text("\n".join(lines) + "\n" + lines[-1][: len(lines[-1]) // 2])  # cut short
+def check_moe_record(record: dict) -> None:
+    assert set(record["max_vio_layers"]) == {"1", "2", "3"}  # 2 MoE blocks and the MTP block
+    for key in ("load_min_layers", "load_max_layers", "load_std_layers", "gate_bias_abs_mean_layers"):
+        assert set(record[key]) == {"1", "2", "3"}, key
+    assert record["gate_bias_abs_mean_layers"]["1"] > 0  # the biases moved (gamma > 0 in the tiny preset)
+    assert record["load_min_layers"]["1"] <= 1.0 <= record["load_max_layers"]["1"]  # fractions of the mean
+    assert record["dead_experts"] >= 0
 
 
 def test_plots_of_a_real_run(tmp_path, data_cache):
     run_dir = tmp_path / "run"
-    result = run_pretrain(run_dir, data_cache, *FAST)
+    result = run_pretrain(run_dir, data_cache, *FAST, "logging.plot_every=2", "logging.expert_load_every=2")
     assert result.returncode == 0, result.stderr[-3000:]
+    # the trainer refreshed the plots during the run
+    assert sorted(p.name for p in (run_dir / "plots").iterdir()) == sorted(BASIC + MOE)
+    records = read_metrics(run_dir)
+    for record in records:
+        check_moe_record(record)
+    assert ["expert_load" in r for r in records] == [False, True, False, True]
+    assert len(records[1]["expert_load"]["2"]) == 8  # a row of the 8 experts' loads
 
-    # what the trainer logs today: the basic plots (MaxVio from the mean and worst over layers)
-    written = write_plots(run_dir)
-    assert [p.name for p in written] == BASIC
-    for path in written:
-        assert_png(path)
-
-    add_moe_series(run_dir, data_cache)
-    record = read_records(run_dir / "metrics.jsonl")[-1]  # the last complete line
-    assert set(record["max_vio_layers"]) == {"1", "2", "3"}  # 2 MoE blocks and the MTP block
-    assert record["gate_bias_abs_mean_layers"]["1"] > 0  # the trained run's biases have moved
-    assert "expert_load" in record and record["dead_experts"] >= 0
-
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()  # a crash cut the last line short
+    (run_dir / "metrics.jsonl").write_text("\n".join(lines) + "\n" + lines[-1][: len(lines[-1]) // 2])
     report = subprocess.run([sys.executable, str(REPO / "launch" / "report.py"), str(run_dir)], cwd=REPO,
                             capture_output=True, text=True, timeout=300)
     assert report.returncode == 0, report.stderr
     printed = report.stdout.split()
     assert [p.rsplit("/", 1)[-1] for p in printed] == BASIC + MOE
-    assert sorted(p.name for p in (run_dir / "plots").iterdir()) == sorted(BASIC + MOE)
     for path in printed:
         assert_png(run_dir / "plots" / path.rsplit("/", 1)[-1])
+
+
+def test_pipeline_stages_merge_their_layers(tmp_path, data_cache):
+    """With pp = 2 each stage holds some MoE layers; the record on rank 0 has all of them."""
+    run_dir = tmp_path / "pp"
+    result = run_torchrun(2, run_dir, data_cache, *FAST[:1], "train.steps=2", "parallel.pp=2",
+                          "parallel.schedule=1f1b", "logging.expert_load_every=1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    for record in read_metrics(run_dir):
+        check_moe_record(record)
+        assert list(record["expert_load"]) == ["1", "2", "3"]
 
 
 def test_report_errors_are_one_line(tmp_path):
