@@ -87,17 +87,59 @@ def compose(overrides: list[str]):
         raise UserError(text) from None
 
 
-def load(overrides: list[str], cluster_keys: dict[str, object]) -> tuple[Config, Cluster]:
+def load(overrides: list[str], cluster_keys: dict[str, object]) -> tuple[Config, Cluster, str]:
+    """(config, cluster, note). Without cluster.gpus: pp x ep GPUs or, when the batch cannot be split over
+    them, the layout ``batch_layout`` finds (said in the note); with it, that layout in the error line."""
     from train.config import to_config
 
     node = compose(overrides)
     gpus = cluster_keys.get("gpus")
+    first = to_config(node, world_size=1)
     if gpus is None:  # the smallest world the configured layout allows
-        first = to_config(node, world_size=1)
         gpus = first.parallel.pp * first.parallel.ep
     cluster = Cluster(**{**cluster_keys, "gpus": gpus})
     cluster.check()
-    return to_config(node, world_size=cluster.gpus), cluster
+    try:
+        return to_config(node, world_size=cluster.gpus), cluster, ""
+    except ConfigError as err:
+        if first.parallel.pp * first.parallel.ep > cluster.gpus:
+            raise
+        found = batch_layout(node, cluster.gpus)
+        if found is None:
+            raise
+        runs, ep = found
+        fix = f"cluster.gpus={runs}" + (f" parallel.ep={ep}" if ep != first.parallel.ep else "")
+        if "gpus" in cluster_keys:
+            raise ConfigError(f"{err}; the batch runs on {fix}") from None
+        cfg = dataclasses.replace(first, parallel=dataclasses.replace(first.parallel, ep=ep))
+        from train.config import validate
+
+        cluster = dataclasses.replace(cluster, gpus=runs)
+        return validate(cfg, runs), cluster, (f"on parallel.pp x parallel.ep = {gpus:,} GPUs: {err}; planned on the "
+                                              f"most GPUs that split it: {fix}")
+
+
+def batch_layout(node, world: int) -> tuple[int, int] | None:
+    """For a batch that ``world`` GPUs cannot split (``train.batch_size`` not a multiple of micro-batch x dp,
+    or too few micro-batches for the schedule): the most GPUs below ``world`` at the same parallel.pp on
+    which it validates and the schedule runs every batch of the ramp, with the largest parallel.ep up to the
+    configured one: (gpus, ep); None if there are none."""
+    from parallel.pipeline.parallelize import check_micro_batches
+    from train.config import to_config, validate
+
+    base = to_config(node, world_size=1)
+    p = base.parallel
+    for dp in range(min(world // p.pp, base.train.batch_size), 0, -1):
+        ep = max(e for e in range(1, min(p.ep, dp) + 1) if dp % e == 0 and base.model.n_routed_experts % e == 0)
+        cfg = dataclasses.replace(base, parallel=dataclasses.replace(p, ep=ep))
+        try:
+            validate(cfg, p.pp * dp)
+            if p.pp > 1:
+                check_micro_batches(cfg, dp)
+        except ConfigError:
+            continue
+        return p.pp * dp, ep
+    return None
 
 
 def nearest(cfg: Config, cluster: Cluster) -> str:
@@ -128,12 +170,14 @@ def main(argv: list[str]) -> int:
     try:
         cluster_keys, overrides, as_json, json_path = parse_args(argv)
         check_preset_args(overrides)
-        cfg, cluster = load(overrides, cluster_keys)
+        cfg, cluster, note = load(overrides, cluster_keys)
         try:
             result = plan(cfg, cluster, suggest=False)
         except ConfigError as err:  # a layout these GPUs cannot hold: say what would
             fix = nearest(cfg, cluster)
             raise UserError(f"{err}" + (f"; nearest layout that fits: {fix}" if fix else "")) from None
+        if note:
+            result.notes.insert(0, note)
         if not result.fits:
             result.suggestion = nearest(cfg, cluster)
             if not result.suggestion:  # say why nothing fits: the least memory any nearby layout needs

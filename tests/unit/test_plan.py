@@ -396,20 +396,31 @@ def test_671b_batch_ramp_is_trainable_at_the_report_layout(report_plan):
     assert any("train.batch_size_start=3840 runs" in n for n in plan(cfg, Cluster(gpus=2048), suggest=False).notes)
 
 
-@pytest.mark.parametrize("conf,gpus,tokens", [("671b_ext32k", 1024, 32768), ("671b_ext128k", 256, 131072)])
-def test_long_context_stages_do_not_fit_and_say_why(conf, gpus, tokens, capsys):
-    """The extension stages at their assumed layouts (conf files): DualPipe gets its 30 micro-batches, but one
-    micro-batch of 32K / 128K tokens does not fit 80 GiB under any layout near it (activations and buffers
-    grow with its tokens); the verdict names the term and the least memory a layout of these GPUs needs."""
-    cfg = load_config([f"+conf={conf}"], world_size=gpus)
+@pytest.mark.parametrize("conf,gpus,ep,tokens", [("671b_ext32k", 1024, 64, 32768), ("671b_ext128k", 256, 16, 131072)])
+def test_long_context_stages_do_not_fit_and_say_why(conf, gpus, ep, tokens, capsys):
+    """The extension stages at their assumed layouts (docs/planner.md, conf files): PP 16 DualPipe with the
+    most data-parallel ranks that give DualPipe its 30 micro-batches (1920 sequences: 64 at EP 64; 480: 16,
+    so EP 16). One micro-batch of 32K / 128K tokens does not fit 80 GiB under any layout near it
+    (activations and buffers grow with its tokens); the verdict names the term and the least memory a
+    layout of these GPUs needs. launch/plan.py finds the 128K layout itself (pp x ep = 1024 GPUs cannot
+    split 480 sequences) and says so."""
+    cfg = load_config([f"+conf={conf}", f"parallel.ep={ep}"], world_size=gpus)
     assert (cfg.parallel.pp, cfg.train.micro_batch_size * cfg.train.seq_len) == (16, tokens)
     pl = plan(cfg, Cluster(gpus=gpus), suggest=False)
     assert pl.micro_batches == 30 and not pl.fits and "largest term activations" in pl.overflow
-    assert _launcher().main([f"+conf={conf}"]) == 2  # cluster.gpus defaults to pp x ep
-    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert _launcher().main([f"+conf={conf}"]) == 2
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[0].startswith(f"plan +conf={conf}: {gpus:,} GPUs") and f"dp {gpus // 16} = ep {ep} x edp 1" in out[1]
+    if ep != 64:
+        assert f"planned on the most GPUs that split it: cluster.gpus={gpus} parallel.ep={ep}" in "\n".join(out)
+    last = out[-1]
     assert last.startswith("DOES NOT FIT: needs") and f"no layout near this one fits on {gpus:,} GPUs" in last
     assert "the least memory on" in last and f"micro-batch's {tokens:,} tokens" in last
     assert "sequence parallelism" in last
+    # on the report's 2048 GPUs the batch cannot be split at all: one line naming the GPUs that can
+    assert _launcher().main([f"+conf={conf}", "cluster.gpus=2048"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"the batch runs on cluster.gpus={gpus}" in err
 
 
 # --------------------------------------------------------------------------------------------------
