@@ -47,9 +47,13 @@ def translate_args(argv: list[str]) -> list[str]:
 
 def main(argv: list[str]) -> int:
     try:
-        from train.evaluate import evaluate, format_result, load_eval_config, write_json
+        from train.config import check_override_keys
+        from train.evaluate import EvalConfig, evaluate, format_result, load_eval_config, write_json
 
-        cfg = load_eval_config(translate_args(argv))
+        overrides = translate_args(argv)
+        check_override_keys(overrides, schema=EvalConfig, groups=(),
+                            reference="settings: train/evaluate.py EvalConfig (docs/long_context.md)")
+        cfg = load_eval_config(overrides)
         result = evaluate(cfg)
         print(format_result(result), flush=True)
         if cfg.out:

@@ -13,7 +13,7 @@ import hydra
 from omegaconf import DictConfig
 
 from data.prepare import PreparedData, prepare_data
-from train.config import HYDRA_RUN_OVERRIDES, SCHEMA_NAME, register_schema, to_config
+from train.config import HYDRA_RUN_OVERRIDES, SCHEMA_NAME, check_command_line, register_schema, to_config
 from train.errors import UserError
 
 register_schema()
@@ -46,5 +46,9 @@ def main(node: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    try:
+        check_command_line(sys.argv[1:])  # presets, keys, types: one line each, before Hydra's longer messages
+    except UserError as err:
+        sys.exit(f"error: {err}")
     sys.argv += HYDRA_RUN_OVERRIDES
     main()

@@ -12,7 +12,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from train.config import HYDRA_RUN_OVERRIDES, SCHEMA_NAME, check_preset_args, register_schema, to_config
+from train.config import HYDRA_RUN_OVERRIDES, SCHEMA_NAME, check_command_line, register_schema, to_config
 from train.errors import UserError
 
 register_schema()
@@ -30,13 +30,18 @@ def main(node: DictConfig) -> None:
         sys.exit(1)
 
 
+def command_line(argv: list[str]) -> list[str]:
+    """The overrides, checked before Hydra sees them (presets, keys, types: one line each)."""
+    # `async` is a Python keyword, so the field is checkpoint.async_save; accept the short spelling too
+    args = [a.replace("checkpoint.async=", "checkpoint.async_save=", 1) if a.startswith("checkpoint.async=") else a
+            for a in argv]
+    check_command_line(args)
+    return args
+
+
 if __name__ == "__main__":
     try:
-        check_preset_args(sys.argv[1:])
+        sys.argv = [sys.argv[0], *command_line(sys.argv[1:]), *HYDRA_RUN_OVERRIDES]
     except UserError as err:
         sys.exit(f"error: {err}")
-    # `async` is a Python keyword, so the field is checkpoint.async_save; accept the short spelling too
-    sys.argv = [a.replace("checkpoint.async=", "checkpoint.async_save=", 1) if a.startswith("checkpoint.async=")
-                else a for a in sys.argv]
-    sys.argv += HYDRA_RUN_OVERRIDES
     main()

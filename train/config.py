@@ -8,7 +8,10 @@ name and the fix (``ConfigError``). Numbers of the report are in ``conf/671b.yam
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
+import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -192,6 +195,9 @@ def _require(ok: bool, message: str) -> None:
 def validate(cfg: Config, world_size: int = 1) -> Config:
     """Check cross-field constraints; raise ConfigError naming the field and the fix."""
     m, t, o = cfg.model, cfg.train, cfg.optim
+    _require(world_size >= 1, f"the number of processes ({world_size}) must be >= 1")
+    _require(cfg.parallel.pp >= 1 and cfg.parallel.ep >= 1,
+             f"parallel.pp ({cfg.parallel.pp}) and parallel.ep ({cfg.parallel.ep}) must be >= 1")
     for name in ("vocab_size", "dim", "inter_dim", "moe_inter_dim", "n_layers", "n_heads", "kv_lora_rank",
                  "qk_nope_head_dim", "v_head_dim", "n_routed_experts", "n_activated_experts",
                  "n_expert_groups", "topk_groups", "max_seq_len", "original_seq_len"):
@@ -319,16 +325,145 @@ def presets() -> list[str]:
     return sorted(p.stem for p in CONF_DIR.glob("*.yaml"))
 
 
-def check_preset_args(argv: list[str]) -> None:
+def _did_you_mean(word: str, choices: Sequence[str]) -> str:
+    """' did you mean X?' for the closest of ``choices`` (difflib), or ''."""
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" did you mean {close[0]}?" if close else ""
+
+
+def check_preset_args(argv: Sequence[str]) -> None:
     """Fail with one line on `+conf=NAME` naming a preset that does not exist (before Hydra's longer message)."""
     for arg in argv:
         if arg.startswith(("+conf=", "conf=")):
             name = arg.split("=", 1)[1]
             if not (CONF_DIR / f"{name}.yaml").is_file():
-                raise ConfigError(f"unknown preset +conf={name}: choose one of {', '.join(presets())} "
+                hint = _did_you_mean(name, presets())
+                hint = hint.replace("mean ", "mean +conf=") if hint else ""
+                raise ConfigError(f"unknown preset +conf={name}:{hint} choose one of {', '.join(presets())} "
                                   f"(files in {CONF_DIR})")
             if arg.startswith("conf="):
                 raise ConfigError(f"select a preset with a leading plus: +{arg}")
+
+
+def _schema_fields(schema: type) -> dict[str, Any]:
+    """Field name -> resolved type of a config dataclass."""
+    hints = typing.get_type_hints(schema)
+    return {f.name: hints[f.name] for f in dataclasses.fields(schema)}
+
+
+def setting_names(schema: type = Config, prefix: str = "") -> list[str]:
+    """Every settable dotted name of a config dataclass (``train.steps``, ...)."""
+    names = []
+    for name, kind in _schema_fields(schema).items():
+        if dataclasses.is_dataclass(kind):
+            names += setting_names(kind, f"{prefix}{name}.")
+        else:
+            names.append(f"{prefix}{name}")
+    return names
+
+
+def _unknown_key(key: str, arg: str, schema: type, section: type, at: int, reference: str) -> ConfigError:
+    parts = key.split(".")
+    name, where = parts[at], ".".join(parts[:at])
+    owner = f"{where} has" if where else "the config has"
+    if name.startswith("_") and name.endswith("_"):  # Hydra's _target_, _args_, ...: nothing is instantiated here
+        return ConfigError(f"{arg}: {key} is not a setting ({owner} no field {name}; configs hold plain values and "
+                           f"never name code to run); {reference}")
+    siblings = [f"{where}.{n}" if where else n for n in _schema_fields(section)]
+    hint = _did_you_mean(key, siblings) or _did_you_mean(key, setting_names(schema))
+    if not hint:  # `steps=5` for train.steps: the last part matches a field of some section
+        matches = [n for n in setting_names(schema) if n.rsplit(".", 1)[-1] == parts[-1]]
+        hint = f" did you mean {matches[0]}?" if len(matches) == 1 else ""
+    return ConfigError(f"unknown setting {key} in {arg} ({owner} no field {name}):{hint or ' no close name;'} "
+                       f"{reference}")
+
+
+def check_override_keys(argv: Sequence[str], schema: type = Config, groups: Sequence[str] = ("conf",),
+                        reference: str = "every setting and its default: docs/configs.md") -> None:
+    """One ConfigError line for an override whose key is not a field of ``schema`` (with the nearest valid
+    name), that sets a whole section, or that has no value. Flags (``-...``), ``hydra.*`` and the config
+    ``groups`` are left to Hydra. Runs before Hydra, whose messages span several lines."""
+    for arg in overrides_only(argv):
+        key = arg.split("=", 1)[0]
+        bare = key.lstrip("+~")
+        if bare in groups or bare == "hydra":
+            continue
+        if "=" not in arg and not key.startswith("~"):
+            raise ConfigError(f"override {arg!r} has no value: write {bare}=VALUE")
+        section: type = schema
+        parts = bare.split(".")
+        for at, name in enumerate(parts):
+            fields = _schema_fields(section)
+            if name not in fields:
+                raise _unknown_key(bare, arg, schema, section, at, reference)
+            kind, dotted = fields[name], ".".join(parts[: at + 1])
+            last = at == len(parts) - 1
+            if dataclasses.is_dataclass(kind):
+                if last and not key.startswith("~"):
+                    first = next(iter(_schema_fields(kind)))
+                    raise ConfigError(f"{arg}: {dotted} is a section, not a value; set its fields, e.g. "
+                                      f"{dotted}.{first}=VALUE")
+                section = kind
+            elif not last:
+                if typing.get_origin(kind) is list and at == len(parts) - 2 and parts[-1].isdigit():
+                    break  # an element of a list setting: optim.lr_tail_tokens.0=...
+                raise ConfigError(f"{arg}: {dotted} is a value, not a section; write {dotted}=VALUE")
+
+
+# Hydra's command-line flags that take a value (`--cfg job`): the value is not an override
+HYDRA_VALUE_FLAGS = frozenset({"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
+                               "--config-dir", "-cd", "--info", "-i", "--experimental-rerun"})
+
+
+def overrides_only(argv: Sequence[str]) -> list[str]:
+    """``argv`` without Hydra's flags, their values and ``hydra.*`` overrides: what composes the config."""
+    out, skip = [], False
+    for arg in argv:
+        if skip and "=" not in arg:
+            skip = False
+            continue
+        skip = arg in HYDRA_VALUE_FLAGS
+        if arg.startswith("-") or arg.lstrip("+~").startswith(("hydra.", "hydra/")):
+            continue
+        out.append(arg)
+    return out
+
+
+def _hydra_error_line(err: BaseException) -> str:
+    """Hydra / OmegaConf's message and its cause's, first line of each, as one line."""
+    first = [line.strip() for line in str(err).splitlines() if line.strip()][:1]
+    cause = err.__cause__
+    detail = [line.strip() for line in str(cause).splitlines() if line.strip()][:1] if cause is not None else []
+    return ": ".join(line.rstrip(".") for line in first + detail) or type(err).__name__
+
+
+def compose_node(overrides: Sequence[str]) -> Any:
+    """Compose the schema with ``overrides`` (a preset and key=value settings) into a DictConfig; one
+    ConfigError line for an unknown key, a value of the wrong type or bad override syntax."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    check_preset_args(overrides)
+    check_override_keys(overrides)
+    parser = OverridesParser.create()
+    for arg in overrides:
+        try:
+            parser.parse_overrides([arg])
+        except Exception as err:  # hydra.errors.OverrideParseException; its message spans lines
+            raise ConfigError(f"{arg}: not a valid override ({_hydra_error_line(err)}); write key=value, quoting "
+                              "values with spaces or brackets: key='a b'") from None
+    register_schema()
+    try:
+        with initialize_config_dir(config_dir=str(REPO_ROOT), version_base=None):
+            return compose(config_name=SCHEMA_NAME, overrides=list(overrides))
+    except Exception as err:  # Hydra / OmegaConf raise several types: wrong type, grammar, merge errors
+        raise ConfigError(f"{_hydra_error_line(err)}; every setting and its type: docs/configs.md") from None
+
+
+def check_command_line(argv: Sequence[str]) -> None:
+    """What a launcher checks before Hydra runs: the preset, each override's key, and that the overrides
+    compose (types, syntax); flags and ``hydra.*`` overrides are left to Hydra."""
+    compose_node(overrides_only(argv))
 
 
 HYDRA_RUN_OVERRIDES = ["hydra.run.dir=.", "hydra.output_subdir=null", "hydra.job.chdir=false"]
@@ -347,6 +482,7 @@ def resolve_micro_batches(cfg: Config, world_size: int = 1) -> Config:
     """``parallel.micro_batches`` = m > 0 sets ``train.micro_batch_size`` = batch_size / (m x dp ranks)."""
     m, t = cfg.parallel.micro_batches, cfg.train
     _require(m >= 0, f"parallel.micro_batches ({m}) must be >= 0 (0: from train.micro_batch_size)")
+    _require(cfg.parallel.pp >= 1, f"parallel.pp ({cfg.parallel.pp}) must be >= 1")
     if m == 0:
         return cfg
     dp = max(1, world_size // cfg.parallel.pp)
@@ -358,12 +494,7 @@ def resolve_micro_batches(cfg: Config, world_size: int = 1) -> Config:
 
 def load_config(overrides: list[str] | None = None, world_size: int = 1) -> Config:
     """Compose the config as the launch scripts do (for tests, notebooks and tools)."""
-    from hydra import compose, initialize_config_dir
-
-    register_schema()
-    with initialize_config_dir(config_dir=str(REPO_ROOT), version_base=None):
-        node = compose(config_name=SCHEMA_NAME, overrides=list(overrides or []))
-    return to_config(node, world_size)
+    return to_config(compose_node(list(overrides or [])), world_size)
 
 
 def config_to_yaml(cfg: Config) -> str:
