@@ -173,8 +173,8 @@ def main(argv: list[str]) -> int:
         cfg, cluster, note = load(overrides, cluster_keys)
         try:
             result = plan(cfg, cluster, suggest=False)
-        except ConfigError as err:  # a layout these GPUs cannot hold: say what would
-            fix = nearest(cfg, cluster)
+        except ConfigError as err:  # a layout these GPUs cannot hold: say what would (not for a field's own error)
+            fix = "" if str(err).startswith("parallel.stage_boundaries") else nearest(cfg, cluster)
             raise UserError(f"{err}" + (f"; nearest layout that fits: {fix}" if fix else "")) from None
         if note:
             result.notes.insert(0, note)

@@ -512,6 +512,9 @@ def test_cli_bad_cluster_key_is_one_line():
     (["+conf=tiny", "train.steps=x"], "Error merging override train.steps=x: Value 'x'"),
     (["+conf=nope"], "unknown preset +conf=nope"),
     (["+conf=tiny", "--yaml"], "unknown option --yaml"),
+    (["+conf=tiny", "parallel.pp=2", "parallel.stage_boundaries=[5]"], "parallel.stage_boundaries ([5]) must be 1 "
+     "increasing layer indices in 1..3 (the first block of each of the 2 stages of parallel.pp=2 dualpipe after "
+     "the first), or [] for the planner's cuts\n"),
 ])
 def test_cli_bad_input_is_one_line(args, fragment, capsys):
     assert _launcher().main(args) == 1
