@@ -60,7 +60,7 @@ from typing import Any
 import torch
 import torch.distributed.checkpoint as dcp
 from torch import Tensor
-from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 from torch.distributed.checkpoint.filesystem import FileSystem
 from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
@@ -944,7 +944,7 @@ class DcpCheckpoint:
     chunk are read once)."""
 
     def __init__(self, path: str | Path) -> None:
-        from train.checkpoint import read_meta
+        from train.checkpoint import read_meta, read_metadata
 
         self.path = Path(path)
         if not self.path.is_dir():
@@ -960,7 +960,7 @@ class DcpCheckpoint:
         except TypeError as err:
             raise ConvertError(f"{self.path / META_FILE}: bad model config ({err})") from None
         try:
-            metadata = FileSystemReader(str(self.path)).read_metadata()
+            metadata = read_metadata(self.path)  # DCP's pickle through an unpickler that admits its classes only
         except Exception as err:  # noqa: BLE001
             raise ConvertError(f"{self.path}: unreadable DCP metadata ({type(err).__name__}: {err})") from None
         self.tensors = {k: v for k, v in metadata.state_dict_metadata.items() if hasattr(v, "chunks")}
