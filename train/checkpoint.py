@@ -89,11 +89,6 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
 def model_state(model: torch.nn.Module, groups: ProcessGroups | None = None,
                 tensors: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
     """The model's persistent tensors, aliasing the live ones (DCP loads in place). With expert

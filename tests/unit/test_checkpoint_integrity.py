@@ -4,7 +4,6 @@ tests/distributed/test_checkpoint_async.py)."""
 
 from __future__ import annotations
 
-import io
 import json
 import multiprocessing
 import os
@@ -17,7 +16,6 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
 
-from parallel.zero import ZeroAdamW
 from tests.unit.test_checkpoint import CFG, make, one_rank, train_steps  # noqa: F401 (one_rank: a fixture)
 from train import checkpoint
 from train.errors import CheckpointError
