@@ -64,6 +64,8 @@ def run_ranks(fn: Callable, world: int, *args: Any, env: dict[str, str] | None =
     for _ in range(world):
         rank, status, value = queue.get()
         if status == "ok":
+            # trusted, so weights_only=False: the bytes come through a pipe from the children this call forked
+            # (never from a file or the network), and results may be any picklable object, not only tensors
             results[rank] = torch.load(io.BytesIO(value), weights_only=False)
         else:
             errors.append(f"rank {rank}:\n{value}")

@@ -366,9 +366,6 @@ def _unknown_key(key: str, arg: str, schema: type, section: type, at: int, refer
     parts = key.split(".")
     name, where = parts[at], ".".join(parts[:at])
     owner = f"{where} has" if where else "the config has"
-    if name.startswith("_") and name.endswith("_"):  # Hydra's _target_, _args_, ...: nothing is instantiated here
-        return ConfigError(f"{arg}: {key} is not a setting ({owner} no field {name}; configs hold plain values and "
-                           f"never name code to run); {reference}")
     siblings = [f"{where}.{n}" if where else n for n in _schema_fields(section)]
     hint = _did_you_mean(key, siblings) or _did_you_mean(key, setting_names(schema))
     if not hint:  # `steps=5` for train.steps: the last part matches a field of some section
@@ -381,12 +378,18 @@ def _unknown_key(key: str, arg: str, schema: type, section: type, at: int, refer
 def check_override_keys(argv: Sequence[str], schema: type = Config, groups: Sequence[str] = ("conf",),
                         reference: str = "every setting and its default: docs/configs.md") -> None:
     """One ConfigError line for an override whose key is not a field of ``schema`` (with the nearest valid
-    name), that sets a whole section, or that has no value. Flags (``-...``), ``hydra.*`` and the config
-    ``groups`` are left to Hydra. Runs before Hydra, whose messages span several lines."""
-    for arg in overrides_only(argv):
-        key = arg.split("=", 1)[0]
+    name), that sets a whole section, or that has no value; refused: any override naming code to
+    instantiate (a ``_target_`` key or value, ``hydra.callbacks``, the whole ``hydra`` node). Flags
+    (``-...``), other ``hydra.*`` settings and the config ``groups`` are left to Hydra. Runs before Hydra,
+    whose messages span several lines."""
+    for arg in [a for a in argv if a.lstrip("+~").startswith("hydra")] + overrides_only(argv):
+        key, _, value = arg.partition("=")
         bare = key.lstrip("+~")
-        if bare in groups or bare == "hydra":
+        if ("_target_" in bare.split(".") or bare == "hydra" or bare.startswith("hydra.callbacks")
+                or ("_target_" in value and "{" in value)):
+            raise ConfigError(f"{arg}: refused: an override cannot name code to instantiate (_target_, "
+                              "hydra.callbacks); settings are plain values")
+        if bare in groups or bare.startswith(("hydra.", "hydra/")):
             continue
         if "=" not in arg and not key.startswith("~"):
             raise ConfigError(f"override {arg!r} has no value: write {bare}=VALUE")
@@ -463,6 +466,7 @@ def compose_node(overrides: Sequence[str]) -> Any:
 def check_command_line(argv: Sequence[str]) -> None:
     """What a launcher checks before Hydra runs: the preset, each override's key, and that the overrides
     compose (types, syntax); flags and ``hydra.*`` overrides are left to Hydra."""
+    check_override_keys(argv)  # hydra.* too: hydra.callbacks would instantiate classes named on the command line
     compose_node(overrides_only(argv))
 
 
