@@ -1,6 +1,6 @@
 """Expert-parallel dispatch + combine: flat against hierarchical, and the MoE layer with EP against one process.
 
-Spawns 4 processes itself (torch.multiprocessing, start method "spawn", gloo on CPU) that emulate 2 nodes
+Starts 4 processes itself (forked, gloo, on CPU; spawned, NCCL, on GPUs) that emulate 2 nodes
 of 2 ranks (parallel.ranks_per_node=2, ep=4), each with one MoE layer of the same weights. Measures
   1. dispatch + combine alone (the experts replaced by the identity): tokens/s and bytes per token
      between and inside nodes, flat (baseline) against hierarchical (report sec 3.2.2);
@@ -21,12 +21,14 @@ import os
 import socket
 import statistics
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from parallel.expert import ExpertParallelExperts, parallelize_experts
+from parallel.local_ranks import run_ranks
 from parallel.mesh import build_process_groups, plan_layout
 from train.config import Config, ModelConfig
 from train.model import Transformer
@@ -39,6 +41,7 @@ BENCH_MOE = ModelConfig(  # one MoE layer; 8 groups of 4 experts, top-8 experts 
     route_scale=2.5, mtp_depth=0, max_seq_len=128, original_seq_len=128, expert_impl="loop",
 )
 SEQ_LEN = 128
+MODES = ("flat", "hierarchical")
 
 
 def build_model(cfg: ModelConfig, device: torch.device) -> Transformer:
@@ -64,14 +67,12 @@ def median_time(fn, iters: int, sync) -> float:
     return statistics.median(times)
 
 
-def worker(rank: int, port: int, args: argparse.Namespace, queue) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
+def rank_results(rank: int, args: argparse.Namespace) -> dict:
+    """One rank's measurements (its process group initialized): per mode, the exchange and layer seconds,
+    the traffic counters and the EP output's relative difference from the single-device layer."""
+    cfg: ModelConfig = args.cfg
     device = torch.device(f"cuda:{rank}" if args.device == "cuda" else "cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=WORLD)
-    config = Config(model=BENCH_MOE)
+    config = Config(model=cfg)
     config.parallel.ep, config.parallel.ranks_per_node = WORLD, RANKS_PER_NODE
     groups = build_process_groups(plan_layout(config, WORLD, rank, RANKS_PER_NODE), device.type)
 
@@ -80,15 +81,19 @@ def worker(rank: int, port: int, args: argparse.Namespace, queue) -> None:
             torch.cuda.synchronize()
         dist.barrier()
 
-    x = tokens_of(rank, args.tokens, BENCH_MOE, device)
+    x = tokens_of(rank, args.tokens, cfg, device)
+    with torch.no_grad():  # the single-device MoE on this rank's tokens: what EP must reproduce
+        expected, _ = build_model(cfg, device).moe_layers()[0](x)
     results = {}
-    for mode in ("flat", "hierarchical"):
-        model = build_model(BENCH_MOE, device)
+    for mode in MODES:
+        model = build_model(cfg, device)
         parallelize_experts(model, groups, mode)
         moe = model.moe_layers()[0]
         experts: ExpertParallelExperts = moe.experts
-        flat = x.reshape(-1, BENCH_MOE.dim)
+        flat = x.reshape(-1, cfg.dim)
         with torch.no_grad():
+            got, _ = moe(x)
+            error = ((got - expected).norm() / expected.norm()).item()
             routing = moe.gate(flat)
 
             def exchange() -> None:  # dispatch and combine, the identity in between
@@ -106,7 +111,21 @@ def worker(rank: int, port: int, args: argparse.Namespace, queue) -> None:
             out.sum().backward()
 
         layer_s = median_time(layer, args.iters, sync)
-        results[mode] = {"exchange_s": exchange_s, "layer_s": layer_s, **traffic}
+        results[mode] = {"exchange_s": exchange_s, "layer_s": layer_s, "rel_err": error, **traffic}
+    return results
+
+
+def _gloo_rank(rank: int, world: int, args: argparse.Namespace) -> dict:
+    return rank_results(rank, args)
+
+
+def nccl_worker(rank: int, port: int, args: argparse.Namespace, queue) -> None:
+    """A spawned GPU rank (CUDA cannot be forked): NCCL group, measurements gathered on rank 0."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    torch.cuda.set_device(rank)
+    dist.init_process_group("nccl", rank=rank, world_size=WORLD)
+    results = rank_results(rank, args)
     gathered = [None] * WORLD
     dist.all_gather_object(gathered, results)
     if rank == 0:
@@ -116,9 +135,9 @@ def worker(rank: int, port: int, args: argparse.Namespace, queue) -> None:
 
 
 def single_process_layer(args: argparse.Namespace) -> float:
-    model = build_model(BENCH_MOE, torch.device(args.device))
+    model = build_model(args.cfg, torch.device(args.device))
     moe = model.moe_layers()[0]
-    x = torch.cat([tokens_of(rank, args.tokens, BENCH_MOE, torch.device(args.device)) for rank in range(WORLD)])
+    x = torch.cat([tokens_of(rank, args.tokens, args.cfg, torch.device(args.device)) for rank in range(WORLD)])
 
     def layer() -> None:
         model.zero_grad(set_to_none=True)
@@ -126,6 +145,57 @@ def single_process_layer(args: argparse.Namespace) -> float:
         out.sum().backward()
 
     return median_time(layer, args.iters, lambda: torch.cuda.synchronize() if args.device == "cuda" else None)
+
+
+@dataclass
+class EpResult:
+    """Per mode (flat, hierarchical): tokens/s of dispatch + combine, bytes per token between and inside
+    nodes (summed over ranks), seconds of the MoE layer's forward + backward (slowest rank), and the
+    largest relative difference of the EP layer's output from the single-device layer's on a rank's tokens;
+    and the single-process layer's seconds on all tokens (the baseline)."""
+
+    tokens: int  # in all (WORLD x per rank)
+    exchange_tokens_per_s: dict[str, float]
+    inter_node_bytes_per_token: dict[str, float]
+    intra_node_bytes_per_token: dict[str, float]
+    max_nodes_per_token: dict[str, int]
+    layer_s: dict[str, float]
+    rel_err: dict[str, float]
+    single_s: float
+
+
+def measure(tokens: int = 2048, iters: int = 5, device: str = "cpu", threads: int = 1,
+            cfg: ModelConfig = BENCH_MOE) -> EpResult:
+    """Start the WORLD ranks (forked gloo processes on CPU, spawned NCCL ones on GPUs), run both dispatch
+    modes, then the one-process baseline in this process."""
+    args = argparse.Namespace(tokens=tokens, iters=iters, device=device, cfg=cfg)
+    if device == "cpu":
+        per_rank = run_ranks(_gloo_rank, WORLD, args, env={"OMP_NUM_THREADS": "1"}, timeout=1200)
+    else:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        queue = mp.get_context("spawn").SimpleQueue()
+        mp.start_processes(nccl_worker, args=(port, args, queue), nprocs=WORLD, start_method="spawn")
+        per_rank = queue.get()
+    torch.set_num_threads(threads)
+    single_s = single_process_layer(args)
+    total = WORLD * tokens
+
+    def summed(mode: str, kind: str) -> float:
+        return sum(r[mode][f"dispatch_{kind}_node_bytes"] + r[mode][f"combine_{kind}_node_bytes"]
+                   for r in per_rank) / total
+
+    return EpResult(
+        tokens=total,
+        exchange_tokens_per_s={m: total / max(r[m]["exchange_s"] for r in per_rank) for m in MODES},
+        inter_node_bytes_per_token={m: summed(m, "inter") for m in MODES},
+        intra_node_bytes_per_token={m: summed(m, "intra") for m in MODES},
+        max_nodes_per_token={m: max(r[m]["max_nodes_per_token"] for r in per_rank) for m in MODES},
+        layer_s={m: max(r[m]["layer_s"] for r in per_rank) for m in MODES},
+        rel_err={m: max(r[m]["rel_err"] for r in per_rank) for m in MODES},
+        single_s=single_s,
+    )
 
 
 def main() -> None:
@@ -140,18 +210,9 @@ def main() -> None:
               "GPUs, and EP numbers on fewer GPUs are not meaningful. Run without --device for the CPU/gloo numbers.")
         return
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    queue = ctx.SimpleQueue()
-    mp.start_processes(worker, args=(port, args, queue), nprocs=WORLD, start_method="spawn")
-    per_rank = queue.get()
-    torch.set_num_threads(args.threads)
-    single_s = single_process_layer(args)
-
+    result = measure(args.tokens, args.iters, args.device, args.threads)
     cfg = BENCH_MOE
-    total = WORLD * args.tokens
+    total = result.tokens
     print(f"{WORLD} processes = 2 nodes x {RANKS_PER_NODE} ranks ({args.device}, "
           f"{'gloo' if args.device == 'cpu' else 'nccl'}), {args.tokens} tokens per rank, dim {cfg.dim}, "
           f"{cfg.n_routed_experts} experts top-{cfg.n_activated_experts}, {cfg.n_expert_groups} groups, "
@@ -160,23 +221,21 @@ def main() -> None:
         print(f"CPU: {os.cpu_count()} cores shared by the {WORLD} processes, all-to-all over local TCP: "
               "timings are only indicative")
     print("dispatch + combine (identity experts); bytes per token summed over ranks, self-sends excluded:")
-    base = None
-    for mode in ("flat", "hierarchical"):
-        seconds = max(r[mode]["exchange_s"] for r in per_rank)
-        inter = sum(r[mode]["dispatch_inter_node_bytes"] + r[mode]["combine_inter_node_bytes"] for r in per_rank)
-        intra = sum(r[mode]["dispatch_intra_node_bytes"] + r[mode]["combine_intra_node_bytes"] for r in per_rank)
-        speed = total / seconds
-        base = base or speed
-        nodes = max(r[mode]["max_nodes_per_token"] for r in per_rank)
-        print(f"  {mode:<17} {speed:>10,.0f} tokens/s  {seconds * 1e3:7.1f} ms  inter-node {inter / total:7.0f} B/token"
-              f"  intra-node {intra / total:7.0f} B/token  max nodes/token {nodes}  ratio {speed / base:.2f}x")
+    base = result.exchange_tokens_per_s["flat"]
+    for mode in MODES:
+        speed = result.exchange_tokens_per_s[mode]
+        print(f"  {mode:<17} {speed:>10,.0f} tokens/s  {total / speed * 1e3:7.1f} ms  inter-node "
+              f"{result.inter_node_bytes_per_token[mode]:7.0f} B/token  intra-node "
+              f"{result.intra_node_bytes_per_token[mode]:7.0f} B/token  max nodes/token "
+              f"{result.max_nodes_per_token[mode]}  ratio {speed / base:.2f}x")
+    single_s = result.single_s
     print(f"MoE layer forward + backward on {total} tokens:")
     print(f"  {'one process':<17} {total / single_s:>10,.0f} tokens/s  {single_s * 1e3:7.1f} ms  ({args.threads} thread(s))"
           f"  ratio 1.00x")
-    for mode in ("flat", "hierarchical"):
-        seconds = max(r[mode]["layer_s"] for r in per_rank)
+    for mode in MODES:
+        seconds = result.layer_s[mode]
         print(f"  {f'EP {WORLD} {mode}':<17} {total / seconds:>10,.0f} tokens/s  {seconds * 1e3:7.1f} ms  (1 thread each)"
-              f"  ratio {single_s / seconds:.2f}x")
+              f"  ratio {single_s / seconds:.2f}x  output vs one device: relative difference {result.rel_err[mode]:.1e}")
 
 
 if __name__ == "__main__":

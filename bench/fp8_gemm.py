@@ -229,7 +229,9 @@ def run_case(fn: Callable[[], Tensor], device: torch.device, args) -> tuple[floa
 # Cases
 
 
-def bench_dense(m: int, n: int, k: int, backends: list[Backend], device: torch.device, args) -> None:
+def bench_dense(m: int, n: int, k: int, backends: list[Backend], device: torch.device, args) -> list[tuple[str, float | None, float, float, str]]:
+    """Time and check one dense shape; print its table and return its rows (name, ms, err_ref, err_fp32, note),
+    the bf16 baseline first."""
     g = torch.Generator(device=device).manual_seed(m + n + k)
     x = torch.randn(m, k, generator=g, device=device)
     w = torch.randn(n, k, generator=g, device=device) / k**0.5
@@ -254,6 +256,7 @@ def bench_dense(m: int, n: int, k: int, backends: list[Backend], device: torch.d
         rows.append((be.name, ms, rel_err(got, ref), rel_err(got, exact), note))
         del out
     print_table(f"dense  M={m} N={n} K={k}", 2.0 * m * n * k, rows)
+    return rows
 
 
 def routed_counts(tokens: int, experts: int, top_k: int, seed: int = 0) -> list[int]:
@@ -263,7 +266,8 @@ def routed_counts(tokens: int, experts: int, top_k: int, seed: int = 0) -> list[
 
 
 def bench_grouped(tokens: int, experts: int, top_k: int, n: int, k: int, backends: list[Backend],
-                  device: torch.device, args) -> None:
+                  device: torch.device, args) -> list[tuple[str, float | None, float, float, str]]:
+    """Time and check one grouped (MoE) shape; print its table and return its rows as ``bench_dense``."""
     counts = routed_counts(tokens, experts, top_k)
     rows_total = sum(counts)
     g = torch.Generator(device=device).manual_seed(tokens)
@@ -317,6 +321,7 @@ def bench_grouped(tokens: int, experts: int, top_k: int, n: int, k: int, backend
     print_table(f"grouped  {experts} experts, top-{top_k} of T={tokens}: {rows_total} rows "
                 f"(per expert {min(counts)}..{max(counts)}, {zero} empty), N={n} K={k}",
                 2.0 * rows_total * n * k, rows)
+    return rows
 
 
 # --------------------------------------------------------------------------------------------------

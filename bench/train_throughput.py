@@ -16,6 +16,7 @@ import dataclasses
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -73,6 +74,74 @@ def make_step(forward: Callable[[torch.Tensor], torch.Tensor], params, optimizer
     return step
 
 
+@dataclass
+class Throughput:
+    """One comparison: tokens/s and median step seconds per runner ("ours", "hf[IMPL]"), and each model's
+    loss on the same first batch before any step (same weights: they should agree)."""
+
+    device: torch.device
+    dtype: torch.dtype
+    cfg: ModelConfig
+    tokens_per_step: int
+    speeds: dict[str, float]
+    median_s: dict[str, float]
+    initial_loss: dict[str, float]
+
+
+def compare(cfg: ModelConfig, device: torch.device, batch: int, seq: int, rounds: int, steps_per_round: int,
+            hf_experts: list[str], mtp: bool = False, compile: bool = False) -> Throughput:
+    """Time ours against HF ``DeepseekV3ForCausalLM`` (one per experts implementation), rounds alternating."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    cfg = dataclasses.replace(cfg, max_seq_len=max(cfg.max_seq_len, seq), original_seq_len=max(cfg.max_seq_len, seq))
+    torch.manual_seed(0)
+    ours = Transformer(dataclasses.replace(cfg, mtp_depth=1 if mtp else 0)).to(device)
+    ours.init_weights()
+    windows = torch.randint(0, cfg.vocab_size, (rounds * steps_per_round + 2, batch, seq + 1), device=device)
+
+    def ours_forward(window: torch.Tensor) -> torch.Tensor:
+        out = ours(window[:, :-1])
+        loss = cross_entropy(out.logits, window[:, 1:])
+        if out.mtp_logits:
+            loss = loss + 0.3 * cross_entropy(out.mtp_logits[0], window[:, 2:])
+        return loss
+
+    def ours_lm_loss(window: torch.Tensor) -> torch.Tensor:
+        return cross_entropy(ours(window[:, :-1]).logits, window[:, 1:])
+
+    runners = {"ours": make_step(ours_forward, ours.parameters(), build_optimizer(ours, OptimConfig(lr=1e-4)),
+                                 device, dtype)}
+    losses: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"ours": ours_lm_loss}
+    hf_models = {impl: build_hf(cfg, ours, device, None if impl == "default" else impl)  # before compiling ours
+                 for impl in hf_experts}
+    if compile:
+        compile_blocks(ours.layers)
+    for impl, hf in hf_models.items():
+        if compile:
+            compile_blocks(hf.model.layers)
+        optimizer = torch.optim.AdamW(hf.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
+
+        def hf_forward(window: torch.Tensor, model=hf) -> torch.Tensor:
+            return cross_entropy(model(input_ids=window[:, :-1]).logits, window[:, 1:])
+
+        runners[f"hf[{impl}]"] = make_step(hf_forward, hf.parameters(), optimizer, device, dtype)
+        losses[f"hf[{impl}]"] = hf_forward
+
+    with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+        initial = {name: float(loss(windows[0])) for name, loss in losses.items()}
+    times: dict[str, list[float]] = {name: [] for name in runners}
+    for name, step in runners.items():  # warm-up (allocator, kernels, lazy optimizer state)
+        step(windows[0])
+        step(windows[1])
+    for r in range(rounds):
+        for name, step in runners.items():
+            for s in range(steps_per_round):
+                times[name].append(step(windows[2 + r * steps_per_round + s]))
+    tokens = batch * seq
+    median = {name: statistics.median(t) for name, t in times.items()}
+    return Throughput(device=device, dtype=dtype, cfg=cfg, tokens_per_step=tokens,
+                      speeds={name: tokens / s for name, s in median.items()}, median_s=median, initial_loss=initial)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
@@ -88,60 +157,21 @@ def main() -> None:
     args = parser.parse_args()
 
     device = torch.device(args.device)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     cfg = BENCH_MODEL if args.shape == "bench" else SMALL_MODEL
-    cfg = dataclasses.replace(cfg, max_seq_len=max(cfg.max_seq_len, args.seq), original_seq_len=max(cfg.max_seq_len, args.seq))
-    torch.manual_seed(0)
-    ours = Transformer(dataclasses.replace(cfg, mtp_depth=1 if args.mtp else 0)).to(device)
-    ours.init_weights()
+    result = compare(cfg, device, args.batch, args.seq, args.rounds, args.steps_per_round, args.hf_experts.split(","),
+                     mtp=args.mtp, compile=args.compile)
     counts = count_parameters(cfg)
-    windows = torch.randint(0, cfg.vocab_size, (args.rounds * args.steps_per_round + 2, args.batch, args.seq + 1),
-                            device=device)
-
-    def ours_forward(window: torch.Tensor) -> torch.Tensor:
-        out = ours(window[:, :-1])
-        loss = cross_entropy(out.logits, window[:, 1:])
-        if out.mtp_logits:
-            loss = loss + 0.3 * cross_entropy(out.mtp_logits[0], window[:, 2:])
-        return loss
-
-    runners = {"ours": make_step(ours_forward, ours.parameters(), build_optimizer(ours, OptimConfig(lr=1e-4)),
-                                 device, dtype)}
-    hf_models = {impl: build_hf(cfg, ours, device, None if impl == "default" else impl)  # before compiling ours
-                 for impl in args.hf_experts.split(",")}
-    if args.compile:
-        compile_blocks(ours.layers)
-    for impl, hf in hf_models.items():
-        if args.compile:
-            compile_blocks(hf.model.layers)
-        optimizer = torch.optim.AdamW(hf.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
-
-        def hf_forward(window: torch.Tensor, model=hf) -> torch.Tensor:
-            return cross_entropy(model(input_ids=window[:, :-1]).logits, window[:, 1:])
-
-        runners[f"hf[{impl}]"] = make_step(hf_forward, hf.parameters(), optimizer, device, dtype)
-
-    times: dict[str, list[float]] = {name: [] for name in runners}
-    for name, step in runners.items():  # warm-up (allocator, kernels, lazy optimizer state)
-        step(windows[0])
-        step(windows[1])
-    for r in range(args.rounds):
-        for name, step in runners.items():
-            for s in range(args.steps_per_round):
-                times[name].append(step(windows[2 + r * args.steps_per_round + s]))
-
-    tokens = args.batch * args.seq
     print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}), "
-          f"threads {torch.get_num_threads()}, dtype {dtype}, torch {torch.__version__}")
+          f"threads {torch.get_num_threads()}, dtype {result.dtype}, torch {torch.__version__}")
     print(f"model: {counts.total / 1e6:.1f}M params ({counts.active / 1e6:.1f}M active), {cfg.n_layers} layers, "
           f"{cfg.n_routed_experts} experts top-{cfg.n_activated_experts}; batch {args.batch} x seq {args.seq}"
           f"{' ; ours with MTP' if args.mtp else ''}{' ; compiled' if args.compile else ''}")
-    speeds = {name: tokens / statistics.median(t) for name, t in times.items()}
-    for name, speed in speeds.items():
-        print(f"  {name:<16} {speed:>10,.0f} tokens/s   median step {statistics.median(times[name]) * 1e3:8.1f} ms")
-    for name, speed in speeds.items():
+    for name, speed in result.speeds.items():
+        print(f"  {name:<16} {speed:>10,.0f} tokens/s   median step {result.median_s[name] * 1e3:8.1f} ms"
+              f"   first-batch loss {result.initial_loss[name]:.6f}")
+    for name, speed in result.speeds.items():
         if name != "ours":
-            print(f"  ratio ours / {name}: {speeds['ours'] / speed:.2f}x")
+            print(f"  ratio ours / {name}: {result.speeds['ours'] / speed:.2f}x")
 
 
 if __name__ == "__main__":
