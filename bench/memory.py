@@ -17,6 +17,7 @@ import argparse
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -25,6 +26,50 @@ from train.ema import CpuEma
 from train.losses import compute_losses
 from train.memory import saved_activation_bytes
 from train.model import RECOMPUTE_MODES, Transformer, set_recompute
+
+
+@dataclass
+class RecomputeRow:
+    """One ``memory.recompute`` mode: bytes autograd keeps, median forward+backward seconds, and the largest
+    relative difference of its loss and gradients from mode ``none`` (recomputation must not change them)."""
+
+    mode: str
+    saved_bytes: int
+    seconds: float
+    loss_rel_err: float
+    grad_rel_err: float
+
+
+def measure_recompute(model: Transformer, window: torch.Tensor, repeats: int) -> list[RecomputeRow]:
+    """Each of RECOMPUTE_MODES on ``model`` (left in mode none) with the same window; ``none`` first."""
+
+    def step() -> torch.Tensor:
+        out = model(window[:, :-1])
+        loss = compute_losses(out, window, 0.3, 1e-4).loss
+        loss.backward()
+        return loss.detach()
+
+    rows, reference = [], None
+    for mode in RECOMPUTE_MODES:
+        set_recompute(model, mode)
+        nbytes, out = saved_activation_bytes(model, lambda: model(window[:, :-1]))
+        del out
+        model.zero_grad(set_to_none=True)
+        loss = step()  # warm-up, and the numbers compared with mode none
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        reference = reference or (loss, grads)
+        loss_err = abs(loss - reference[0]).item() / abs(reference[0]).item()
+        grad_err = max(((g - reference[1][n]).norm() / reference[1][n].norm().clamp_min(1e-30)).item()
+                       for n, g in grads.items())
+        times = []
+        for _ in range(repeats):
+            model.zero_grad(set_to_none=True)
+            t0 = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - t0)
+        rows.append(RecomputeRow(mode, nbytes, statistics.median(times), loss_err, grad_err))
+    set_recompute(model, "none")
+    return rows
 
 
 def main(argv: list[str]) -> int:
@@ -47,24 +92,14 @@ def main(argv: list[str]) -> int:
 
     print(f"+conf={args.shape}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
           f"{batch} x {seq} tokens, fp32, {torch.get_num_threads()} threads")
-    print(f"{'recompute':<10} {'saved MiB':>10} {'KiB/token':>10} {'vs none':>8} {'fwd+bwd s':>10} {'vs none':>8}")
-    base_bytes = base_time = None
-    for mode in RECOMPUTE_MODES:
-        set_recompute(model, mode)
-        nbytes, out = saved_activation_bytes(model, lambda: model(window[:, :-1]))
-        del out
-        step()  # warm-up
-        times = []
-        for _ in range(args.repeats):
-            model.zero_grad(set_to_none=True)
-            t0 = time.perf_counter()
-            step()
-            times.append(time.perf_counter() - t0)
-        elapsed = statistics.median(times)
-        base_bytes, base_time = base_bytes or nbytes, base_time or elapsed
-        print(f"{mode:<10} {nbytes / 2**20:>10.1f} {nbytes / tokens / 1024:>10.1f} {nbytes / base_bytes:>8.2f} "
-              f"{elapsed:>10.3f} {elapsed / base_time:>8.2f}")
-    set_recompute(model, "none")
+    print(f"{'recompute':<10} {'saved MiB':>10} {'KiB/token':>10} {'vs none':>8} {'fwd+bwd s':>10} {'vs none':>8}"
+          f" {'grad diff':>10}")
+    rows = measure_recompute(model, window, args.repeats)
+    base = rows[0]
+    for r in rows:
+        print(f"{r.mode:<10} {r.saved_bytes / 2**20:>10.1f} {r.saved_bytes / tokens / 1024:>10.1f} "
+              f"{r.saved_bytes / base.saved_bytes:>8.2f} {r.seconds:>10.3f} {r.seconds / base.seconds:>8.2f} "
+              f"{r.grad_rel_err:>10.1e}")
 
     ema = CpuEma(model, 0.999)
     t0 = time.perf_counter()
