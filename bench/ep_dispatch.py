@@ -93,6 +93,7 @@ def rank_results(rank: int, args: argparse.Namespace) -> dict:
         flat = x.reshape(-1, cfg.dim)
         with torch.no_grad():
             got, _ = moe(x)
+            got = got * (1 + args.perturb)  # 0 in a real run; the harness's tests set it to see the check fail
             error = ((got - expected).norm() / expected.norm()).item()
             routing = moe.gate(flat)
 
@@ -165,10 +166,11 @@ class EpResult:
 
 
 def measure(tokens: int = 2048, iters: int = 5, device: str = "cpu", threads: int = 1,
-            cfg: ModelConfig = BENCH_MOE) -> EpResult:
+            cfg: ModelConfig = BENCH_MOE, perturb: float = 0.0) -> EpResult:
     """Start the WORLD ranks (forked gloo processes on CPU, spawned NCCL ones on GPUs), run both dispatch
-    modes, then the one-process baseline in this process."""
-    args = argparse.Namespace(tokens=tokens, iters=iters, device=device, cfg=cfg)
+    modes, then the one-process baseline in this process. ``perturb`` scales the EP output by (1 + perturb)
+    before it is compared with the single-device one (to see the check fail; 0 in a real run)."""
+    args = argparse.Namespace(tokens=tokens, iters=iters, device=device, cfg=cfg, perturb=perturb)
     if device == "cpu":
         per_rank = run_ranks(_gloo_rank, WORLD, args, env={"OMP_NUM_THREADS": "1"}, timeout=1200)
     else:

@@ -40,8 +40,11 @@ class RecomputeRow:
     grad_rel_err: float
 
 
-def measure_recompute(model: Transformer, window: torch.Tensor, repeats: int) -> list[RecomputeRow]:
-    """Each of RECOMPUTE_MODES on ``model`` (left in mode none) with the same window; ``none`` first."""
+def measure_recompute(model: Transformer, window: torch.Tensor, repeats: int,
+                      perturb: float = 0.0) -> list[RecomputeRow]:
+    """Each of RECOMPUTE_MODES on ``model`` (left in mode none) with the same window; ``none`` first.
+    ``perturb`` scales the other modes' gradients by (1 + perturb) before the comparison (to see the check
+    fail; 0 in a real run)."""
 
     def step() -> torch.Tensor:
         out = model(window[:, :-1])
@@ -57,6 +60,8 @@ def measure_recompute(model: Transformer, window: torch.Tensor, repeats: int) ->
         model.zero_grad(set_to_none=True)
         loss = step()  # warm-up, and the numbers compared with mode none
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        if reference is not None:
+            grads = {n: g * (1 + perturb) for n, g in grads.items()}
         reference = reference or (loss, grads)
         loss_err = abs(loss - reference[0]).item() / abs(reference[0]).item()
         grad_err = max(((g - reference[1][n]).norm() / reference[1][n].norm().clamp_min(1e-30)).item()
