@@ -1,0 +1,70 @@
+"""The benchmark harness (bench/run.py): ``python -m bench --quick`` runs every benchmark with a ratio and a
+passing check, and a perturbed output makes its check, and the run, fail."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from bench.run import BENCHMARKS, check_close, format_table, Check, Row
+
+ROOT = Path(__file__).resolve().parents[2]
+ROW = re.compile(r"^\| (?P<bench>[a-z]+): .* \| (?P<ratio>[0-9.]+)x \| (?P<status>pass|FAIL|skip): ")
+
+
+def run_bench(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "bench", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
+
+
+def table_rows(stdout: str) -> list[re.Match]:
+    return [m for m in map(ROW.match, stdout.splitlines()) if m]
+
+
+def test_quick_run_has_a_passing_row_per_benchmark():
+    proc = run_bench("--quick")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = table_rows(proc.stdout)
+    assert {m["bench"] for m in rows} == set(BENCHMARKS), proc.stdout
+    for m in rows:
+        assert m["status"] == "pass", m.string
+        assert float(m["ratio"]) > 0, m.string
+
+
+def test_perturbed_output_fails_the_check_and_the_run():
+    proc = run_bench("moe", "memory", "--quick", "--perturb", "0.01")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    rows = table_rows(proc.stdout)
+    assert {m["bench"] for m in rows} == {"moe", "memory"}
+    assert all(m["status"] == "FAIL" for m in rows), proc.stdout
+    assert "FAILED" in proc.stderr
+
+
+def test_unknown_benchmark_is_refused():
+    proc = run_bench("nosuch", "--quick")
+    assert proc.returncode == 2 and "unknown benchmark" in proc.stderr
+
+
+def test_check_close():
+    a = torch.randn(64, 32, generator=torch.Generator().manual_seed(0))
+    assert check_close("same", a, a.clone(), 1e-6).passed
+    assert check_close("float rounding", a, a.double() * (1 + 1e-9), 1e-6).passed
+    assert not check_close("mismatched", a, a * 1.01, 1e-6).passed
+    b = a.clone()
+    b[3, 4] += 1.0
+    assert not check_close("one element off", b, a, 1e-3).passed
+    assert not check_close("nan", a * float("nan"), a, 1.0).passed
+    with pytest.raises(ValueError, match="shapes differ"):
+        check_close("shape", a, a.t(), 1.0)
+
+
+def test_table_marks_a_failed_check():
+    rows = [Row("x: a", "tokens/s ↑", 2.0, 1.0, Check(True, "ok")),
+            Row("y: b", "ms ↓", 1.0, 2.0, Check(False, "diff 1 > 0"))]
+    lines = format_table(rows).splitlines()
+    assert "| 2.00x | pass: ok |" in lines[2] and "| 0.50x | FAIL: diff 1 > 0 |" in lines[3]
