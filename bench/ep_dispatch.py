@@ -21,6 +21,7 @@ import os
 import socket
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -55,21 +56,27 @@ def tokens_of(rank: int, n_tokens: int, cfg: ModelConfig, device: torch.device) 
     return torch.randn(n_tokens // SEQ_LEN, SEQ_LEN, cfg.dim, generator=generator).to(device)
 
 
-def median_time(fn, iters: int, sync) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(iters):
-        sync()
-        start = time.perf_counter()
+def median_times(fns: dict[str, Callable[[], None]], iters: int, sync: Callable[[], None]) -> dict[str, float]:
+    """Median seconds of each function over ``iters`` rounds that alternate between them (the first one
+    rotating), after one warm-up call each; ``sync`` before and after every call."""
+    for fn in fns.values():
         fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    names = list(fns)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for i in range(iters):
+        for name in names[i % len(names):] + names[:i % len(names)]:
+            sync()
+            start = time.perf_counter()
+            fns[name]()
+            sync()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def rank_results(rank: int, args: argparse.Namespace) -> dict:
-    """One rank's measurements (its process group initialized): per mode, the exchange and layer seconds,
-    the traffic counters and the EP output's relative difference from the single-device layer."""
+    """One rank's measurements (its process group initialized): per mode, the exchange and layer seconds
+    (rounds alternating between the modes), the traffic counters and the EP output's relative difference
+    from the single-device layer."""
     cfg: ModelConfig = args.cfg
     device = torch.device(f"cuda:{rank}" if args.device == "cuda" else "cpu")
     config = Config(model=cfg)
@@ -82,37 +89,39 @@ def rank_results(rank: int, args: argparse.Namespace) -> dict:
         dist.barrier()
 
     x = tokens_of(rank, args.tokens, cfg, device)
+    flat = x.reshape(-1, cfg.dim)
     with torch.no_grad():  # the single-device MoE on this rank's tokens: what EP must reproduce
         expected, _ = build_model(cfg, device).moe_layers()[0](x)
-    results = {}
+    results, exchanges, layers = {}, {}, {}
     for mode in MODES:
         model = build_model(cfg, device)
         parallelize_experts(model, groups, mode)
         moe = model.moe_layers()[0]
         experts: ExpertParallelExperts = moe.experts
-        flat = x.reshape(-1, cfg.dim)
         with torch.no_grad():
             got, _ = moe(x)
             got = got * (1 + args.perturb)  # 0 in a real run; the harness's tests set it to see the check fail
             error = ((got - expected).norm() / expected.norm()).item()
             routing = moe.gate(flat)
 
-            def exchange() -> None:  # dispatch and combine, the identity in between
+        def exchange(experts: ExpertParallelExperts = experts, routing=routing) -> None:
+            with torch.no_grad():  # dispatch and combine, the identity in between
                 handle = experts.dispatch(flat, routing)
                 experts.combine(handle.wait().x, handle).wait()
 
-            exchange_s = median_time(exchange, args.iters, sync)
-            experts.traffic.reset()
-            exchange()
-            traffic = experts.traffic.as_dict()
-
-        def layer() -> None:
+        def layer(model: Transformer = model, moe=moe) -> None:
             model.zero_grad(set_to_none=True)
             out, _ = moe(x)
             out.sum().backward()
 
-        layer_s = median_time(layer, args.iters, sync)
-        results[mode] = {"exchange_s": exchange_s, "layer_s": layer_s, "rel_err": error, **traffic}
+        experts.traffic.reset()
+        exchange()
+        results[mode] = {"rel_err": error, **experts.traffic.as_dict()}
+        exchanges[mode], layers[mode] = exchange, layer
+    for mode, seconds in median_times(exchanges, args.iters, sync).items():
+        results[mode]["exchange_s"] = seconds
+    for mode, seconds in median_times(layers, args.iters, sync).items():
+        results[mode]["layer_s"] = seconds
     return results
 
 
@@ -145,7 +154,8 @@ def single_process_layer(args: argparse.Namespace) -> float:
         out, _ = moe(x)
         out.sum().backward()
 
-    return median_time(layer, args.iters, lambda: torch.cuda.synchronize() if args.device == "cuda" else None)
+    return median_times({"layer": layer}, args.iters,
+                        lambda: torch.cuda.synchronize() if args.device == "cuda" else None)["layer"]
 
 
 @dataclass

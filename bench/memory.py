@@ -30,8 +30,9 @@ from train.model import RECOMPUTE_MODES, Transformer, set_recompute
 
 @dataclass
 class RecomputeRow:
-    """One ``memory.recompute`` mode: bytes autograd keeps, median forward+backward seconds, and the largest
-    relative difference of its loss and gradients from mode ``none`` (recomputation must not change them)."""
+    """One ``memory.recompute`` mode: bytes autograd keeps, median forward+backward seconds (rounds alternating
+    between the modes), and the largest relative difference of its loss and gradients from mode ``none``
+    (recomputation must not change them)."""
 
     mode: str
     saved_bytes: int
@@ -52,7 +53,7 @@ def measure_recompute(model: Transformer, window: torch.Tensor, repeats: int,
         loss.backward()
         return loss.detach()
 
-    rows, reference = [], None
+    measured, reference = {}, None
     for mode in RECOMPUTE_MODES:
         set_recompute(model, mode)
         nbytes, out = saved_activation_bytes(model, lambda: model(window[:, :-1]))
@@ -66,15 +67,19 @@ def measure_recompute(model: Transformer, window: torch.Tensor, repeats: int,
         loss_err = abs(loss - reference[0]).item() / abs(reference[0]).item()
         grad_err = max(((g - reference[1][n]).norm() / reference[1][n].norm().clamp_min(1e-30)).item()
                        for n, g in grads.items())
-        times = []
-        for _ in range(repeats):
+        measured[mode] = (nbytes, loss_err, grad_err)
+    times: dict[str, list[float]] = {mode: [] for mode in RECOMPUTE_MODES}
+    for rep in range(repeats):  # rounds alternate between the modes, the first one rotating
+        k = rep % len(RECOMPUTE_MODES)
+        for mode in RECOMPUTE_MODES[k:] + RECOMPUTE_MODES[:k]:
+            set_recompute(model, mode)
             model.zero_grad(set_to_none=True)
             t0 = time.perf_counter()
             step()
-            times.append(time.perf_counter() - t0)
-        rows.append(RecomputeRow(mode, nbytes, statistics.median(times), loss_err, grad_err))
+            times[mode].append(time.perf_counter() - t0)
     set_recompute(model, "none")
-    return rows
+    return [RecomputeRow(mode, nbytes, statistics.median(times[mode]), loss_err, grad_err)
+            for mode, (nbytes, loss_err, grad_err) in measured.items()]
 
 
 def main(argv: list[str]) -> int:

@@ -22,6 +22,8 @@ Benchmarks (names for the command line), what "ours" and "baseline" are, and wha
               the recomputing modes give the loss and gradients of mode none
 
 ratio = ours / baseline of the metric; the metric's arrow says which way is better (↑ higher, ↓ lower).
+``--device cuda`` moves train, gemm and moe to the GPU (ep needs 4 GPUs); pipeline's F:B:W and memory are
+measured on the CPU in every case.
 Timings are medians of rounds alternating between ours and the baseline; on a shared machine they are
 noisy (the checks are not). A failed check, or a benchmark that raises, makes the exit status 1.
 ``--perturb P`` scales our side's compared output by (1 + P) before each check: the checks must then fail
@@ -38,6 +40,7 @@ import io
 import math
 import platform
 import shlex
+import statistics
 import sys
 import traceback
 from collections.abc import Callable
@@ -152,19 +155,18 @@ def bench_gemm(opt: Options) -> list[Row]:
         grouped = (4096, fg.EXPERTS, fg.TOP_K, fg.EXPERT_N, fg.EXPERT_K)
         rounds, repeats = 3, 10
     args = argparse.Namespace(warmup=1, repeats=repeats, check_rows=128)
-    cases: dict[str, tuple[float, Callable[[], list]]] = {
+    cases: dict[str, tuple[float, Callable[[], list]]] = {  # name: (FLOPs, one round)
         f"dense {dense[0]}x{dense[2]}x{dense[1]}": (
             2.0 * dense[0] * dense[1] * dense[2], lambda: fg.bench_dense(*dense, perturbed, device, args)),
-        f"grouped {grouped[1]} experts top-{grouped[2]}": (
-            0.0, lambda: fg.bench_grouped(*grouped, perturbed, device, args)),
+        f"grouped {grouped[1]} experts top-{grouped[2]}": (  # tokens x top_k rows
+            2.0 * grouped[0] * grouped[2] * grouped[3] * grouped[4],
+            lambda: fg.bench_grouped(*grouped, perturbed, device, args)),
     }
     rows = []
     for case, (flops, run) in cases.items():
         rounds_rows = [run() for _ in range(rounds)]  # each round times the baseline, then every backend
-        if not flops:  # grouped: 2 x rows x N x K, rows = tokens x top_k
-            flops = 2.0 * grouped[0] * grouped[2] * grouped[3] * grouped[4]
         first = rounds_rows[0]
-        base_ms = _median([rr[0][1] for rr in rounds_rows])
+        base_ms = statistics.median([rr[0][1] for rr in rounds_rows])
         for i, (name, _, err_ref, err_fp32, note) in enumerate(first[1:], start=1):
             times = [rr[i][1] for rr in rounds_rows if rr[i][1] is not None]
             if not times:
@@ -173,7 +175,7 @@ def bench_gemm(opt: Options) -> list[Row]:
                 continue
             check = check_all(check_at_most("vs fp64 on the same FP8 operands", err_ref, 1e-4),
                               check_at_most("FP8 quantization vs unquantized", err_fp32, 0.06))
-            rows.append(Row(f"gemm: {case}, fp8 {name} vs bf16", "TFLOPS ↑", flops / _median(times) / 1e9,
+            rows.append(Row(f"gemm: {case}, fp8 {name} vs bf16", "TFLOPS ↑", flops / statistics.median(times) / 1e9,
                             flops / base_ms / 1e9, check))
     for line in missing:
         print(f"unavailable: {line}")
@@ -275,12 +277,6 @@ BENCHMARKS: dict[str, Callable[[Options], list[Row]]] = {
     "train": bench_train, "gemm": bench_gemm, "moe": bench_moe, "pipeline": bench_pipeline, "ep": bench_ep,
     "memory": bench_memory,
 }
-
-
-def _median(xs: list[float]) -> float:
-    xs = sorted(xs)
-    n = len(xs)
-    return xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2
 
 
 # --------------------------------------------------------------------------------------------------
