@@ -147,10 +147,12 @@ def format_table(rows: list[tuple[str, Prediction]]) -> str:
     for label, r in rows:
         lines.append(f"| {label} | {100 * r.bubble_fraction:.1f}% | {r.step_s:.2f} | {r.tokens_per_gpu_s:,.0f} | "
                      f"{100 * r.mfu_bf16:.1f}% | {r.gpu_hours_per_trillion / 1e3:,.1f}K | {r.days_per_trillion:.2f} | "
-                     f"{r.total_gpu_hours / 1e6:.3f}M | {r.gpu_hours_per_trillion / REPORT_GPU_HOURS_PER_TRILLION:.2f}x |")
+                     f"{r.total_gpu_hours / 1e6:.3f}M | "
+                     f"{r.gpu_hours_per_trillion / REPORT_GPU_HOURS_PER_TRILLION:.2f}x |")
     report_tps = 1e12 / REPORT_GPU_HOURS_PER_TRILLION / 3600
-    flops = rows[0][1].flops_per_token
-    lines.append(f"| **report** (sec 1, Table 1) | - | - | {report_tps:,.0f} | {100 * flops * report_tps / 989e12:.1f}% | "
+    first = rows[0][1]
+    lines.append(f"| **report** (sec 1, Table 1) | - | - | {report_tps:,.0f} | "
+                 f"{100 * first.flops_per_token * report_tps / first.bf16_peak:.1f}% | "
                  f"{REPORT_GPU_HOURS_PER_TRILLION / 1e3:,.0f}K | {REPORT_DAYS_PER_TRILLION} | "
                  f"{REPORT_TOTAL_GPU_HOURS / 1e6:.3f}M | 1.00x |")
     return "\n".join(lines)
