@@ -38,15 +38,17 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from parallel.pipeline.simulate import Costs, simulate
-from train.config import Config, load_config
-from train.plan import Cluster, all_to_all, best_split, plan
-from train.plan_cluster import (
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # bench.pipeline when run as a script
+
+from parallel.pipeline.simulate import Costs, simulate  # noqa: E402
+from train.config import Config, load_config  # noqa: E402
+from train.plan import Cluster, all_to_all, best_split, plan  # noqa: E402
+from train.plan_cluster import (  # noqa: E402
     REPORT_DAYS_PER_TRILLION, REPORT_GPU_HOURS_PER_TRILLION, REPORT_PRETRAIN_GPU_HOURS, REPORT_PRETRAIN_TOKENS,
     layout_for, precision,
 )
-from train.plan_stages import cached_schedule, micro_batches_per_step
-from train.plan_time import _chunk_costs  # the per-stage costs step_time uses (the same function, not a copy)
+from train.plan_stages import cached_schedule, micro_batches_per_step  # noqa: E402
+from train.plan_time import _chunk_costs  # noqa: E402  (the per-stage costs step_time uses: the same function)
 
 ROOT = Path(__file__).resolve().parents[1]
 PERF_MD = ROOT / "docs" / "perf.md"
