@@ -68,3 +68,17 @@ def test_table_marks_a_failed_check():
             Row("y: b", "ms ↓", 1.0, 2.0, Check(False, "diff 1 > 0"))]
     lines = format_table(rows).splitlines()
     assert "| 2.00x | pass: ok |" in lines[2] and "| 0.50x | FAIL: diff 1 > 0 |" in lines[3]
+
+
+def test_scaling_model_reproduces_the_planner_and_overlap_helps():
+    from bench.scaling import Scenario, predict
+    from train.config import load_config
+    from train.plan import Cluster, plan
+
+    cfg, cluster = load_config(["+conf=671b"]), Cluster(gpus=2048)
+    on = predict(cfg, cluster, Scenario(cluster.mfu, overlap=True))
+    assert on.pipeline_s == pytest.approx(plan(cfg, cluster, suggest=False).pipeline_s, rel=1e-9)
+    off = predict(cfg, cluster, Scenario(cluster.mfu, overlap=False))
+    bound = predict(cfg, cluster, Scenario(cluster.mfu, overlap=True, all_to_all=False))
+    assert bound.step_s < on.step_s < off.step_s
+    assert on.gpu_hours_per_trillion == pytest.approx(1e12 / on.tokens_per_gpu_s / 3600)
