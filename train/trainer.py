@@ -14,6 +14,7 @@ import dataclasses
 import json
 import os
 import time
+from datetime import timedelta
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -84,12 +85,25 @@ def setup_runtime(cfg: Config, device: torch.device) -> Runtime:
         if world_size == 1 and "MASTER_ADDR" not in os.environ:
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
         else:
-            dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
+            dist.init_process_group(backend, store=_rendezvous_store(world_size), rank=rank, world_size=world_size,
+                                    device_id=device if device.type == "cuda" else None)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(cfg.train.dtype)
     if dtype is None:  # auto: bf16 autocast on GPUs (FP32 master weights stay in the optimizer), fp32 on CPU
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     groups = build_process_groups(layout, device.type)
     return Runtime(rank, world_size, local_rank, device, dtype, groups)
+
+
+def _rendezvous_store(world_size: int) -> dist.Store:
+    """The key-value store the process groups meet in: torchrun's (MASTER_ADDR:MASTER_PORT), under a prefix
+    of its own for each restart. torchrun keeps one store across ``--max-restarts`` attempts, and the keys
+    an earlier attempt's groups left there made a restarted job wait forever for dead peers (torch 2.13,
+    gloo); a fresh prefix per attempt gives each attempt clean keys."""
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+                          is_master=os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"
+                          and int(os.environ.get("RANK", "0")) == 0, timeout=timedelta(minutes=10))
+    return dist.PrefixStore(f"dsv3/attempt_{attempt}/", store)
 
 
 def available_memory_bytes(device: torch.device) -> int:
@@ -120,12 +134,17 @@ def print_model_summary(model: Transformer, log: MetricsLogger) -> None:
              f"MTP {c.mtp / 1e6:,.2f}M ({c.mtp_unique / 1e6:,.2f}M unique)")
 
 
-def resume_path(cfg: Config) -> Path | None:
+def resume_path(cfg: Config, warn: Callable[[str], None] | None = None) -> Path | None:
+    """The checkpoint to resume: ``auto``, the newest that passes its integrity check (``checkpoint.verify``;
+    a collective once the process group exists; newer bad ones are skipped, reported through ``warn``), or
+    the given PATH (checked when it is loaded)."""
     choice = cfg.checkpoint.resume
     if choice == "none":
         return None
     if choice == "auto":
-        return checkpoint.latest_checkpoint(cfg.run.dir)
+        if warn is None:  # the cheap question before set-up: is there a complete checkpoint at all?
+            return checkpoint.latest_checkpoint(cfg.run.dir)
+        return checkpoint.latest_good_checkpoint(cfg.run.dir, cfg.checkpoint.verify, warn=warn)
     return Path(choice)
 
 
@@ -202,13 +221,14 @@ def _train(cfg: Config, runtime: Runtime, model: Transformer, log: MetricsLogger
         optimizer = ZeroAdamW(module, groups, cfg.optim)
     traffic = [m.traffic for m in module.modules() if hasattr(m, "traffic")]  # bytes of the expert all-to-alls
     state = TrainState(guard=LossGuard(cfg.train), dead_experts=DeadExpertMonitor(cfg.logging.dead_expert_window))
-    start = resume_path(cfg)
-    if start is not None:
-        restore(start, state, module, optimizer, loader, groups, cfg)
+    start = resume_path(cfg, warn=lambda line: log.info(f"warning: {line}"))
+    if start is not None:  # resume=auto verified it already
+        restore(start, state, module, optimizer, loader, groups, cfg,
+                verify="none" if cfg.checkpoint.resume == "auto" else cfg.checkpoint.verify)
         log.info(f"resumed from {start} at step {state.step:,} ({state.tokens:,} tokens)")
     elif cfg.checkpoint.init_from:  # a new stage from trained weights (sec 4.3): step 0, fresh optimizer
         origin = checkpoint.load_model_weights(cfg.checkpoint.init_from, checkpoint.model_state(module, groups),
-                                               cfg.model)
+                                               cfg.model, verify=cfg.checkpoint.verify)
         optimizer.copy_masters_from_params()  # the FP32 masters were taken from the random init
         changed = {k: (origin["model"].get(k), getattr(cfg.model, k)) for k in sorted(checkpoint.CONTEXT_FIELDS)
                    if origin["model"].get(k) != getattr(cfg.model, k)}
@@ -220,145 +240,159 @@ def _train(cfg: Config, runtime: Runtime, model: Transformer, log: MetricsLogger
         ema = CpuEma(module, cfg.memory.ema_decay)  # starts from the (resumed) parameters
         if start is not None:
             if checkpoint.has_ema(start):
-                checkpoint.load_ema(start, checkpoint.model_state(module, groups, tensors=ema.state()))
+                checkpoint.load_ema(start, checkpoint.model_state(module, groups, tensors=ema.state()), verify="none")
             else:
                 log.info(f"memory.ema: {start} holds no EMA; it starts from the resumed parameters")
     log.start(first_step=state.step)
 
+    writer = checkpoint.CheckpointWriter(cfg.run.dir, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
+
     def save() -> Path:
+        """Checkpoint the current state (with checkpoint.async_save the files are written in the background;
+        the directory appears under its final name only once complete)."""
         if ema is not None:
             ema.wait()
-        path = checkpoint.save_checkpoint(
-            cfg.run.dir, state.step, state.tokens, checkpoint.model_state(module, groups), optimizer.state_dict(),
-            cfg.model, trainer_state={"loader": loader.state_dict(), "rng": rng_states(),
-                                      "guard": state.guard.state_dict(),
-                                      "dead_experts": _merged_monitor_state(state.dead_experts, groups),
-                                      "config": dataclasses.asdict(cfg)},
-            keep=cfg.checkpoint.keep,
+        path = writer.save(
+            state.step, state.tokens, checkpoint.model_state(module, groups), optimizer.state_dict(), cfg.model,
+            trainer_state={"loader": loader.state_dict(), "rng": rng_states(), "guard": state.guard.state_dict(),
+                           "dead_experts": _merged_monitor_state(state.dead_experts, groups),
+                           "config": dataclasses.asdict(cfg)},
             ema_state=checkpoint.model_state(module, groups, tensors=ema.state()) if ema is not None else None,
+            config=dataclasses.asdict(cfg),
         )
         state.last_saved = state.step
         return path
+
+    def roll_back() -> bool:
+        """After a spike with train.on_spike=rollback: reload the newest good checkpoint and remember to draw
+        past the spiking batch; False if there is none (the update was skipped instead)."""
+        spiked = state.step
+        writer.wait()
+        target = checkpoint.latest_good_checkpoint(cfg.run.dir, cfg.checkpoint.verify,
+                                                   warn=lambda line: log.info(f"warning: {line}"))
+        if target is None:
+            log.info(f"step {spiked}: no checkpoint to roll back to; the update was skipped instead")
+            return False
+        if state.rollback_targets.get(target.name, 0) >= cfg.train.max_bad_steps:
+            path = save()
+            raise TrainingHalted(
+                f"training stopped at step {spiked}: the loss spiked again after {cfg.train.max_bad_steps} "
+                f"rollbacks to {target}; state saved in {path}; lower optim.lr, raise train.spike_zscore or use "
+                "train.on_spike=log, then resume")
+        state.rollback_targets[target.name] = state.rollback_targets.get(target.name, 0) + 1
+        restore(target, state, module, optimizer, loader, groups, cfg, verify="none", keep_skips=True)
+        state.guard.skip_batches.append(spiked)
+        state.rollbacks += 1
+        if ema is not None and checkpoint.has_ema(target):
+            ema.wait()
+            checkpoint.load_ema(target, checkpoint.model_state(module, groups, tensors=ema.state()), verify="none")
+        log.rewind(state.step)
+        log.info(f"rolled back to {target} (step {state.step:,}); the batch of step {spiked} will be skipped")
+        return True
 
     per_micro = cfg.train.micro_batch_size * layout.dp  # sequences in one micro-batch of every dp rank
     quantum = micro_batch_quantum(cfg, layout.dp)  # the batch ramp rounds the global batch to a multiple
     state.last_saved = state.step
     history: list[dict[str, Any]] = []
     hooks = hooks or TrainHooks()
-    with StopRequest() as stop:
-        while not _finished(cfg, state.step, state.tokens):
-            t0 = time.perf_counter()
-            lr = schedules.learning_rate(state.step, state.tokens, cfg.optim)
-            batch = schedules.batch_size(state.tokens, cfg.train, quantum)
-            lam = schedules.mtp_weight(state.tokens, cfg.train)
-            gamma = schedules.bias_update_speed(state.tokens, cfg.train)
-            n_micro = batch // per_micro
+    try:
+        with StopRequest() as stop:
+            while not _finished(cfg, state.step, state.tokens):
+                t0 = time.perf_counter()
+                lr = schedules.learning_rate(state.step, state.tokens, cfg.optim)
+                batch = schedules.batch_size(state.tokens, cfg.train, quantum)
+                lam = schedules.mtp_weight(state.tokens, cfg.train)
+                gamma = schedules.bias_update_speed(state.tokens, cfg.train)
+                n_micro = batch // per_micro
 
-            for counter in traffic:
-                counter.reset()
-            module.train()
-            if state.step + 1 in state.guard.skip_batches:  # this step's batch spiked before the rollback
-                for _ in range(n_micro):
-                    loader.next_batch()
-                log.info(f"step {state.step + 1}: drew past the batch that spiked before the rollback")
-            windows = [loader.next_batch().to(runtime.device, non_blocking=True) for _ in range(n_micro)]
-            if hooks.before_step is not None:
-                hooks.before_step(state.step + 1, module)
-            if pipeline is not None:
-                result = pipeline.runtime(len(windows)).step(windows, lam, cfg.train.balance_alpha)
-                sums, load = result.sums.to(runtime.device), result.expert_load.to(runtime.device).float()
-                layer_ids = moe_layer_ids_from_names(result.moe_names, cfg.model.n_layers)
-            else:
-                sums, load = forward_backward(module, windows, lam, cfg.train.balance_alpha, runtime)
-                layer_ids = moe_layer_ids(module, cfg.model.n_layers)
-            if hooks.after_backward is not None:
-                hooks.after_backward(state.step + 1, module)
-            all_reduce_sum(sums, load, group=groups.dp)  # losses and expert loads of the whole global batch
-            means = (sums / (n_micro * layout.dp)).tolist()
+                for counter in traffic:
+                    counter.reset()
+                module.train()
+                if state.step + 1 in state.guard.skip_batches:  # this step's batch spiked before the rollback
+                    for _ in range(n_micro):
+                        loader.next_batch()
+                    log.info(f"step {state.step + 1}: drew past the batch that spiked before the rollback")
+                windows = [loader.next_batch().to(runtime.device, non_blocking=True) for _ in range(n_micro)]
+                if hooks.before_step is not None:
+                    hooks.before_step(state.step + 1, module)
+                if pipeline is not None:
+                    result = pipeline.runtime(len(windows)).step(windows, lam, cfg.train.balance_alpha)
+                    sums, load = result.sums.to(runtime.device), result.expert_load.to(runtime.device).float()
+                    layer_ids = moe_layer_ids_from_names(result.moe_names, cfg.model.n_layers)
+                else:
+                    sums, load = forward_backward(module, windows, lam, cfg.train.balance_alpha, runtime)
+                    layer_ids = moe_layer_ids(module, cfg.model.n_layers)
+                if hooks.after_backward is not None:
+                    hooks.after_backward(state.step + 1, module)
+                all_reduce_sum(sums, load, group=groups.dp)  # losses and expert loads of the whole global batch
+                means = (sums / (n_micro * layout.dp)).tolist()
 
-            # judged before the update; ZeRO-1 then reduce-scatters, clips by the global norm, steps AdamW on
-            # this rank's shards and all-gathers (or drops everything: a skip or a non-finite gradient norm)
-            verdict = state.guard.judge_loss(means[0])
-            grad_norm = optimizer.step(lr, cfg.optim.grad_clip, skip=verdict.skip)
-            verdict = state.guard.after_step(verdict, means[0], grad_norm)
-            ema_wait = 0.0
-            if not verdict.skip:
-                update_gate_biases(moe_layers, load, gamma)
-                if ema is not None:  # waits only for the previous step's blend, then blends in the background
-                    t_ema = time.perf_counter()
-                    ema.update()
-                    ema_wait = time.perf_counter() - t_ema
+                # judged before the update; ZeRO-1 then reduce-scatters, clips by the global norm, steps AdamW on
+                # this rank's shards and all-gathers (or drops everything: a skip or a non-finite gradient norm)
+                verdict = state.guard.judge_loss(means[0])
+                grad_norm = optimizer.step(lr, cfg.optim.grad_clip, skip=verdict.skip)
+                verdict = state.guard.after_step(verdict, means[0], grad_norm)
+                ema_wait = 0.0
+                if not verdict.skip:
+                    update_gate_biases(moe_layers, load, gamma)
+                    if ema is not None:  # waits only for the previous step's blend, then blends in the background
+                        t_ema = time.perf_counter()
+                        ema.update()
+                        ema_wait = time.perf_counter() - t_ema
 
-            state.step += 1
-            state.tokens += batch * cfg.train.seq_len
-            vio_mean, vio_worst = _max_violation(load, groups)
-            elapsed = time.perf_counter() - t0
-            record = {
-                "step": state.step, "tokens": state.tokens, "loss": means[0], "lm_loss": means[1],
-                "mtp_loss": means[2], "balance_loss": means[3], "lr": lr, "grad_norm": grad_norm,
-                "tokens_per_s": batch * cfg.train.seq_len / elapsed, "max_vio": vio_mean,
-                "max_vio_worst": vio_worst, "batch_size": batch, "mtp_weight": lam,
-                "bias_update_speed": gamma, "step_time_s": elapsed, "loss_zscore": verdict.zscore,
-                "skipped": verdict.reason if verdict.skip else "", "nonfinite_steps": state.guard.nonfinite_steps,
-                "spikes": state.guard.spikes, "rollbacks": state.rollbacks,
-            }
-            if ema is not None:
-                record["ema_update_s"] = ema_wait  # time the step spent on the EMA (the blend runs behind it)
-            if traffic:
-                record.update(_traffic_totals(traffic, groups))
-            warnings_ = state.dead_experts.update(load, layer_ids)
-            per_layer = moe_metrics(state.step, load, layer_ids, moe_layers, cfg.logging.expert_load_every,
-                                    state.dead_experts)
-            per_layer, warnings_ = _gather_stages((per_layer, warnings_), groups)
-            record.update(per_layer)
-            for line in warnings_:
-                log.info(f"warning: {line}")
-            history.append(record)
-            log.step(record)
-            if verdict.reason:
-                log.info(_verdict_line(verdict, record, cfg))
+                state.step += 1
+                state.tokens += batch * cfg.train.seq_len
+                vio_mean, vio_worst = _max_violation(load, groups)
+                elapsed = time.perf_counter() - t0
+                record = {
+                    "step": state.step, "tokens": state.tokens, "loss": means[0], "lm_loss": means[1],
+                    "mtp_loss": means[2], "balance_loss": means[3], "lr": lr, "grad_norm": grad_norm,
+                    "tokens_per_s": batch * cfg.train.seq_len / elapsed, "max_vio": vio_mean,
+                    "max_vio_worst": vio_worst, "batch_size": batch, "mtp_weight": lam,
+                    "bias_update_speed": gamma, "step_time_s": elapsed, "loss_zscore": verdict.zscore,
+                    "skipped": verdict.reason if verdict.skip else "", "nonfinite_steps": state.guard.nonfinite_steps,
+                    "spikes": state.guard.spikes, "rollbacks": state.rollbacks,
+                }
+                if ema is not None:
+                    record["ema_update_s"] = ema_wait  # time the step spent on the EMA (the blend runs behind it)
+                if traffic:
+                    record.update(_traffic_totals(traffic, groups))
+                warnings_ = state.dead_experts.update(load, layer_ids)
+                per_layer = moe_metrics(state.step, load, layer_ids, moe_layers, cfg.logging.expert_load_every,
+                                        state.dead_experts)
+                per_layer, warnings_ = _gather_stages((per_layer, warnings_), groups)
+                record.update(per_layer)
+                for line in warnings_:
+                    log.info(f"warning: {line}")
+                history.append(record)
+                log.step(record)
+                if verdict.reason:
+                    log.info(_verdict_line(verdict, record, cfg))
 
-            if verdict.rollback:
-                target = checkpoint.latest_checkpoint(cfg.run.dir)
-                if target is None:
-                    log.info(f"step {state.step}: no checkpoint to roll back to; the update was skipped instead")
-                elif state.rollback_targets.get(target.name, 0) >= cfg.train.max_bad_steps:
+                if verdict.rollback and roll_back():
+                    history = [r for r in history if r["step"] <= state.step]
+                    continue
+                if state.guard.must_halt():
                     path = save()
                     raise TrainingHalted(
-                        f"training stopped at step {state.step}: the loss spiked again after "
-                        f"{cfg.train.max_bad_steps} rollbacks to {target}; state saved in {path}; lower optim.lr, "
-                        "raise train.spike_zscore or use train.on_spike=log, then resume")
-                else:
-                    state.rollback_targets[target.name] = state.rollback_targets.get(target.name, 0) + 1
-                    spiked = state.step
-                    restore(target, state, module, optimizer, loader, groups, cfg, keep_skips=True)
-                    state.guard.skip_batches.append(spiked)
-                    state.rollbacks += 1
-                    if ema is not None and checkpoint.has_ema(target):
-                        ema.wait()
-                        checkpoint.load_ema(target, checkpoint.model_state(module, groups, tensors=ema.state()))
-                    history = [r for r in history if r["step"] <= state.step]
-                    log.rewind(state.step)
-                    log.info(f"rolled back to {target} (step {state.step:,}); the batch of step {spiked} "
-                             "will be skipped")
-                    continue
-            if state.guard.must_halt():
-                path = save()
-                raise TrainingHalted(
-                    f"training stopped at step {state.step}: {state.guard.bad_in_a_row} updates in a row were "
-                    f"skipped for a non-finite loss or gradient or a loss spike (train.max_bad_steps="
-                    f"{cfg.train.max_bad_steps}); the last good "
-                    f"parameters are saved in {path}; lower optim.lr or check the data, then resume")
-            if (cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0) or _finished(cfg, state.step,
-                                                                                              state.tokens):
-                save()
-            if cfg.logging.plot_every and state.step % cfg.logging.plot_every == 0 and runtime.is_main:
-                _refresh_plots(cfg, state.step, log)
-            if stop.agreed():
-                path = save() if state.last_saved != state.step else checkpoint.latest_checkpoint(cfg.run.dir)
-                log.info(f"stopped by {stop.signal_name} after step {state.step:,}; checkpoint {path}; "
-                         "run the same command to resume")
-                break
+                        f"training stopped at step {state.step}: {state.guard.bad_in_a_row} updates in a row were "
+                        f"skipped for a non-finite loss or gradient or a loss spike (train.max_bad_steps="
+                        f"{cfg.train.max_bad_steps}); the last good "
+                        f"parameters are saved in {path}; lower optim.lr or check the data, then resume")
+                if (cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0) or _finished(cfg, state.step,
+                                                                                                  state.tokens):
+                    save()
+                if cfg.logging.plot_every and state.step % cfg.logging.plot_every == 0 and runtime.is_main:
+                    _refresh_plots(cfg, state.step, log)
+                if stop.agreed():
+                    if state.last_saved != state.step:
+                        save()
+                    path = writer.wait() or checkpoint.latest_checkpoint(cfg.run.dir)  # published before exit
+                    log.info(f"stopped by {stop.signal_name} after step {state.step:,}; checkpoint {path}; "
+                             "run the same command to resume")
+                    break
+    finally:
+        writer.close()  # waits for (and publishes) a checkpoint still being written in the background
     if ema is not None:
         ema.close()
     if not history and _finished(cfg, state.step, state.tokens):
@@ -390,10 +424,12 @@ class TrainHooks:
 
 
 def restore(path: Path, state: TrainState, module: torch.nn.Module, optimizer: ZeroAdamW, loader: TokenLoader,
-            groups: ProcessGroups, cfg: Config, keep_skips: bool = False) -> None:
-    """Load a checkpoint into the live model, optimizer, loader, RNG and guard (resume, or a rollback)."""
+            groups: ProcessGroups, cfg: Config, verify: str, keep_skips: bool = False) -> None:
+    """Load a checkpoint into the live model, optimizer, loader, RNG and guard (resume, or a rollback), after
+    checking its files at level ``verify``."""
     optim_state = optimizer.state_dict()
-    saved = checkpoint.load_checkpoint(path, checkpoint.model_state(module, groups), optim_state, cfg.model)
+    saved = checkpoint.load_checkpoint(path, checkpoint.model_state(module, groups), optim_state, cfg.model,
+                                       verify=verify)
     optimizer.load_state_dict(optim_state)
     state.step, state.tokens, state.last_saved = saved["step"], saved["tokens"], saved["step"]
     loader.load_state_dict(saved["loader"])

@@ -28,7 +28,6 @@ SHIPPED = ("train", "data", "parallel", "fp8", "launch", "bench")
 TRUSTED = {
     "parallel/local_ranks.py": "torch.load of results its own forked children send through a pipe",
 }
-CHECKPOINT = "train/checkpoint.py"  # the trainer-state pickle is being replaced (issue 8): checked separately
 
 
 def shipped_files() -> list[Path]:
@@ -79,7 +78,7 @@ def test_no_untrusted_pickle_is_loaded():
     found = []
     for path in shipped_files():
         relative = str(path.relative_to(REPO))
-        if relative in TRUSTED or relative == CHECKPOINT:
+        if relative in TRUSTED:
             continue
         found += unsafe_loads(path)
     assert not found, "unsafe deserialization:\n" + "\n".join(found)
@@ -88,11 +87,17 @@ def test_no_untrusted_pickle_is_loaded():
         assert "trusted" in (REPO / relative).read_text()
 
 
-def test_checkpoints_unpickle_nothing():
-    text = (REPO / CHECKPOINT).read_text()
-    if "import pickle" in text:
-        pytest.skip(f"{CHECKPOINT} still pickles the trainer state; its replacement is in progress (issue 8)")
-    assert not unsafe_loads(REPO / CHECKPOINT)
+def test_every_unpickler_restricts_what_it_builds():
+    """DCP's own .metadata file is a pickle: train/checkpoint.py reads it with a pickle.Unpickler subclass
+    whose find_class admits only DCP's metadata classes. Any such subclass must override find_class."""
+    subclasses = 0
+    for path in shipped_files():
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ClassDef) and any(_dotted(b).endswith("Unpickler") for b in node.bases):
+                subclasses += 1
+                methods = {n.name for n in node.body if isinstance(n, ast.FunctionDef)}
+                assert "find_class" in methods, f"{path}:{node.lineno} {node.name} unpickles without restriction"
+    assert subclasses >= 1  # the checkpoint metadata reader
 
 
 def _keys(node: object) -> list[str]:
