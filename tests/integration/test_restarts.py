@@ -144,3 +144,21 @@ def test_torchrun_restarts_a_crashed_rank_and_finishes_with_the_same_losses(tmp_
     output = log.read_text()
     assert "resumed from" in output  # the newest checkpoint written before the crash
     assert_same_losses(run_dir, read_metrics(reference_dir), 8)
+
+
+def test_async_checkpoints_are_complete_and_resume_exactly(tmp_path, data_cache):
+    """checkpoint.async=true: the files are written in the background while training goes on; every
+    checkpoint ends up complete and verified, and resuming from one gives the synchronous run's losses."""
+    run_dir = tmp_path / "async"
+    result = run_pretrain(run_dir, data_cache, "train.steps=6", "checkpoint.every=2", "checkpoint.async=true", *FAST)
+    assert result.returncode == 0, result.stderr[-3000:]
+    saved = checkpoint.list_checkpoints(run_dir)
+    assert [p.name for p in saved] == ["step_00000002", "step_00000004", "step_00000006"]
+    for path in saved:
+        assert checkpoint.verify_checkpoint(path, "full") > 0
+    result = run_pretrain(run_dir, data_cache, "train.steps=8", "checkpoint.async=true", *FAST)
+    assert result.returncode == 0, result.stderr[-3000:]
+    reference_dir = tmp_path / "sync"
+    result = run_pretrain(reference_dir, data_cache, "train.steps=8", *FAST)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_same_losses(run_dir, read_metrics(reference_dir), 8)
