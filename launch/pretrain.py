@@ -28,6 +28,10 @@ def main(node: DictConfig) -> None:
     except UserError as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         sys.exit(1)
+    except KeyboardInterrupt:  # the second Ctrl-C (the first one stops after the step, with a checkpoint)
+        print("interrupted: no checkpoint written for the current step; run the same command to resume from "
+              "the last one", file=sys.stderr, flush=True)
+        sys.exit(130)
 
 
 def command_line(argv: list[str]) -> list[str]:
