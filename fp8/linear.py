@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from fp8.backend import GemmBackend
 from fp8.quant import BLOCK, Quantized, convert_tiles, dequantize, quantize, quantize_act_transposed, quantize_weight
+from fp8.wgrad import WeightGradBox, WeightSpec, no_weight_grad, weight_entry
 
 CACHE_FORMATS = ("e4m3", "e5m6")
 
@@ -66,10 +67,11 @@ def _rebuild(data: Tensor, scale: Tensor, group_rows: int, fmt: str, pow2: bool)
 
 
 class _Fp8Linear(torch.autograd.Function):
-    """y = x W^T with FP8 Fprop, Dgrad and Wgrad (sec 3.3.1); x cached in FP8 (or E5M6) for Wgrad."""
+    """y = x W^T with FP8 Fprop, Dgrad and Wgrad (sec 3.3.1); x cached in FP8 (or E5M6) for Wgrad.
+    W enters through ``fp8.wgrad.weight_entry``, which runs the Wgrad GEMM (deferrable to a W pass)."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, backend: GemmBackend, cache: str) -> Tensor:
+    def forward(ctx, x: Tensor, weight: Tensor, backend: GemmBackend, cache: str, box: WeightGradBox) -> Tensor:
         out_dtype = _output_dtype(x)
         n, k = weight.shape
         with _no_autocast(x):
@@ -80,27 +82,38 @@ class _Fp8Linear(torch.autograd.Function):
             else:
                 saved = quantize(x2d, 1, "e5m6", pow2=True)  # 1x128 tiles, re-tiled in backward
         ctx.save_for_backward(saved.data, saved.scale, weight)
-        ctx.x_shape, ctx.x_dtype, ctx.cache, ctx.backend = x.shape, x.dtype, cache, backend
+        ctx.x_shape, ctx.x_dtype, ctx.cache, ctx.backend, ctx.box = x.shape, x.dtype, cache, backend, box
+        ctx.weight_spec = WeightSpec.of(weight)
         return y.to(out_dtype).reshape(*x.shape[:-1], n)
 
     @staticmethod
     def backward(ctx, dy: Tensor):
+        box: WeightGradBox = ctx.box
+        if box.is_replay(dy):  # the W pass of a split backward: only the entry node's Wgrad is left
+            return None, no_weight_grad(ctx.weight_spec), None, None, None
         data, scale, weight = ctx.saved_tensors
         n, k = weight.shape
         backend: GemmBackend = ctx.backend
-        dx = dweight = None
+        dx = None
         with _no_autocast(dy):
             dy2d = dy.reshape(-1, n)
             if ctx.needs_input_grad[0]:  # Dgrad: K of this GEMM is N
                 wt = transpose_blocks(quantize_weight(weight))  # [K, N]
                 dx = backend.gemm(quantize(dy2d, 1), wt).to(ctx.x_dtype).reshape(ctx.x_shape)
-            if ctx.needs_input_grad[1]:  # Wgrad: K of this GEMM is the token dim
-                if ctx.cache == "e4m3":
-                    xt = _rebuild(data, scale, 1, "e4m3", False)
+        if not ctx.needs_input_grad[1]:
+            return dx, None, None, None, None
+        cache = ctx.cache
+
+        def wgrad() -> tuple[Tensor]:  # K of this GEMM is the token dim
+            with _no_autocast(dy):
+                if cache == "e4m3":
+                    x_t = _rebuild(data, scale, 1, "e4m3", False)
                 else:
-                    xt = convert_tiles(_rebuild(data, scale, 1, "e5m6", True))  # 1x128 -> 128x1, exact
-                dweight = backend.gemm(quantize_act_transposed(dy2d), xt).to(weight.dtype)
-        return dx, dweight, None, None
+                    x_t = convert_tiles(_rebuild(data, scale, 1, "e5m6", True))  # 1x128 -> 128x1, exact
+                return (backend.gemm(quantize_act_transposed(dy.reshape(-1, n)), x_t).to(weight.dtype),)
+
+        box.defer(dy, wgrad)
+        return dx, no_weight_grad(ctx.weight_spec), None, None, None
 
 
 def fp8_linear(x: Tensor, weight: Tensor, backend: GemmBackend, cache: str = "e4m3") -> Tensor:
@@ -114,7 +127,9 @@ def fp8_linear(x: Tensor, weight: Tensor, backend: GemmBackend, cache: str = "e4
         raise ValueError(f"cache must be one of {CACHE_FORMATS}, got {cache!r}")
     if weight.dim() != 2 or x.shape[-1] != weight.shape[1]:
         raise ValueError(f"fp8_linear: x {tuple(x.shape)} does not match weight {tuple(weight.shape)}")
-    return _Fp8Linear.apply(x, weight, backend, cache)
+    box = WeightGradBox()
+    (weight,) = weight_entry(box, weight)
+    return _Fp8Linear.apply(x, weight, backend, cache, box)
 
 
 class Fp8Linear(nn.Linear):
@@ -182,11 +197,13 @@ class _Fp8ExpertFFN(torch.autograd.Function):
 
     Forward computes the SwiGLU from the fp32 GEMM outputs; backward recomputes it from their FP8 cache
     (so the local derivative is taken at the cached point, as recomputation does). Wgrad runs one GEMM
-    per expert with rows, reducing over that expert's tokens in 128x1 tiles.
+    per expert with rows, reducing over that expert's tokens in 128x1 tiles, in the weights' entry node
+    (``fp8.wgrad``: deferrable to a W pass).
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, w1: Tensor, w2: Tensor, w3: Tensor, counts: list[int], backend: GemmBackend) -> Tensor:
+    def forward(ctx, x: Tensor, w1: Tensor, w2: Tensor, w3: Tensor, counts: list[int], backend: GemmBackend,
+                box: WeightGradBox) -> Tensor:
         out_dtype = _output_dtype(x)
         with _no_autocast(x):
             qx = quantize(x, 1)
@@ -200,39 +217,56 @@ class _Fp8ExpertFFN(torch.autograd.Function):
             x_t = [quantize_act_transposed(rows) for rows in x.split(counts)]
         ctx.save_for_backward(q_gate.data, q_gate.scale, q_up.data, q_up.scale, w1, w2, w3,
                               *[q.data for q in x_t], *[q.scale for q in x_t])
-        ctx.counts, ctx.backend, ctx.x_dtype = counts, backend, x.dtype
+        ctx.counts, ctx.backend, ctx.x_dtype, ctx.box = counts, backend, x.dtype, box
+        ctx.weight_specs = [WeightSpec.of(w) for w in (w1, w2, w3)]
         return out.to(out_dtype)
 
     @staticmethod
     def backward(ctx, dout: Tensor):
+        box: WeightGradBox = ctx.box
+        no_weight_grads = [no_weight_grad(spec) for spec in ctx.weight_specs]
+        if box.is_replay(dout):  # the W pass of a split backward: only the entry node's Wgrad is left
+            return None, *no_weight_grads, None, None, None
         gate_data, gate_scale, up_data, up_scale, w1, w2, w3, *x_parts = ctx.saved_tensors
         counts, backend = ctx.counts, ctx.backend
         n_experts = len(counts)
         x_t = [_rebuild(d, s, 1, "e4m3", False) for d, s in zip(x_parts[:n_experts], x_parts[n_experts:])]
         with _no_autocast(dout):
-            dout = dout.float()
+            dout32 = dout.float()
             gate = dequantize(_rebuild(gate_data, gate_scale, 1, "e4m3", False))
             up = dequantize(_rebuild(up_data, up_scale, 1, "e4m3", False))
             act, sig, hidden = _swiglu_parts(gate, up)  # recomputed from the FP8 cache
 
-            # down projection: Dgrad dh = dout W2 (K = D), Wgrad dW2 = dout^T h (K = tokens)
-            dhidden = expert_gemm(backend, quantize(dout, 1), w2.transpose(1, 2), counts)
+            # down projection: Dgrad dh = dout W2 (K = D)
+            dhidden = expert_gemm(backend, quantize(dout32, 1), w2.transpose(1, 2), counts)
             dgate = dhidden * up * sig * (1 + gate * (1 - sig))
             dup = dhidden * act
-            dw1, dw2, dw3 = torch.zeros_like(w1), torch.zeros_like(w2), torch.zeros_like(w3)
-            for e, (dout_e, h_e, dg_e, du_e) in enumerate(zip(dout.split(counts), hidden.split(counts),
-                                                              dgate.split(counts), dup.split(counts))):
-                if not counts[e]:
-                    continue  # no rows: zero gradient
-                dw2[e] = backend.gemm(quantize_act_transposed(dout_e), quantize_act_transposed(h_e))
-                dw1[e] = backend.gemm(quantize_act_transposed(dg_e), x_t[e])
-                dw3[e] = backend.gemm(quantize_act_transposed(du_e), x_t[e])
             dx = None
             if ctx.needs_input_grad[0]:  # Dgrad of gate and up: K = I
                 dx = (expert_gemm(backend, quantize(dgate, 1), w1.transpose(1, 2), counts)
                       + expert_gemm(backend, quantize(dup, 1), w3.transpose(1, 2), counts))
                 dx = dx.to(ctx.x_dtype)
-        return dx, dw1, dw2, dw3, None, None
+            if not any(ctx.needs_input_grad[1:4]):
+                return dx, None, None, None, None, None, None
+
+            # Wgrad operands (K = the expert's tokens), quantized now: a split backward keeps them,
+            # in FP8, until its W pass instead of fp32 dout, h, dgate and dup
+            rows = [(e, quantize_act_transposed(dout_e), quantize_act_transposed(h_e), quantize_act_transposed(dg_e),
+                     quantize_act_transposed(du_e))
+                    for e, (dout_e, h_e, dg_e, du_e) in enumerate(zip(dout32.split(counts), hidden.split(counts),
+                                                                      dgate.split(counts), dup.split(counts)))
+                    if counts[e]]  # an expert without rows gets a zero gradient
+
+        def wgrad() -> tuple[Tensor, Tensor, Tensor]:  # dW2 = dout^T h, dW1 = dgate^T x, dW3 = dup^T x
+            dw1, dw2, dw3 = torch.zeros_like(w1), torch.zeros_like(w2), torch.zeros_like(w3)
+            for e, dout_t, h_t, dg_t, du_t in rows:
+                dw2[e] = backend.gemm(dout_t, h_t)
+                dw1[e] = backend.gemm(dg_t, x_t[e])
+                dw3[e] = backend.gemm(du_t, x_t[e])
+            return dw1, dw2, dw3
+
+        box.defer(dout, wgrad)
+        return dx, *no_weight_grads, None, None, None
 
 
 def fp8_expert_ffn(x_sorted: Tensor, counts: Tensor | list[int], w1: Tensor, w2: Tensor, w3: Tensor,
@@ -248,4 +282,6 @@ def fp8_expert_ffn(x_sorted: Tensor, counts: Tensor | list[int], w1: Tensor, w2:
     if len(counts) != w1.shape[0] or sum(counts) != x_sorted.shape[0]:
         raise ValueError(f"counts ({len(counts)} experts, {sum(counts)} rows) do not match w1 {tuple(w1.shape)} "
                          f"and x_sorted {tuple(x_sorted.shape)}")
-    return _Fp8ExpertFFN.apply(x_sorted, w1, w2, w3, counts, backend)
+    box = WeightGradBox()
+    w1, w2, w3 = weight_entry(box, w1, w2, w3)
+    return _Fp8ExpertFFN.apply(x_sorted, w1, w2, w3, counts, backend, box)
