@@ -20,6 +20,8 @@ Benchmarks (names for the command line), what "ours" and "baseline" are, and wha
               (bench/ep_dispatch.py); checked: the EP layer's output equals the single-device layer's
     memory    activation memory and step time of selective / full recompute vs none (bench/memory.py); checked:
               the recomputing modes give the loss and gradients of mode none
+    optimizer our AdamW step (BF16 moments) fused vs its foreach reference, and vs torch's AdamW as HF runs it
+              (bench/optimizer.py); checked: fused and foreach parameters agree to FP32 rounding
 
 ratio = ours / baseline of the metric; the metric's arrow says which way is better (↑ higher, ↓ lower).
 ``--device cuda`` moves train, gemm and moe to the GPU (ep needs 4 GPUs); pipeline's F:B:W and memory are
@@ -276,9 +278,24 @@ def bench_memory(opt: Options) -> list[Row]:
     return rows
 
 
+def bench_optimizer(opt: Options) -> list[Row]:
+    from bench import optimizer, train_throughput
+
+    cfg = train_throughput.SMALL_MODEL if opt.device == "cuda" and not opt.quick else train_throughput.BENCH_MODEL
+    if opt.quick:
+        cfg = dataclasses.replace(cfg, vocab_size=1024, n_layers=2)
+    r = optimizer.compare(cfg, opt.device, rounds=3 if opt.quick else 7, perturb=opt.perturb)
+    check = check_at_most("fused vs foreach parameters", r.rel_err, optimizer.TOLERANCE)
+    what = f"{r.params / 1e6:.1f}M params"
+    return [Row(f"optimizer: AdamW step, fused vs foreach ({what})", "steps/s ↑", 1 / r.seconds["ours fused"],
+                1 / r.seconds["ours foreach"], check),
+            Row(f"optimizer: AdamW step, fused vs torch AdamW as HF ({what})", "steps/s ↑",
+                1 / r.seconds["ours fused"], 1 / r.seconds["torch AdamW (HF)"], check)]
+
+
 BENCHMARKS: dict[str, Callable[[Options], list[Row]]] = {
     "train": bench_train, "gemm": bench_gemm, "moe": bench_moe, "pipeline": bench_pipeline, "ep": bench_ep,
-    "memory": bench_memory,
+    "memory": bench_memory, "optimizer": bench_optimizer,
 }
 
 

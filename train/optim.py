@@ -18,11 +18,15 @@ from torch import Tensor, nn
 from train.config import OptimConfig
 
 MOMENT_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+UPDATES = {"auto": None, "fused": True, "foreach": False}  # optim.update -> AdamW(fused=...)
 
 # Elements per foreach call when chunk_numel is None: cache-sized chunks on the CPU (about twice as
 # fast there as one call over everything), large ones on accelerators (few kernel launches).
 CPU_CHUNK_NUMEL = 2**18
 ACCELERATOR_CHUNK_NUMEL = 2**27
+# Elements the fused CPU kernel handles per vector instruction, rounded up to cover AVX-512 (16) and
+# unrolling: tensors are fed to it in whole multiples of this (see AdamW).
+_LANES = 64
 
 # State entries whose dtype is the optimizer's choice, not the parameter's (see AdamW.load_state_dict).
 _TYPED_STATE_KEYS = ("step", "exp_avg", "exp_avg_sq", "master")
@@ -39,9 +43,23 @@ class AdamW(torch.optim.Optimizer):
 
     Per group: ``lr`` (the trainer sets it every step), ``betas``, ``eps``, ``weight_decay``.
     Parameters whose ``grad`` is None are skipped (their ``step`` does not advance).
-    Tensors are updated with ``torch._foreach_*`` ops, grouped by (device, dtype) and cut into chunks
-    of at most ``chunk_numel`` elements (None: CPU_CHUNK_NUMEL on the CPU, ACCELERATOR_CHUNK_NUMEL
-    elsewhere), which bounds the FP32 temporaries of the BF16 moments. A larger tensor is a chunk alone.
+    Tensors are grouped by (device, dtype) and cut into chunks of at most ``chunk_numel`` elements
+    (None: CPU_CHUNK_NUMEL on the CPU, ACCELERATOR_CHUNK_NUMEL elsewhere), which bounds the FP32
+    temporaries of the BF16 moments (views of one scratch buffer, reused). A larger tensor is a chunk
+    alone. A chunk is updated by
+
+    - ``fused=False`` (the reference; the default off the CPU): ``torch._foreach_*`` ops in the order of
+      ``torch.optim.AdamW``'s foreach path, about ten passes over the data;
+    - ``fused=True`` (the default on the CPU): torch's fused AdamW kernel (``torch._fused_adamw_``, what
+      ``torch.optim.AdamW(fused=True)`` runs), one pass. It takes FP32 moments only, so BF16 moments are
+      widened into the scratch before and rounded back after. Its CPU kernel computes the last
+      ``numel % vector width`` elements of a tensor on a scalar path whose rounding differs from the
+      vector path's, which would make a result depend on where ZeRO-1 cuts a parameter; every tensor's
+      tail therefore goes through the kernel zero-padded to whole vectors (``_LANES``), so each element
+      is computed the same way wherever it lies (tested bitwise: ZeRO-1 shards against one process).
+
+    Both compute the step in FP32 and round the moments once, so they agree to FP32 rounding
+    (tests/unit/test_optim.py); ``python -m bench optimizer`` measures them (docs/perf.md).
     """
 
     def __init__(
@@ -53,6 +71,7 @@ class AdamW(torch.optim.Optimizer):
         weight_decay: float = 0.1,
         moment_dtype: torch.dtype = torch.bfloat16,
         chunk_numel: int | None = None,
+        fused: bool | None = None,
     ):
         if not lr >= 0.0:
             raise ValueError(f"AdamW: lr ({lr}) must be >= 0")
@@ -70,6 +89,9 @@ class AdamW(torch.optim.Optimizer):
         super().__init__(params, defaults)
         self.moment_dtype = moment_dtype
         self.chunk_numel = chunk_numel
+        self.fused = fused
+        self._scratch: dict[torch.device, Tensor] = {}  # FP32 temporaries of a chunk, reused every step
+        self._scratch: dict[torch.device, Tensor] = {}  # FP32 temporaries of a chunk, reused every step
 
     def init_state(self, p: Tensor) -> None:
         """Create p's state (zero moments, FP32 master if needed); ZeRO-1 calls it before the first step
@@ -116,10 +138,74 @@ class AdamW(torch.optim.Optimizer):
                 if len(self.state[p]) == 0:
                     self.init_state(p)
                 buckets.setdefault((p.device, p.dtype), []).append(p)
-            for params in buckets.values():
+            for (device, _), params in buckets.items():
+                fused = self.fused if self.fused is not None else device.type == "cpu"
                 for chunk in self._chunks(params):
-                    self._update(chunk, group)
+                    (self._update_fused if fused else self._update)(chunk, group)
         return loss
+
+    def _scratch_views(self, device: torch.device, sizes: list[int]) -> list[Tensor]:
+        """Flat FP32 tensors of ``sizes``: consecutive views of one scratch buffer per device that grows
+        to the largest chunk and is reused. Fresh temporaries every step cost more than the arithmetic
+        on the CPU, as each large allocation comes back from the OS as new pages (measured: an
+        out-of-place ``_foreach_sqrt`` over 15M elements 47 ms, the in-place one 8 ms)."""
+        scratch = self._scratch.get(device)
+        if scratch is None or scratch.numel() < sum(sizes):
+            scratch = self._scratch[device] = torch.empty(sum(sizes), dtype=torch.float32, device=device)
+        return list(scratch[:sum(sizes)].split(sizes))
+
+    def _update_fused(self, params: list[Tensor], group: dict[str, Any]) -> None:
+        """AdamW on parameters of one device and dtype through torch's fused kernel. The FP32 moments are
+        copied into the scratch, each padded to whole vectors; a contiguous parameter's whole vectors
+        are updated in place, and its tail (or all of a non-contiguous one, such as an expert shard cut
+        along its second dim) in a zero-padded scratch copy (see the class docstring)."""
+        beta1, beta2 = group["betas"]
+        device = params[0].device
+        states = [self.state[p] for p in params]
+        step_counts = [state["step"] for state in states]
+        torch._foreach_add_(step_counts, 1)
+        steps = step_counts if device.type == "cpu" else [s.to(device, non_blocking=True) for s in step_counts]
+        masters = [state.get("master", p) for state, p in zip(states, params)]
+        grads = [p.grad.float() for p in params]
+        n = len(params)
+        numels = [p.numel() for p in params]
+        padded = [-(-k // _LANES) * _LANES for k in numels]
+        bodies = [k - k % _LANES if p.is_contiguous() else 0 for k, p in zip(numels, masters)]
+        copied = [i for i in range(n) if bodies[i] < numels[i]]  # tail (or whole) done in the scratch
+        views = self._scratch_views(device, padded * 2 + [2 * (padded[i] - bodies[i]) for i in copied])
+        m, v = views[:n], views[n:2 * n]
+        for dst, key in ((m, "exp_avg"), (v, "exp_avg_sq")):  # FP32 moments, zero past the end
+            pads = [d[k:] for d, k in zip(dst, numels) if k < d.numel()]
+            if pads:
+                torch._foreach_zero_(pads)
+            torch._foreach_copy_([d[:k].view(s["exp_avg"].shape) for d, k, s in zip(dst, numels, states)],
+                                 [s[key] for s in states])
+        ops: list[list[Tensor]] = [[], [], [], [], []]  # params, grads, m, v, steps
+        for i, body in enumerate(bodies):
+            if body:
+                flat_p, flat_g = masters[i].view(-1), grads[i].reshape(-1)
+                for op, t in zip(ops, (flat_p[:body], flat_g[:body], m[i][:body], v[i][:body], steps[i])):
+                    op.append(t)
+        back = []  # (the parameter, or its tail; the scratch holding it)
+        for i, room in zip(copied, views[2 * n:]):
+            body, rest = bodies[i], numels[i] - bodies[i]
+            tail_p, tail_g = room.zero_().chunk(2)
+            src_p = masters[i].view(-1)[body:] if body else masters[i]
+            src_g = grads[i].reshape(-1)[body:]
+            tail_p[:rest].view(src_p.shape).copy_(src_p)
+            tail_g[:rest].copy_(src_g)
+            for op, t in zip(ops, (tail_p, tail_g, m[i][body:], v[i][body:], steps[i])):
+                op.append(t)
+            back.append((src_p, tail_p[:rest].view(src_p.shape)))
+        torch._fused_adamw_(*ops[:4], [], ops[4], lr=float(group["lr"]), beta1=beta1, beta2=beta2,
+                            weight_decay=group["weight_decay"], eps=group["eps"], amsgrad=False, maximize=False)
+        if back:
+            torch._foreach_copy_([dst for dst, _ in back], [src for _, src in back])
+        for src, key in ((m, "exp_avg"), (v, "exp_avg_sq")):  # stored back, rounded if BF16 (sec 3.3.3)
+            torch._foreach_copy_([s[key] for s in states],
+                                 [t[:k].view(s[key].shape) for t, k, s in zip(src, numels, states)])
+        if params[0].dtype != torch.float32:  # low-precision parameters receive the master, rounded
+            torch._foreach_copy_(params, masters)
 
     def _update(self, params: list[Tensor], group: dict[str, Any]) -> None:
         """AdamW on parameters of one device and dtype, in FP32 (same operations as torch.optim.AdamW)."""
@@ -134,8 +220,17 @@ class AdamW(torch.optim.Optimizer):
         masters = [state.get("master", p) for state, p in zip(states, params)]
         exp_avgs = [state["exp_avg"] for state in states]
         exp_avg_sqs = [state["exp_avg_sq"] for state in states]
-        m = [t.float() for t in exp_avgs]  # the stored moment itself when FP32, else an FP32 copy
-        v = [t.float() for t in exp_avg_sqs]
+        n = len(params)
+        temporaries = 1 if self.moment_dtype == torch.float32 else 3
+        views = self._scratch_views(params[0].device, [p.numel() for p in params] * temporaries)
+        views = [t.view(p.shape) for t, p in zip(views, params * temporaries)]
+        denom = views[:n]
+        if self.moment_dtype == torch.float32:
+            m, v = exp_avgs, exp_avg_sqs
+        else:  # FP32 copies of the stored moments
+            m, v = views[n:2 * n], views[2 * n:]
+            torch._foreach_copy_(m, exp_avgs)
+            torch._foreach_copy_(v, exp_avg_sqs)
 
         if weight_decay != 0:
             torch._foreach_mul_(masters, 1 - lr * weight_decay)
@@ -145,7 +240,8 @@ class AdamW(torch.optim.Optimizer):
 
         step_sizes = [-(lr / (1 - beta1**s)) for s in steps]
         bias_correction2_sqrt = [(1 - beta2**s) ** 0.5 for s in steps]
-        denom = torch._foreach_sqrt(v)
+        torch._foreach_copy_(denom, v)
+        torch._foreach_sqrt_(denom)
         torch._foreach_div_(denom, bias_correction2_sqrt)
         torch._foreach_add_(denom, eps)
         torch._foreach_addcdiv_(masters, m, denom, step_sizes)
@@ -212,4 +308,5 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> AdamW:
         eps=cfg.eps,
         weight_decay=cfg.weight_decay,
         moment_dtype=MOMENT_DTYPES[cfg.moment_dtype],
+        fused=UPDATES[cfg.update],
     )

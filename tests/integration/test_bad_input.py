@@ -176,6 +176,8 @@ IN_PROCESS = {
     "contradictory model fields": (config("+conf=tiny", "model.topk_groups=5"),
                                    "model.topk_groups (5) must be <= model.n_expert_groups (2)"),
     "batch not a multiple of micro-batches": (config("+conf=tiny", "train.batch_size=10"), "train.batch_size (10)"),
+    "unknown AdamW update": (config("+conf=tiny", "optim.update=fast"),
+                             "optim.update ('fast') must be auto, fused or foreach"),
     # parallel sizes
     "parallel.pp=0": (config("+conf=tiny", "parallel.pp=0"), "parallel.pp (0) must be >= 1"),
     "micro_batches not dividing the batch": (config("+conf=tiny", "parallel.pp=2", "parallel.micro_batches=3",
