@@ -140,6 +140,7 @@ class LoggingConfig:
     plot_every: int = 0  # refresh the PNG plots in RUN_DIR/plots every N steps (0: only by launch/report.py)
     expert_load_every: int = 10  # log the full layers x experts load matrix every N steps (for the heatmap)
     dead_expert_window: int = 100  # warn about an expert that received no token for N steps in a row
+    peak_tflops: float = 0.0  # dense BF16 peak per device for the MFU metric (0: known GPUs looked up, else no MFU)
 
 
 @dataclass
@@ -282,6 +283,8 @@ def validate(cfg: Config, world_size: int = 1) -> Config:
     _require(cfg.logging.wandb in ("disabled", "offline", "online"),
              f"logging.wandb ({cfg.logging.wandb!r}) must be disabled, offline or online")
     _require(cfg.logging.every >= 1, f"logging.every ({cfg.logging.every}) must be >= 1")
+    _require(cfg.logging.peak_tflops >= 0, f"logging.peak_tflops ({cfg.logging.peak_tflops}) must be >= 0 "
+             "(0: look the GPU up)")
     for name in ("plot_every", "expert_load_every", "dead_expert_window"):
         _require(getattr(cfg.logging, name) >= 0, f"logging.{name} ({getattr(cfg.logging, name)}) must be >= 0")
     _require(cfg.checkpoint.verify in ("full", "size", "none"),

@@ -90,8 +90,8 @@ class AdamW(torch.optim.Optimizer):
         self.moment_dtype = moment_dtype
         self.chunk_numel = chunk_numel
         self.fused = fused
-        self._scratch: dict[torch.device, Tensor] = {}  # FP32 temporaries of a chunk, reused every step
-        self._scratch: dict[torch.device, Tensor] = {}  # FP32 temporaries of a chunk, reused every step
+        self._scratch: dict[torch.device, Tensor] = {}  # CPU: FP32 temporaries of a chunk, reused every step
+        self._scratch: dict[torch.device, Tensor] = {}  # CPU: FP32 temporaries of a chunk, reused every step
 
     def init_state(self, p: Tensor) -> None:
         """Create p's state (zero moments, FP32 master if needed); ZeRO-1 calls it before the first step
@@ -145,10 +145,13 @@ class AdamW(torch.optim.Optimizer):
         return loss
 
     def _scratch_views(self, device: torch.device, sizes: list[int]) -> list[Tensor]:
-        """Flat FP32 tensors of ``sizes``: consecutive views of one scratch buffer per device that grows
-        to the largest chunk and is reused. Fresh temporaries every step cost more than the arithmetic
-        on the CPU, as each large allocation comes back from the OS as new pages (measured: an
-        out-of-place ``_foreach_sqrt`` over 15M elements 47 ms, the in-place one 8 ms)."""
+        """Flat FP32 tensors of ``sizes``. On the CPU: consecutive views of one scratch buffer that grows
+        to the largest chunk and is reused, because fresh temporaries cost more than the arithmetic
+        there: each large allocation comes back from the OS as new pages (measured: an out-of-place
+        ``_foreach_sqrt`` over 15M elements 47 ms, the in-place one 8 ms). Elsewhere a fresh buffer:
+        the caching allocator makes it cheap and gives the memory back to activations after the step."""
+        if device.type != "cpu":
+            return list(torch.empty(sum(sizes), dtype=torch.float32, device=device).split(sizes))
         scratch = self._scratch.get(device)
         if scratch is None or scratch.numel() < sum(sizes):
             scratch = self._scratch[device] = torch.empty(sum(sizes), dtype=torch.float32, device=device)

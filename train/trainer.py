@@ -34,6 +34,7 @@ from train.errors import UserError
 from train.guards import LossGuard, TrainingHalted, Verdict
 from train.losses import compute_losses
 from parallel.pipeline.parallelize import check_micro_batches, micro_batch_quantum
+from train.mfu import model_flops_utilization, peak_tflops
 from train.metrics import MetricsLogger
 from train.observe import DeadExpertMonitor, moe_layer_ids, moe_layer_ids_from_names, moe_metrics
 from train.model import Transformer, count_parameters, set_recompute
@@ -290,6 +291,7 @@ def _train(cfg: Config, runtime: Runtime, model: Transformer, log: MetricsLogger
         log.info(f"rolled back to {target} (step {state.step:,}); the batch of step {spiked} will be skipped")
         return True
 
+    peak = peak_tflops(runtime.device, cfg.logging.peak_tflops)  # None: MFU not reported (docs/operations.md)
     per_micro = cfg.train.micro_batch_size * layout.dp  # sequences in one micro-batch of every dp rank
     quantum = micro_batch_quantum(cfg, layout.dp)  # the batch ramp rounds the global batch to a multiple
     state.last_saved = state.step
@@ -353,6 +355,9 @@ def _train(cfg: Config, runtime: Runtime, model: Transformer, log: MetricsLogger
                     "skipped": verdict.reason if verdict.skip else "", "nonfinite_steps": state.guard.nonfinite_steps,
                     "spikes": state.guard.spikes, "rollbacks": state.rollbacks,
                 }
+                if peak is not None:
+                    record["mfu"] = model_flops_utilization(cfg.model, cfg.train.seq_len, record["tokens_per_s"],
+                                                            peak, layout.world_size)
                 if ema is not None:
                     record["ema_update_s"] = ema_wait  # time the step spent on the EMA (the blend runs behind it)
                 if traffic:

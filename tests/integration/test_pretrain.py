@@ -12,7 +12,9 @@ import yaml
 
 from tests.integration.pretrain_runs import REPO, pretrain_command, run_pretrain
 from train import checkpoint
+from train.config import load_config
 from train.metrics import REQUIRED_KEYS
+from train.plan_flops import training_flops_per_token
 from train.trainer import read_metrics
 
 pytestmark = pytest.mark.slow
@@ -20,13 +22,18 @@ pytestmark = pytest.mark.slow
 
 def test_tiny_run_learns_and_writes_its_outputs(tmp_path, data_cache):
     run_dir = tmp_path / "run"
-    result = run_pretrain(run_dir, data_cache, "train.steps=40", "checkpoint.every=20", "logging.wandb=offline")
+    result = run_pretrain(run_dir, data_cache, "train.steps=40", "checkpoint.every=20", "logging.wandb=offline",
+                          "logging.peak_tflops=0.5")
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = read_metrics(run_dir)
     assert [m["step"] for m in metrics] == list(range(1, 41))
+    written = load_config(["+conf=tiny", f"train.seq_len={yaml.safe_load((run_dir / 'config.yaml').read_text())['train']['seq_len']}"])
+    flops_per_token = training_flops_per_token(written.model, written.train.seq_len)
     for record in metrics:
         assert set(REQUIRED_KEYS) <= record.keys()
         assert all(isinstance(record[k], (int, float)) for k in REQUIRED_KEYS)
+        # MFU against the configured 0.5 TFLOP/s, one process
+        assert record["mfu"] == pytest.approx(flops_per_token * record["tokens_per_s"] / 0.5e12, rel=1e-9)
     first, last = metrics[0]["lm_loss"], sum(m["lm_loss"] for m in metrics[-5:]) / 5
     # uniform guessing over 2048 tokens is ln 2048 = 7.6; the tiny model reaches ~5.5 in 40 steps
     assert first > 7.0 and last < first - 1.5, (first, last)
@@ -37,7 +44,7 @@ def test_tiny_run_learns_and_writes_its_outputs(tmp_path, data_cache):
     assert config["model"]["dim"] == 128 and config["train"]["steps"] == 40
     assert [p.name for p in checkpoint.list_checkpoints(run_dir)] == ["step_00000020", "step_00000040"]
     assert list((run_dir / "wandb").glob("offline-run-*")), "wandb offline run missing"
-    assert "step     40" in result.stdout
+    assert "step     40" in result.stdout and "| mfu " in result.stdout
 
 
 def test_kill_and_resume_gives_identical_losses(tmp_path, data_cache):
