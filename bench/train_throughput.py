@@ -2,8 +2,10 @@
 
 Both models get the same architecture and weights (copied through train/hf.py, so routing and expert
 loads are identical), the same batch, and one full step each: forward, cross-entropy, backward,
-AdamW. Ours runs without MTP for parity (HF drops MTP layers; `--mtp` adds it to ours). Rounds
-alternate between the two so that machine noise hits both alike; the median step time is reported.
+AdamW, each model with its own loss (ours the chunked FP32 cross-entropy of train/losses.py, HF's
+F.cross_entropy on FP32 logits as its ForCausalLMLoss). Ours runs without MTP for parity (HF drops
+MTP layers; `--mtp` adds it to ours). Rounds alternate between the two so that machine noise hits
+both alike; the median step time is reported.
 
     python bench/train_throughput.py                    # CPU, fp32
     python bench/train_throughput.py --device cuda      # bf16 autocast, grouped GEMM experts
@@ -22,7 +24,7 @@ import torch
 
 from train.config import ModelConfig, OptimConfig
 from train.hf import config_to_hf, to_hf_fused_experts, to_hf_state_dict
-from train.losses import cross_entropy
+from train.losses import cross_entropy, cross_entropy_reference
 from train.model import Transformer, count_parameters
 from train.optim import build_optimizer
 
@@ -121,7 +123,8 @@ def compare(cfg: ModelConfig, device: torch.device, batch: int, seq: int, rounds
         optimizer = torch.optim.AdamW(hf.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
 
         def hf_forward(window: torch.Tensor, model=hf) -> torch.Tensor:
-            return cross_entropy(model(input_ids=window[:, :-1]).logits, window[:, 1:])
+            # HF's loss as its ForCausalLMLoss computes it: F.cross_entropy on FP32 logits
+            return cross_entropy_reference(model(input_ids=window[:, :-1]).logits, window[:, 1:])
 
         runners[f"hf[{impl}]"] = make_step(hf_forward, hf.parameters(), optimizer, device, dtype)
         losses[f"hf[{impl}]"] = hf_forward

@@ -19,9 +19,62 @@ class Losses:
     balance_loss: Tensor  # alpha * sum over MoE layers of L_Bal (already weighted)
 
 
+# Elements of the FP32 temporary per chunk of rows in ``cross_entropy``: about L2-sized on the CPU; on
+# accelerators large (few kernel launches), still a small fraction of the logits of a long sequence.
+CPU_CHUNK_ELEMENTS = 2**18
+ACCELERATOR_CHUNK_ELEMENTS = 2**26
+
+
+class _CrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of rows of logits, FP32 math on chunks of rows, no [N, V] FP32 tensor.
+
+    Forward keeps the logits as they are (BF16 under autocast) and the per-row log-sum-exp; backward
+    writes softmax - onehot, times the incoming gradient / N, straight into a gradient in the logits'
+    dtype. ``F.cross_entropy(logits.float())`` instead makes an FP32 copy, keeps FP32 log-probabilities
+    for backward, and in backward fills an FP32 zero tensor, scatters into it and casts: for a 4K-token
+    sequence over V3's 129K vocabulary that is ~5 GB more at its peak (per depth, with MTP) on the rank
+    holding the head, and about 1.5x the time on the CPU (``tests/unit/test_losses.py``, docs/perf.md).
+    """
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, targets: Tensor) -> Tensor:
+        n, vocab = logits.shape
+        limit = CPU_CHUNK_ELEMENTS if logits.device.type == "cpu" else ACCELERATOR_CHUNK_ELEMENTS
+        rows = max(1, limit // vocab)
+        lse = torch.empty(n, dtype=torch.float32, device=logits.device)
+        for start in range(0, n, rows):
+            lse[start:start + rows] = torch.logsumexp(logits[start:start + rows].float(), dim=1)
+        target_logits = logits.gather(1, targets[:, None]).squeeze(1).float()
+        ctx.save_for_backward(logits, targets, lse)
+        ctx.rows = rows
+        return (lse - target_logits).mean()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        logits, targets, lse = ctx.saved_tensors
+        rows, n = ctx.rows, logits.shape[0]
+        scale = grad.float() / n
+        out = torch.empty_like(logits)
+        minus_one = torch.full((min(rows, n), 1), -1.0, device=logits.device)
+        for start in range(0, n, rows):
+            probs = (logits[start:start + rows].float() - lse[start:start + rows, None]).exp_()  # never in place:
+            # .float() of FP32 logits is the saved tensor itself
+            probs.scatter_add_(1, targets[start:start + rows, None], minus_one[:probs.shape[0]])
+            out[start:start + rows] = probs.mul_(scale)
+        return out, None
+
+
 def cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
-    """Mean token cross-entropy in fp32."""
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+    """Mean token cross-entropy of logits [..., V] against targets [...], computed in FP32 (chunked,
+    see ``_CrossEntropy``); equals ``cross_entropy_reference`` to FP32 rounding."""
+    if logits.shape[:-1] != targets.shape:
+        raise ValueError(f"cross_entropy: logits {tuple(logits.shape)} do not match targets {tuple(targets.shape)}")
+    return _CrossEntropy.apply(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+
+def cross_entropy_reference(logits: Tensor, targets: Tensor) -> Tensor:
+    """``F.cross_entropy`` on an FP32 copy of the logits (what HF's causal-LM loss does): the reference."""
+    return F.cross_entropy(logits.float().flatten(0, -2), targets.flatten())
 
 
 def compute_losses(out: ModelOutput, window: Tensor, mtp_weight: float, balance_alpha: float) -> Losses:
