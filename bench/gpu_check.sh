@@ -4,7 +4,8 @@
 # 1. the Triton FP8 kernels against the reference (tests that skip without CUDA)
 # 2. FP8 GEMM TFLOPS against BF16 torch.matmul at the report's shapes (goal >= 1.4x)
 # 3. training MFU of +conf=small, BF16 and FP8, and the FP8 / BF16 step ratio (goals 40%, 1.3x)
-# 4. the benchmark harness on the GPU: training vs HF, MoE experts, optimizer, GEMMs
+# 4. a training step against HF transformers, ours eager and with train.compile's treatment
+# 5. the benchmark harness on the GPU: MoE experts, the optimizer
 # Logs under ${OUT:-/tmp/gpu_out}. Needs hydra wheels in .whl/ where hydra is not installed.
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
@@ -13,8 +14,10 @@ if ! python3 -c "import hydra" 2>/dev/null; then
 fi
 export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv,noheader | tee "$OUT/gpu.txt"
-timeout 100 python3 -m pytest -q -p no:cacheprovider tests/unit/test_fp8_triton.py tests/unit/test_fp8_wgrad.py \
+timeout 90 python3 -m pytest -q -p no:cacheprovider tests/unit/test_fp8_triton.py tests/unit/test_fp8_wgrad.py \
   2>&1 | tail -15 | tee "$OUT/fp8_tests.txt"
-timeout 110 python3 bench/fp8_gemm.py --device cuda 2>&1 | tee "$OUT/fp8_gemm.txt"
-timeout 170 python3 bench/mfu.py --device cuda --preset small --steps 25 --warmup 10 2>&1 | tee "$OUT/mfu_small.txt"
-timeout 150 python3 -m bench --device cuda train moe optimizer 2>&1 | tee "$OUT/harness.txt"
+timeout 100 python3 bench/fp8_gemm.py --device cuda 2>&1 | tee "$OUT/fp8_gemm.txt"
+timeout 160 python3 bench/mfu.py --device cuda --preset small --steps 25 --warmup 10 2>&1 | tee "$OUT/mfu_small.txt"
+timeout 130 python3 bench/train_throughput.py --device cuda --shape small --batch 8 --seq 1024 --rounds 3 \
+  --hf-experts default,grouped_mm --compile-ours 2>&1 | tail -12 | tee "$OUT/train_vs_hf.txt"
+timeout 80 python3 -m bench --device cuda moe optimizer 2>&1 | tee "$OUT/harness.txt"

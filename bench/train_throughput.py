@@ -14,6 +14,7 @@ both alike; the median step time is reported.
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import statistics
 import time
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from train.compile import compile_model
 from train.config import ModelConfig, OptimConfig
 from train.hf import config_to_hf, to_hf_fused_experts, to_hf_state_dict
 from train.losses import cross_entropy, cross_entropy_reference
@@ -91,7 +93,7 @@ class Throughput:
 
 
 def compare(cfg: ModelConfig, device: torch.device, batch: int, seq: int, rounds: int, steps_per_round: int,
-            hf_experts: list[str], mtp: bool = False, compile: bool = False) -> Throughput:
+            hf_experts: list[str], mtp: bool = False, compile: bool = False, compile_ours: bool = False) -> Throughput:
     """Time ours against HF ``DeepseekV3ForCausalLM`` (one per experts implementation), rounds alternating."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     cfg = dataclasses.replace(cfg, max_seq_len=max(cfg.max_seq_len, seq), original_seq_len=max(cfg.max_seq_len, seq))
@@ -113,6 +115,16 @@ def compare(cfg: ModelConfig, device: torch.device, batch: int, seq: int, rounds
     runners = {"ours": make_step(ours_forward, ours.parameters(), build_optimizer(ours, OptimConfig(lr=1e-4)),
                                  device, dtype)}
     losses: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"ours": ours_lm_loss}
+    if compile_ours:  # a second copy of ours with train.compile's treatment, same weights
+        compiled = copy.deepcopy(ours)
+        compile_model(compiled, "none")
+
+        def compiled_forward(window: torch.Tensor) -> torch.Tensor:
+            return cross_entropy(compiled(window[:, :-1]).logits, window[:, 1:])
+
+        runners["ours[compiled]"] = make_step(compiled_forward, compiled.parameters(),
+                                              build_optimizer(compiled, OptimConfig(lr=1e-4)), device, dtype)
+        losses["ours[compiled]"] = compiled_forward
     hf_models = {impl: build_hf(cfg, ours, device, None if impl == "default" else impl)  # before compiling ours
                  for impl in hf_experts}
     if compile:
@@ -155,6 +167,8 @@ def main() -> None:
     parser.add_argument("--steps-per-round", type=int, default=3)
     parser.add_argument("--mtp", action="store_true", help="train our model with one MTP module (HF has none)")
     parser.add_argument("--compile", action="store_true", help="torch.compile every model's blocks (ours and HF)")
+    parser.add_argument("--compile-ours", action="store_true",
+                        help="also time a copy of ours compiled as train.compile=true does (train/compile.py)")
     parser.add_argument("--hf-experts", default="default",
                         help="comma list of HF experts implementations to time: default,eager,batched_mm,grouped_mm")
     args = parser.parse_args()
@@ -162,7 +176,7 @@ def main() -> None:
     device = torch.device(args.device)
     cfg = BENCH_MODEL if args.shape == "bench" else SMALL_MODEL
     result = compare(cfg, device, args.batch, args.seq, args.rounds, args.steps_per_round, args.hf_experts.split(","),
-                     mtp=args.mtp, compile=args.compile)
+                     mtp=args.mtp, compile=args.compile, compile_ours=args.compile_ours)
     counts = count_parameters(cfg)
     print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}), "
           f"threads {torch.get_num_threads()}, dtype {result.dtype}, torch {torch.__version__}")
@@ -175,6 +189,10 @@ def main() -> None:
     for name, speed in result.speeds.items():
         if name != "ours":
             print(f"  ratio ours / {name}: {result.speeds['ours'] / speed:.2f}x")
+    if "ours[compiled]" in result.speeds:
+        for name, speed in result.speeds.items():
+            if name.startswith("hf"):
+                print(f"  ratio ours[compiled] / {name}: {result.speeds['ours[compiled]'] / speed:.2f}x")
 
 
 if __name__ == "__main__":

@@ -116,6 +116,7 @@ class TrainConfig:
     balance_alpha: float = 0.0001  # alpha of the sequence-wise balance loss
     dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | float32 | bfloat16
     device: str = "auto"  # auto | cpu | cuda
+    compile: bool = False  # torch.compile the attention and dense/shared MLPs (train/compile.py); not with fp8
     max_bad_steps: int = 5  # stop (with a checkpoint of the last good state) after K non-finite steps in a row
     on_spike: str = "log"  # a loss spike: log | skip (skip the update) | rollback (to the last checkpoint, skip the batch)
     spike_window: int = 50  # steps of loss history the spike z-score is measured against
@@ -246,6 +247,8 @@ def validate(cfg: Config, world_size: int = 1) -> Config:
              f"train.batch_size_start ({t.batch_size_start}) must be <= train.batch_size ({t.batch_size})")
     _require(t.dtype in ("auto", "float32", "bfloat16"), f"train.dtype ({t.dtype!r}) must be auto, float32 or bfloat16")
     _require(t.device in ("auto", "cpu", "cuda"), f"train.device ({t.device!r}) must be auto, cpu or cuda")
+    _require(not (t.compile and cfg.fp8.enabled), "train.compile=true does not trace the FP8 layers yet: "
+             "set train.compile=false or fp8.enabled=false")
     for name in ("mtp_weight", "mtp_weight_late", "bias_update_speed", "balance_alpha"):
         _require(getattr(t, name) >= 0, f"train.{name} ({getattr(t, name)}) must be >= 0")
 

@@ -34,6 +34,7 @@ from train.errors import UserError
 from train.guards import LossGuard, TrainingHalted, Verdict
 from train.losses import compute_losses
 from parallel.pipeline.parallelize import check_micro_batches, micro_batch_quantum
+from train.compile import compile_model
 from train.mfu import model_flops_utilization, peak_tflops
 from train.metrics import MetricsLogger
 from train.observe import DeadExpertMonitor, moe_layer_ids, moe_layer_ids_from_names, moe_metrics
@@ -220,6 +221,8 @@ def _train(cfg: Config, runtime: Runtime, model: Transformer, log: MetricsLogger
         module = materialize(model, cfg, runtime)
         moe_layers = module.moe_layers()
         optimizer = ZeroAdamW(module, groups, cfg.optim)
+    if cfg.train.compile:  # last: after the FP8 swap, the pipeline split and the expert sharding
+        log.info(compile_model(module, cfg.memory.recompute))
     traffic = [m.traffic for m in module.modules() if hasattr(m, "traffic")]  # bytes of the expert all-to-alls
     state = TrainState(guard=LossGuard(cfg.train), dead_experts=DeadExpertMonitor(cfg.logging.dead_expert_window))
     start = resume_path(cfg, warn=lambda line: log.info(f"warning: {line}"))

@@ -77,3 +77,23 @@ def test_kill_and_resume_gives_identical_losses(tmp_path, data_cache):
     for ours, theirs in zip(resumed, reference):
         for key in ("loss", "lm_loss", "mtp_loss", "balance_loss", "grad_norm", "max_vio", "lr", "tokens"):
             assert ours[key] == theirs[key], (ours["step"], key, ours[key], theirs[key])  # bitwise on CPU
+
+
+def test_compiled_run_resumes_an_eager_checkpoint(tmp_path, data_cache):
+    """train.compile=true inside the trainer: it resumes an eager run's checkpoint (parameter names are
+    unchanged by compile) and continues with the eager run's losses, to FP32 rounding (the fused
+    element-wise kernels round differently: 1e-5 relative, as tests/unit/test_compile.py)."""
+    fast = ["train.steps=4", "checkpoint.every=2", "train.seq_len=64", "train.micro_batch_size=8",
+            "train.batch_size=8", "train.batch_size_start=8"]
+    eager_dir = tmp_path / "eager"
+    result = run_pretrain(eager_dir, data_cache, *fast)
+    assert result.returncode == 0, result.stderr[-3000:]
+    compiled_dir = tmp_path / "compiled"
+    result = run_pretrain(compiled_dir, data_cache, *fast, "train.compile=true",
+                          f"checkpoint.resume={eager_dir / 'checkpoints' / 'step_00000002'}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "compile: torch.compile on" in result.stdout
+    eager, compiled = read_metrics(eager_dir), read_metrics(compiled_dir)
+    assert [m["step"] for m in compiled] == [3, 4]
+    for ours, theirs in zip(compiled, eager[2:]):
+        assert ours["loss"] == pytest.approx(theirs["loss"], rel=1e-5), ours["step"]
