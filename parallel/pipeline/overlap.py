@@ -30,7 +30,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from torch.distributed.pipelining._backward import stage_backward_input, stage_backward_weight
 
 from parallel.expert import DispatchedTokens, ExpertParallelExperts, Pieces, _Route
 from parallel.pipeline.stages import Stage, StageOutput
@@ -45,6 +44,15 @@ def no_trace(_: str) -> None:
 
 # --------------------------------------------------------------------------------------------------
 # Backward of one piece of graph
+
+
+def split_backward():
+    """torch's ``stage_backward_input`` and ``stage_backward_weight``, imported on first use: importing
+    ``torch.distributed.pipelining`` pulls in ``torch._dynamo`` (about 1 s per process), which a run
+    without a split backward never needs."""
+    from torch.distributed.pipelining._backward import stage_backward_input, stage_backward_weight
+
+    return stage_backward_input, stage_backward_weight
 
 
 def backward_piece(outputs: list[Tensor | None], grads: list[Tensor | None], inputs: list[Tensor],
@@ -64,8 +72,9 @@ def backward_piece(outputs: list[Tensor | None], grads: list[Tensor | None], inp
     # one scalar root, sum_i <output_i, grad_i>: its gradient at each output is exactly grad_i (the
     # products' backward multiplies by 1), and torch's function may detach it in place (not a view)
     root = torch.stack([(o * g).sum().float() for o, g in zip(outs, grads)]).sum()
-    _, groups = stage_backward_input([root], None, inputs, weights)
-    weight_grads.append(lambda: stage_backward_weight(weights, groups))
+    stage_input, stage_weight = split_backward()
+    _, groups = stage_input([root], None, inputs, weights)
+    weight_grads.append(lambda: stage_weight(weights, groups))
 
 
 def take_grad(leaf: Tensor) -> Tensor:

@@ -56,11 +56,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 from torch import Tensor
-from torch.distributed.pipelining._backward import stage_backward_input, stage_backward_weight
 
 from parallel.expert import ExpertParallelExperts, Pieces, run_to_end
 from parallel.mesh import ProcessGroups
-from parallel.pipeline.overlap import SegmentedGraph, Trace, no_trace, interleave, segmented_forward
+from parallel.pipeline.overlap import SegmentedGraph, Trace, interleave, no_trace, segmented_forward, split_backward
 from parallel.pipeline.actions import Action, Kind, Schedule
 from parallel.pipeline.stages import Stage, StageOutput
 from train.model import MoE
@@ -242,15 +241,16 @@ def backward_input(saved: _Saved, outputs: list[Tensor], grads: list[Tensor]
     arriving at each node where a parameter's branch joins the input's path; ``stage_backward_weight``
     later back-propagates those recorded gradients into the parameters only, and frees the graph."""
     weights = [p for p in saved.stage.parameters() if p.requires_grad]
+    stage_input, stage_weight = split_backward()
     if outputs:
-        (grad,), groups = stage_backward_input(outputs, grads, [saved.input], weights)
+        (grad,), groups = stage_input(outputs, grads, [saved.input], weights)
     else:
         grad, groups = None, []
     saved.input.grad = None
     embedded = saved.embedded
 
     def weight_grad() -> None:
-        stage_backward_weight(weights, groups)
+        stage_weight(weights, groups)
         if embedded is not None and grad is not None:
             torch.autograd.backward(embedded, grad)
 
