@@ -15,18 +15,23 @@ Measured, each ``--reps`` times (median shown):
               one-thread matmul loop, so the background has the other core)
 
     python bench/checkpoint.py                    # ~3 min on 2 cores; --dir to measure another disk
+    python -m bench checkpoint --quick            # +conf=tiny, in the harness
+
+Checked in the same run: a fresh model loaded from the checkpoint equals the saved one bit for bit.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import math
 import os
 import shutil
 import statistics
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -70,32 +75,45 @@ def hash_speed(name: str, data: bytes) -> float:
     return len(data) / (time.perf_counter() - start) / GB
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dir", help="where to write the checkpoints (default: a temporary directory)")
-    parser.add_argument("--reps", type=int, default=2)
-    parser.add_argument("--step-s", type=float, default=0.0,
-                        help="simulated training between async save and wait (default: 3 x the sync save)")
-    args = parser.parse_args()
+@dataclass
+class CheckpointResult:
+    size: int  # bytes of one checkpoint
+    medians: dict[str, float]  # seconds per measure (see the module docstring)
+    runs: dict[str, list[float]]
+    step_s: float  # simulated training between an async save and its wait
+    rel_err: float  # loaded state vs saved state, relative (0: bit for bit)
+    sha256_gbs: float
+    blake2b_gbs: float
+
+
+def measure(preset: str = "small", reps: int = 2, step_s: float = 0.0, directory: str | None = None,
+            perturb: float = 0.0) -> CheckpointResult:
+    """Every measure of the module docstring on ``+conf=PRESET``, ``reps`` times. Checked: a fresh model
+    and optimizer loaded from the checkpoint equal the saved ones (``perturb`` scales the loaded
+    parameters before that comparison, to see the check fail)."""
     torch.set_num_threads(1)
-    cfg = load_config(["+conf=small"])
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    cfg = load_config([f"+conf={preset}"])
+    own_group = not dist.is_initialized()
+    if own_group:
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     groups = build_process_groups(plan_layout(cfg, 1, 0, 1), "cpu")
     model, optimizer = build(cfg, groups)
     fresh, fresh_optimizer = build(cfg, groups)
+    with torch.no_grad():  # the fresh copy must differ before the load, or the check proves nothing
+        for p in fresh.parameters():
+            p.add_(1.0)
     trainer_state = {"loader": {"consumed": 0}, "rng": {"cpu": torch.get_rng_state()}}
     config = {"model": vars(cfg.model)}
-    base = Path(args.dir or tempfile.mkdtemp(prefix="bench_checkpoint_"))
-    print(f"+conf=small: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters; writing to {base}")
+    base = Path(directory or tempfile.mkdtemp(prefix="bench_checkpoint_"))
 
     def state():
         return checkpoint.model_state(model, groups), optimizer.state_dict()
 
     times: dict[str, list[float]] = {k: [] for k in ("save", "checksum", "verify", "load", "sync_stall",
                                                      "async_return", "async_wait", "async_stall", "async_total")}
-    size = 0
+    size, rel_err = 0, math.inf
     try:
-        for rep in range(args.reps):
+        for rep in range(reps):
             run = base / f"sync{rep}"
             start = time.perf_counter()
             path = checkpoint.save_checkpoint(run, 1, 0, *state(), cfg.model, trainer_state, keep=1, config=config)
@@ -115,6 +133,9 @@ def main() -> None:
             checkpoint.load_checkpoint(path, checkpoint.model_state(fresh, groups), fresh_state, cfg.model,
                                        verify="none")
             times["load"].append(time.perf_counter() - start)
+            saved = torch.cat([p.detach().flatten() for p in model.parameters()])
+            loaded = torch.cat([p.detach().flatten() for p in fresh.parameters()]) * (1 + perturb)
+            rel_err = float((loaded - saved).double().norm() / saved.double().norm())
 
             writer = checkpoint.CheckpointWriter(base / f"sync_writer{rep}", keep=1, async_save=False)
             start = time.perf_counter()
@@ -122,7 +143,7 @@ def main() -> None:
             times["sync_stall"].append(time.perf_counter() - start)
             writer.close()
 
-            step_s = args.step_s or 3 * times["sync_stall"][-1]
+            step_s = step_s or 3 * times["sync_stall"][-1]
             writer = checkpoint.CheckpointWriter(base / f"async{rep}", keep=1, async_save=True)
             start = time.perf_counter()
             writer.save(1, 0, *state(), cfg.model, trainer_state, config=config)
@@ -138,31 +159,47 @@ def main() -> None:
             writer.close()
             for done in (run, base / f"sync_writer{rep}", base / f"async{rep}"):
                 shutil.rmtree(done)
-        sample = os.urandom(256 << 20)
+        sample = os.urandom(64 << 20)
         sha256, blake2b = hash_speed("sha256", sample), hash_speed("blake2b", sample)
     finally:
-        if not args.dir:
+        if not directory:
             shutil.rmtree(base, ignore_errors=True)
-        dist.destroy_process_group()
+        if own_group:
+            dist.destroy_process_group()
+    return CheckpointResult(size=size, medians={k: statistics.median(v) for k, v in times.items()}, runs=times,
+                            step_s=step_s, rel_err=rel_err, sha256_gbs=sha256, blake2b_gbs=blake2b)
 
-    med = {k: statistics.median(v) for k, v in times.items()}
-    print(f"checkpoint: {size / GB:.3f} GB in 4 files; median of {args.reps}; simulated training between an async "
-          f"save and its wait: {args.step_s or 3 * med['sync_stall']:.1f} s")
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dir", help="where to write the checkpoints (default: a temporary directory)")
+    parser.add_argument("--preset", default="small")
+    parser.add_argument("--reps", type=int, default=2)
+    parser.add_argument("--step-s", type=float, default=0.0,
+                        help="simulated training between async save and wait (default: 3 x the sync save)")
+    args = parser.parse_args()
+    r = measure(args.preset, args.reps, args.step_s, args.dir)
+    med, size = r.medians, r.size
+    print(f"+conf={args.preset}; checkpoint: {size / GB:.3f} GB in 4 files; median of {args.reps}; simulated "
+          f"training between an async save and its wait: {r.step_s:.1f} s")
     print("| measure | time | rate / ratio |")
     print("|---|---|---|")
     print(f"| sync save (DCP write + checksums + manifest + rename) | {med['save']:.2f} s | "
           f"{size / med['save'] / GB:.2f} GB/s |")
     print(f"| sha256 of the files (warm page cache) | {med['checksum']:.2f} s | "
           f"{size / med['checksum'] / GB:.2f} GB/s, {med['checksum'] / med['save']:.2f} of the save |")
-    print(f"| in-memory hash, 256 MiB | sha256 {sha256:.2f} GB/s | blake2b {blake2b:.2f} GB/s |")
+    print(f"| in-memory hash, 64 MiB | sha256 {r.sha256_gbs:.2f} GB/s | blake2b {r.blake2b_gbs:.2f} GB/s |")
     print(f"| verify_checkpoint(full) | {med['verify']:.2f} s | {size / med['verify'] / GB:.2f} GB/s |")
     print(f"| load_checkpoint(verify=none) | {med['load']:.2f} s | {size / med['load'] / GB:.2f} GB/s |")
     print(f"| sync stall (CheckpointWriter.save) | {med['sync_stall']:.2f} s | 1.00 |")
     print(f"| async stall = save returns + wait | {med['async_return']:.2f} + {med['async_wait']:.2f} = "
           f"{med['async_stall']:.2f} s | {med['async_stall'] / med['sync_stall']:.2f} of sync |")
     print(f"| async background beyond the training | {med['async_total']:.2f} s | |")
-    print("all runs:", {k: [round(x, 2) for x in v] for k, v in times.items()})
+    print("all runs:", {k: [round(x, 2) for x in v] for k, v in r.runs.items()})
+    ok = r.rel_err == 0.0
+    print(f"loaded state vs saved: relative difference {r.rel_err:.1e} ({'ok' if ok else 'FAILED'}: must be 0)")
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

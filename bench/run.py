@@ -22,6 +22,8 @@ Benchmarks (names for the command line), what "ours" and "baseline" are, and wha
               the recomputing modes give the loss and gradients of mode none
     optimizer our AdamW step (BF16 moments) fused vs its foreach reference, and vs torch's AdamW as HF runs it
               (bench/optimizer.py); checked: fused and foreach parameters agree to FP32 rounding
+    checkpoint the training stall of a background (async) checkpoint vs a synchronous one, and load vs save
+              throughput (bench/checkpoint.py); checked: the loaded state equals the saved one bit for bit
 
 ratio = ours / baseline of the metric; the metric's arrow says which way is better (↑ higher, ↓ lower).
 ``--device cuda`` moves train, gemm and moe to the GPU (ep needs 4 GPUs); pipeline's F:B:W and memory are
@@ -293,9 +295,21 @@ def bench_optimizer(opt: Options) -> list[Row]:
                 1 / r.seconds["ours fused"], 1 / r.seconds["torch AdamW (HF)"], check)]
 
 
+def bench_checkpoint(opt: Options) -> list[Row]:
+    from bench import checkpoint as bc
+
+    r = bc.measure("tiny" if opt.quick else "small", reps=1 if opt.quick else 2, perturb=opt.perturb)
+    check = check_at_most("loaded vs saved parameters (bit for bit)", r.rel_err, 0.0)
+    what = f"{r.size / 1e9:.3f} GB"
+    return [Row(f"checkpoint: async vs sync save, training stall ({what})", "s ↓", r.medians["async_stall"],
+                r.medians["sync_stall"], check),
+            Row(f"checkpoint: load vs sync save ({what})", "GB/s ↑", r.size / r.medians["load"] / 1e9,
+                r.size / r.medians["save"] / 1e9, check)]
+
+
 BENCHMARKS: dict[str, Callable[[Options], list[Row]]] = {
     "train": bench_train, "gemm": bench_gemm, "moe": bench_moe, "pipeline": bench_pipeline, "ep": bench_ep,
-    "memory": bench_memory, "optimizer": bench_optimizer,
+    "memory": bench_memory, "optimizer": bench_optimizer, "checkpoint": bench_checkpoint,
 }
 
 
