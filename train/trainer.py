@@ -9,12 +9,10 @@ RUN_DIR/checkpoints (atomic, DCP).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
 import time
-from datetime import timedelta
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -24,94 +22,27 @@ import torch.distributed as dist
 
 from data.loader import TokenLoader
 from data.prepare import prepare_data
-from parallel.mesh import ProcessGroups, build_process_groups, plan_layout
+from parallel.mesh import ProcessGroups
+from parallel.pipeline.parallelize import check_micro_batches, micro_batch_quantum
 from parallel.zero import ZeroAdamW
 from train import checkpoint, schedules
-from train.balance import max_violation, update_gate_biases
+from train.balance import update_gate_biases
+from train.compile import compile_model
 from train.config import Config, config_to_yaml
 from train.ema import CpuEma
-from train.errors import UserError
-from train.guards import LossGuard, TrainingHalted, Verdict
+from train.guards import LossGuard, TrainingHalted
 from train.losses import compute_losses
-from parallel.pipeline.parallelize import check_micro_batches, micro_batch_quantum
-from train.compile import compile_model
-from train.mfu import model_flops_utilization, peak_tflops
 from train.metrics import MetricsLogger
-from train.observe import DeadExpertMonitor, moe_layer_ids, moe_layer_ids_from_names, moe_metrics
+from train.mfu import model_flops_utilization, peak_tflops
 from train.model import Transformer, count_parameters, set_recompute
+from train.observe import DeadExpertMonitor, moe_layer_ids, moe_layer_ids_from_names, moe_metrics
 from train.plan import check_plan
 from train.preempt import StopRequest
+from train.runtime import (Runtime, all_reduce_sum, autocast, available_memory_bytes, choose_device, rng_states,
+                           set_rng_states, setup_runtime)
+from train.step_stats import (gather_stages, max_violation_over_stages, merged_monitor_state, traffic_totals,
+                              verdict_line)
 
-
-
-@dataclass
-class Runtime:
-    """Where this process runs: its rank, its device, and the process groups of the parallel layout."""
-
-    rank: int
-    world_size: int
-    local_rank: int
-    device: torch.device
-    compute_dtype: torch.dtype  # autocast dtype (float32 = no autocast)
-    groups: ProcessGroups
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def choose_device(cfg: Config) -> torch.device:
-    want = cfg.train.device
-    if want == "cuda" and not torch.cuda.is_available():
-        raise UserError("train.device=cuda but CUDA is not available; use train.device=cpu or auto")
-    if want == "cuda" or (want == "auto" and torch.cuda.is_available()):
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device("cpu")
-
-
-def setup_runtime(cfg: Config, device: torch.device) -> Runtime:
-    """Read torchrun's RANK / WORLD_SIZE / LOCAL_RANK, check the layout, start NCCL (GPUs) or gloo (CPU).
-
-    A plain one-process run gets a one-rank process group too, so every run takes the same code path
-    (ZeRO-1 over one rank, DTensor checkpoints that reshard into any later layout).
-    """
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", str(world_size)))
-    layout = plan_layout(cfg, world_size, rank, local_world_size)  # config errors before any process group
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        if world_size == 1 and "MASTER_ADDR" not in os.environ:
-            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
-        else:
-            dist.init_process_group(backend, store=_rendezvous_store(world_size), rank=rank, world_size=world_size,
-                                    device_id=device if device.type == "cuda" else None)
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(cfg.train.dtype)
-    if dtype is None:  # auto: bf16 autocast on GPUs (FP32 master weights stay in the optimizer), fp32 on CPU
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    groups = build_process_groups(layout, device.type)
-    return Runtime(rank, world_size, local_rank, device, dtype, groups)
-
-
-def _rendezvous_store(world_size: int) -> dist.Store:
-    """The key-value store the process groups meet in: torchrun's (MASTER_ADDR:MASTER_PORT), under a prefix
-    of its own for each restart. torchrun keeps one store across ``--max-restarts`` attempts, and the keys
-    an earlier attempt's groups left there made a restarted job wait forever for dead peers (torch 2.13,
-    gloo); a fresh prefix per attempt gives each attempt clean keys."""
-    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
-                          is_master=os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"
-                          and int(os.environ.get("RANK", "0")) == 0, timeout=timedelta(minutes=10))
-    return dist.PrefixStore(f"dsv3/attempt_{attempt}/", store)
-
-
-def available_memory_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).total_memory
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def build_meta_model(cfg: Config) -> Transformer:
@@ -148,12 +79,6 @@ def resume_path(cfg: Config, warn: Callable[[str], None] | None = None) -> Path 
             return checkpoint.latest_checkpoint(cfg.run.dir)
         return checkpoint.latest_good_checkpoint(cfg.run.dir, cfg.checkpoint.verify, warn=warn)
     return Path(choice)
-
-
-def autocast(runtime: Runtime) -> contextlib.AbstractContextManager:
-    if runtime.compute_dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=runtime.device.type, dtype=runtime.compute_dtype)
 
 
 def train(cfg: Config, hooks: TrainHooks | None = None) -> list[dict[str, Any]]:
@@ -243,9 +168,7 @@ def _train(cfg: Config, runtime: Runtime, model: Transformer, log: MetricsLogger
     if cfg.memory.ema:
         ema = CpuEma(module, cfg.memory.ema_decay)  # starts from the (resumed) parameters
         if start is not None:
-            if checkpoint.has_ema(start):
-                checkpoint.load_ema(start, checkpoint.model_state(module, groups, tensors=ema.state()), verify="none")
-            else:
+            if not load_ema(start, ema, module, groups):
                 log.info(f"memory.ema: {start} holds no EMA; it starts from the resumed parameters")
     log.start(first_step=state.step)
 
@@ -259,7 +182,7 @@ def _train(cfg: Config, runtime: Runtime, model: Transformer, log: MetricsLogger
         path = writer.save(
             state.step, state.tokens, checkpoint.model_state(module, groups), optimizer.state_dict(), cfg.model,
             trainer_state={"loader": loader.state_dict(), "rng": rng_states(), "guard": state.guard.state_dict(),
-                           "dead_experts": _merged_monitor_state(state.dead_experts, groups),
+                           "dead_experts": merged_monitor_state(state.dead_experts, groups),
                            "config": dataclasses.asdict(cfg)},
             ema_state=checkpoint.model_state(module, groups, tensors=ema.state()) if ema is not None else None,
             config=dataclasses.asdict(cfg),
@@ -287,9 +210,8 @@ def _train(cfg: Config, runtime: Runtime, model: Transformer, log: MetricsLogger
         restore(target, state, module, optimizer, loader, groups, cfg, verify="none", keep_skips=True)
         state.guard.skip_batches.append(spiked)
         state.rollbacks += 1
-        if ema is not None and checkpoint.has_ema(target):
-            ema.wait()
-            checkpoint.load_ema(target, checkpoint.model_state(module, groups, tensors=ema.state()), verify="none")
+        if ema is not None:
+            load_ema(target, ema, module, groups)
         log.rewind(state.step)
         log.info(f"rolled back to {target} (step {state.step:,}); the batch of step {spiked} will be skipped")
         return True
@@ -347,7 +269,7 @@ def _train(cfg: Config, runtime: Runtime, model: Transformer, log: MetricsLogger
 
                 state.step += 1
                 state.tokens += batch * cfg.train.seq_len
-                vio_mean, vio_worst = _max_violation(load, groups)
+                vio_mean, vio_worst = max_violation_over_stages(load, groups)
                 elapsed = time.perf_counter() - t0
                 record = {
                     "step": state.step, "tokens": state.tokens, "loss": means[0], "lm_loss": means[1],
@@ -364,18 +286,18 @@ def _train(cfg: Config, runtime: Runtime, model: Transformer, log: MetricsLogger
                 if ema is not None:
                     record["ema_update_s"] = ema_wait  # time the step spent on the EMA (the blend runs behind it)
                 if traffic:
-                    record.update(_traffic_totals(traffic, groups))
+                    record.update(traffic_totals(traffic, groups))
                 warnings_ = state.dead_experts.update(load, layer_ids)
                 per_layer = moe_metrics(state.step, load, layer_ids, moe_layers, cfg.logging.expert_load_every,
                                         state.dead_experts)
-                per_layer, warnings_ = _gather_stages((per_layer, warnings_), groups)
+                per_layer, warnings_ = gather_stages((per_layer, warnings_), groups)
                 record.update(per_layer)
                 for line in warnings_:
                     log.info(f"warning: {line}")
                 history.append(record)
                 log.step(record)
                 if verdict.reason:
-                    log.info(_verdict_line(verdict, record, cfg))
+                    log.info(verdict_line(verdict, record, cfg))
 
                 if verdict.rollback and roll_back():
                     history = [r for r in history if r["step"] <= state.step]
@@ -449,41 +371,13 @@ def restore(path: Path, state: TrainState, module: torch.nn.Module, optimizer: Z
         state.guard.skip_batches = sorted(set(state.guard.skip_batches) | set(skips))
 
 
-def _gather_stages(part: tuple[dict[str, Any], list[str]], groups: ProcessGroups) -> tuple[dict[str, Any], list[str]]:
-    """The per-layer statistics of every pipeline stage (each holds its own layers): dicts keyed by layer
-    id are merged, ``dead_experts`` counts summed, warning lines concatenated. Without a pipeline: as is."""
-    if groups.layout.pp == 1:
-        return part
-    parts: list[Any] = [None] * groups.layout.pp
-    dist.all_gather_object(parts, part, group=groups.pp)
-    merged: dict[str, Any] = {}
-    lines: list[str] = []
-    for stats, stage_lines in parts:
-        lines += stage_lines
-        for key, value in stats.items():
-            if isinstance(value, dict):
-                merged.setdefault(key, {}).update(value)
-            elif key == "dead_experts":
-                merged[key] = merged.get(key, 0) + value
-            else:
-                merged[key] = value
-    for key, value in merged.items():  # layer order, whatever stage they came from
-        if isinstance(value, dict):
-            merged[key] = dict(sorted(value.items(), key=lambda kv: int(kv[0])))
-    return merged, lines
-
-
-def _merged_monitor_state(monitor: DeadExpertMonitor, groups: ProcessGroups) -> dict[str, Any]:
-    """The dead-expert counts of all stages' layers, equal on every rank (it goes into the checkpoint)."""
-    state = monitor.state_dict()
-    if groups.layout.pp == 1:
-        return state
-    parts: list[Any] = [None] * groups.layout.pp
-    dist.all_gather_object(parts, state, group=groups.pp)
-    for other in parts:
-        state["idle"].update(other["idle"])
-        state["reported"].update(other["reported"])
-    return state
+def load_ema(path: Path, ema: CpuEma, module: torch.nn.Module, groups: ProcessGroups) -> bool:
+    """The parameter EMA of checkpoint ``path`` into ``ema`` (resume, rollback); False if it holds none."""
+    if not checkpoint.has_ema(path):
+        return False
+    ema.wait()  # a blend still running in the background would overwrite what is loaded
+    checkpoint.load_ema(path, checkpoint.model_state(module, groups, tensors=ema.state()), verify="none")
+    return True
 
 
 def _refresh_plots(cfg: Config, step: int, log: MetricsLogger) -> None:
@@ -494,16 +388,6 @@ def _refresh_plots(cfg: Config, step: int, log: MetricsLogger) -> None:
         log.log_plots(write_plots(cfg.run.dir), step)
     except (OSError, ValueError, RuntimeError) as err:
         log.info(f"warning: could not refresh the plots in {cfg.run.dir}/plots ({err}); training goes on")
-
-
-def _verdict_line(verdict: Verdict, record: dict[str, Any], cfg: Config) -> str:
-    if verdict.reason == "nonfinite":
-        return (f"step {record['step']}: non-finite loss ({record['loss']}) or gradient norm ({record['grad_norm']});"
-                f" update skipped ({record['nonfinite_steps']} so far, train.max_bad_steps={cfg.train.max_bad_steps}"
-                " in a row stop the run)")
-    action = {"log": "logged only", "skip": "update skipped", "rollback": "rolling back"}[cfg.train.on_spike]
-    return (f"step {record['step']}: loss spike {record['loss']:.4f} (z-score {verdict.zscore:.1f} > "
-            f"{cfg.train.spike_zscore} over the last {cfg.train.spike_window} steps); {action}")
 
 
 def forward_backward(model: Transformer, windows: list[torch.Tensor], mtp_weight: float, balance_alpha: float,
@@ -522,57 +406,10 @@ def forward_backward(model: Transformer, windows: list[torch.Tensor], mtp_weight
     return sums, load
 
 
-def _max_violation(load: torch.Tensor, groups: ProcessGroups) -> tuple[float, float]:
-    """MaxVio averaged over all MoE layers of the model and its worst layer, across pipeline stages."""
-    vio = max_violation(load) if load.shape[0] else torch.zeros(0, device=load.device)
-    stats = torch.tensor([vio.sum().item(), vio.numel()], dtype=torch.float64)
-    worst = torch.tensor([vio.max().item() if vio.numel() else 0.0], dtype=torch.float64)
-    if groups.layout.pp > 1:
-        dist.all_reduce(stats, group=groups.pp)
-        dist.all_reduce(worst, op=dist.ReduceOp.MAX, group=groups.pp)
-    return (stats[0] / stats[1].clamp_min(1)).item(), worst.item()
-
-
-def _traffic_totals(counters: list, groups: ProcessGroups) -> dict[str, float]:
-    """All-to-all bytes of this step summed over layers and ranks (between and inside nodes), and the
-    most nodes any token reached (node-limited routing keeps it <= model.topk_groups)."""
-    totals: dict[str, float] = {}
-    for counter in counters:
-        for key, value in counter.as_dict().items():
-            if key.endswith("_bytes"):
-                totals[key] = totals.get(key, 0.0) + float(value)
-    keys = sorted(totals)
-    summed = torch.tensor([totals[k] for k in keys], dtype=torch.float64)
-    dist.all_reduce(summed)  # every rank: all data-parallel ranks and pipeline stages
-    most_nodes = torch.tensor([max(c.max_nodes_per_token for c in counters)], dtype=torch.float64)
-    dist.all_reduce(most_nodes, op=dist.ReduceOp.MAX)
-    return {**{f"a2a_{k}": v for k, v in zip(keys, summed.tolist())}, "a2a_max_nodes_per_token": most_nodes.item()}
-
-
 def _finished(cfg: Config, step: int, tokens: int) -> bool:
     if cfg.train.steps > 0:
         return step >= cfg.train.steps
     return tokens >= cfg.train.total_tokens
-
-
-@torch.no_grad()
-def all_reduce_sum(*tensors: torch.Tensor, group: dist.ProcessGroup) -> None:
-    """Sum small statistics (losses, expert loads, traffic) over the group, in place."""
-    for t in tensors:
-        dist.all_reduce(t, group=group)
-
-
-def rng_states() -> dict[str, Any]:
-    states = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state()
-    return states
-
-
-def set_rng_states(states: dict[str, Any]) -> None:
-    torch.set_rng_state(states["cpu"])
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state(states["cuda"])
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:

@@ -1,0 +1,113 @@
+"""Where a training process runs: torchrun's environment, the device, the process groups, autocast and the
+RNG states a checkpoint carries."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from parallel.mesh import ProcessGroups, build_process_groups, plan_layout
+from train.config import Config
+from train.errors import UserError
+
+
+@dataclass
+class Runtime:
+    """Where this process runs: its rank, its device, and the process groups of the parallel layout."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    compute_dtype: torch.dtype  # autocast dtype (float32 = no autocast)
+    groups: ProcessGroups
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def choose_device(cfg: Config) -> torch.device:
+    want = cfg.train.device
+    if want == "cuda" and not torch.cuda.is_available():
+        raise UserError("train.device=cuda but CUDA is not available; use train.device=cpu or auto")
+    if want == "cuda" or (want == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def setup_runtime(cfg: Config, device: torch.device) -> Runtime:
+    """Read torchrun's RANK / WORLD_SIZE / LOCAL_RANK, check the layout, start NCCL (GPUs) or gloo (CPU).
+
+    A plain one-process run gets a one-rank process group too, so every run takes the same code path
+    (ZeRO-1 over one rank, DTensor checkpoints that reshard into any later layout).
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", str(world_size)))
+    layout = plan_layout(cfg, world_size, rank, local_world_size)  # config errors before any process group
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if world_size == 1 and "MASTER_ADDR" not in os.environ:
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        else:
+            dist.init_process_group(backend, store=_rendezvous_store(world_size), rank=rank, world_size=world_size,
+                                    device_id=device if device.type == "cuda" else None)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(cfg.train.dtype)
+    if dtype is None:  # auto: bf16 autocast on GPUs (FP32 master weights stay in the optimizer), fp32 on CPU
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    groups = build_process_groups(layout, device.type)
+    return Runtime(rank, world_size, local_rank, device, dtype, groups)
+
+
+def _rendezvous_store(world_size: int) -> dist.Store:
+    """The key-value store the process groups meet in: torchrun's (MASTER_ADDR:MASTER_PORT), under a prefix
+    of its own for each restart. torchrun keeps one store across ``--max-restarts`` attempts, and the keys
+    an earlier attempt's groups left there made a restarted job wait forever for dead peers (torch 2.13,
+    gloo); a fresh prefix per attempt gives each attempt clean keys."""
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+                          is_master=os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"
+                          and int(os.environ.get("RANK", "0")) == 0, timeout=timedelta(minutes=10))
+    return dist.PrefixStore(f"dsv3/attempt_{attempt}/", store)
+
+
+def available_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def autocast(runtime: Runtime) -> contextlib.AbstractContextManager:
+    if runtime.compute_dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=runtime.device.type, dtype=runtime.compute_dtype)
+
+
+@torch.no_grad()
+def all_reduce_sum(*tensors: torch.Tensor, group: dist.ProcessGroup) -> None:
+    """Sum small statistics (losses, expert loads, traffic) over the group, in place."""
+    for t in tensors:
+        dist.all_reduce(t, group=group)
+
+
+def rng_states() -> dict[str, Any]:
+    states = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state()
+    return states
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    torch.set_rng_state(states["cpu"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state(states["cuda"])
