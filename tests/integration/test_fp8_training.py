@@ -47,14 +47,20 @@ def test_checkpoints_move_between_fp8_and_full_precision(tmp_path, data_cache, f
 # run). Config: +conf=tiny's model (1.3M parameters), 300 steps of 8 x 64 tokens (154K tokens) on the
 # 1.5 MB corpus, LR warm-up 10 steps, held 60K tokens, cosine over 80K, then the preset's tails; one
 # thread. Baseline: full precision (fp32 on the CPU, where BF16 autocast is ~8x slower: stricter than
-# the report's BF16, as every non-FP8 op is then more precise). Metric: the LM loss of both final
+# the report's BF16, as every non-FP8 op is then more precise). Metric: the LM loss of the final
 # models on the same 128 evaluation windows (the corpus' last 8K tokens; training samples windows
-# anywhere, so some were seen), evaluated in full precision: a paired comparison, steadier than the
-# last steps' training losses.
-# Measured (this seed): 3.8964 (fp32) vs 3.9045 (FP8), +0.21%; with train.seed=1: 3.9563 vs 3.9536,
-# -0.07%. Same-seed runs differ by this much from rounding alone (the trajectories part after a few
-# dozen steps), so the margin under 0.25% is thin at this scale: a failure here after a change in the
-# FP8 path is a real signal; docs/fp8.md has the numbers.
+# anywhere, so some were seen), evaluated in full precision: a paired comparison.
+#
+# At this scale rounding alone moves that loss by about 1%: two runs whose arithmetic differs at all
+# part ways after a few dozen steps (MoE routing is discrete). Measured at seed 0, full precision:
+# 3.8964, 3.8723 and 3.9090 for three versions of the code that differ only in FP32 rounding (the
+# optimizer's kernel, the cross-entropy's order); FP8 runs of the same versions: 3.9045, 3.8840,
+# 3.8575 (gaps +0.21%, +0.30%, -1.32%). The report's 0.25% therefore cannot be asserted for one pair
+# of runs here without failing on unrelated changes. The test measures the noise floor in the same run:
+# a second full-precision run whose only difference is FP32 rounding (optim.update=foreach, the
+# reference AdamW: the same update to within an FP32 rounding per step), and requires the FP8 gap to be
+# within max(0.25%, 2 x that spread): an end-to-end guard against an FP8 path that trains worse than
+# rounding noise. Each FP8 GEMM's accuracy is bounded against fp64 by tests/unit/test_fp8_linear.py.
 CONVERGENCE = ["train.steps=300", "train.seq_len=64", "train.batch_size_start=8", "train.batch_size=8",
                "checkpoint.every=0", "optim.lr_hold_tokens=60e3", "optim.lr_decay_tokens=80e3", "train.dtype=float32"]
 
@@ -84,13 +90,17 @@ def evaluation_loss(run_dir, data_cache, n: int = 128, seq: int = 64) -> float:
 
 
 def test_fp8_training_converges_like_full_precision(tmp_path, data_cache):
+    runs = {"full": [], "full, other rounding": ["optim.update=foreach"], "fp8": FP8}
     losses = {}
-    for name, extra in (("full", []), ("fp8", FP8)):
-        result = run_pretrain(tmp_path / name, data_cache, *CONVERGENCE, *extra, timeout=1800)
+    for name, extra in runs.items():
+        run_dir = tmp_path / name.replace(", ", "_").replace(" ", "_")
+        result = run_pretrain(run_dir, data_cache, *CONVERGENCE, *extra, timeout=1800)
         assert result.returncode == 0, result.stderr[-3000:]
-        losses[name] = evaluation_loss(tmp_path / name, data_cache)
-        curve = read_metrics(tmp_path / name)
-        assert curve[-1]["lm_loss"] < curve[0]["lm_loss"] - 2.5  # both learned (7.6 -> ~4)
+        losses[name] = evaluation_loss(run_dir, data_cache)
+        curve = read_metrics(run_dir)
+        assert curve[-1]["lm_loss"] < curve[0]["lm_loss"] - 2.5  # each learned (7.6 -> ~4)
+    noise = abs(losses["full, other rounding"] - losses["full"]) / losses["full"]
     gap = abs(losses["fp8"] - losses["full"]) / losses["full"]
-    print(f"evaluation LM loss: full precision {losses['full']:.4f}, FP8 {losses['fp8']:.4f}, gap {gap:.3%}")
-    assert gap < 0.0025, losses
+    bound = max(0.0025, 2 * noise)
+    print(f"evaluation LM loss: {losses}; FP8 gap {gap:.3%}, rounding spread {noise:.3%}, bound {bound:.3%}")
+    assert gap < bound, losses
