@@ -308,6 +308,11 @@ class ConvertStats:
     files: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
+    def count_written(self, manifest: dict[str, Any]) -> None:
+        """Files and bytes written, from the output's manifest (``{"files": {name: {"bytes": n}}}``)."""
+        self.files = len(manifest["files"])
+        self.bytes_written = sum(f["bytes"] for f in manifest["files"].values())
+
     @property
     def rss_growth(self) -> int | None:
         return None if self.rss_peak is None or self.rss_start is None else max(0, self.rss_peak - self.rss_start)

@@ -331,8 +331,7 @@ def export_hf(ckpt_dir: str | Path, out_dir: str | Path, *, dtype: str = "bf16",
                                                 "source": {"path": str(Path(ckpt_dir).resolve()),
                                                            "step": source.meta.get("step"),
                                                            "tokens": source.meta.get("tokens")}})
-        stats.files = len(manifest["files"])
-        stats.bytes_written = sum(f["bytes"] for f in manifest["files"].values())
+        stats.count_written(manifest)
     stats.bytes_read = source.bytes_read
     stats.extra["largest_chunk"] = source.largest_chunk
     stats.rss_start, stats.rss_peak = meter.start, meter.peak

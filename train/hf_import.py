@@ -294,8 +294,7 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path, *, drop_mtp: bool = False
         manifest = write_manifest(tmp, hashes, {"format": 1, "step": 0, "tokens": 0, "config_sha256": None,
                                                 "hash": "sha256", "kind": "dsv3 DCP checkpoint (weights only)",
                                                 "tool": "launch/convert.py import", "source": meta["source"]})
-        stats.files = len(manifest["files"])
-        stats.bytes_written = sum(f["bytes"] for f in manifest["files"].values())
+        stats.count_written(manifest)
     stats.largest_item = planner.largest
     stats.extra["max_items_alive"] = planner.max_alive
     stats.rss_start, stats.rss_peak = meter.start, meter.peak
