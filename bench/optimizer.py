@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script: find bench.*
 
-from train.config import ModelConfig, OptimConfig
+from train.config import ModelConfig
 from train.model import Transformer
 from train.optim import AdamW, param_groups
 

@@ -181,7 +181,7 @@ class AdamW(torch.optim.Optimizer):
             pads = [d[k:] for d, k in zip(dst, numels) if k < d.numel()]
             if pads:
                 torch._foreach_zero_(pads)
-            torch._foreach_copy_([d[:k].view(s["exp_avg"].shape) for d, k, s in zip(dst, numels, states)],
+            torch._foreach_copy_([d[:k].view(s[key].shape) for d, k, s in zip(dst, numels, states)],
                                  [s[key] for s in states])
         ops: list[list[Tensor]] = [[], [], [], [], []]  # params, grads, m, v, steps
         for i, body in enumerate(bodies):
