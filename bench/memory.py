@@ -24,7 +24,7 @@ import torch
 from train.config import load_config
 from train.ema import CpuEma
 from train.losses import compute_losses
-from train.memory import saved_activation_bytes
+from train.memory import activation_bytes_per_token, planned_activation_bytes_per_token, saved_activation_bytes
 from train.model import RECOMPUTE_MODES, Transformer, set_recompute
 
 
@@ -110,6 +110,15 @@ def main(argv: list[str]) -> int:
         print(f"{r.mode:<10} {r.saved_bytes / 2**20:>10.1f} {r.saved_bytes / tokens / 1024:>10.1f} "
               f"{r.saved_bytes / base.saved_bytes:>8.2f} {r.seconds:>10.3f} {r.seconds / base.seconds:>8.2f} "
               f"{r.grad_rel_err:>10.1e}")
+
+    print(f"\nbytes per token kept for backward by the forward and the losses, measured (train.memory."
+          f"activation_bytes_per_token) against the planner's table (docs/planner.md), +conf={args.shape}:")
+    print(f"{'train.dtype':<12} {'recompute':<10} {'measured KiB':>12} {'planned KiB':>12} {'planned/measured':>17}")
+    for dtype in ("float32", "bfloat16"):
+        for mode in RECOMPUTE_MODES:
+            mode_cfg = load_config([f"+conf={args.shape}", f"train.dtype={dtype}", f"memory.recompute={mode}"])
+            measured, planned = activation_bytes_per_token(mode_cfg), planned_activation_bytes_per_token(mode_cfg)
+            print(f"{dtype:<12} {mode:<10} {measured / 1024:>12.1f} {planned / 1024:>12.1f} {planned / measured:>17.3f}")
 
     ema = CpuEma(model, 0.999)
     t0 = time.perf_counter()

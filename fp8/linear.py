@@ -195,27 +195,29 @@ def _swiglu_parts(gate: Tensor, up: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 class _Fp8ExpertFFN(torch.autograd.Function):
     """Grouped SwiGLU experts: gate/up/down as grouped FP8 GEMMs (sec 3.3.3 for the caching).
 
-    Forward computes the SwiGLU from the fp32 GEMM outputs; backward recomputes it from their FP8 cache
-    (so the local derivative is taken at the cached point, as recomputation does). Wgrad runs one GEMM
+    Forward computes the SwiGLU from the fp32 GEMM outputs, times the rows' gate weights (fp32; W2 is
+    linear, so this is the weighted expert output without keeping that output for the weights' gradient);
+    backward recomputes it from their FP8 cache (so the local derivative is taken at the cached point, as
+    recomputation does). Wgrad runs one GEMM
     per expert with rows, reducing over that expert's tokens in 128x1 tiles, in the weights' entry node
     (``fp8.wgrad``: deferrable to a W pass).
     """
 
     @staticmethod
     def forward(ctx, x: Tensor, w1: Tensor, w2: Tensor, w3: Tensor, counts: list[int], backend: GemmBackend,
-                box: WeightGradBox) -> Tensor:
+                box: WeightGradBox, weights: Tensor) -> Tensor:
         out_dtype = _output_dtype(x)
         with _no_autocast(x):
             qx = quantize(x, 1)
             gate = expert_gemm(backend, qx, w1, counts)  # [T, I] fp32
             up = expert_gemm(backend, qx, w3, counts)
-            _, _, hidden = _swiglu_parts(gate, up)
+            hidden = _swiglu_parts(gate, up)[2] * weights.float()[:, None]
             out = expert_gemm(backend, quantize(hidden, 1), w2, counts)  # [T, D]
             # Cache: the SwiGLU inputs in FP8 1x128 tiles, and x as per-expert 128x1 tiles for Wgrad
             # (token tiles must not straddle experts); the SwiGLU output is recomputed in backward.
             q_gate, q_up = quantize(gate, 1), quantize(up, 1)
             x_t = [quantize_act_transposed(rows) for rows in x.split(counts)]
-        ctx.save_for_backward(q_gate.data, q_gate.scale, q_up.data, q_up.scale, w1, w2, w3,
+        ctx.save_for_backward(q_gate.data, q_gate.scale, q_up.data, q_up.scale, w1, w2, w3, weights,
                               *[q.data for q in x_t], *[q.scale for q in x_t])
         ctx.counts, ctx.backend, ctx.x_dtype, ctx.box = counts, backend, x.dtype, box
         ctx.weight_specs = [WeightSpec.of(w) for w in (w1, w2, w3)]
@@ -226,8 +228,8 @@ class _Fp8ExpertFFN(torch.autograd.Function):
         box: WeightGradBox = ctx.box
         no_weight_grads = [no_weight_grad(spec) for spec in ctx.weight_specs]
         if box.is_replay(dout):  # the W pass of a split backward: only the entry node's Wgrad is left
-            return None, *no_weight_grads, None, None, None
-        gate_data, gate_scale, up_data, up_scale, w1, w2, w3, *x_parts = ctx.saved_tensors
+            return None, *no_weight_grads, None, None, None, None
+        gate_data, gate_scale, up_data, up_scale, w1, w2, w3, weights, *x_parts = ctx.saved_tensors
         counts, backend = ctx.counts, ctx.backend
         n_experts = len(counts)
         x_t = [_rebuild(d, s, 1, "e4m3", False) for d, s in zip(x_parts[:n_experts], x_parts[n_experts:])]
@@ -235,10 +237,14 @@ class _Fp8ExpertFFN(torch.autograd.Function):
             dout32 = dout.float()
             gate = dequantize(_rebuild(gate_data, gate_scale, 1, "e4m3", False))
             up = dequantize(_rebuild(up_data, up_scale, 1, "e4m3", False))
-            act, sig, hidden = _swiglu_parts(gate, up)  # recomputed from the FP8 cache
+            act, sig, unweighted = _swiglu_parts(gate, up)  # recomputed from the FP8 cache
+            row_weights = weights.float()[:, None]
+            hidden = unweighted * row_weights
 
-            # down projection: Dgrad dh = dout W2 (K = D)
-            dhidden = expert_gemm(backend, quantize(dout32, 1), w2.transpose(1, 2), counts)
+            # down projection: Dgrad dh = dout W2 (K = D); then through the gate weights
+            dweighted = expert_gemm(backend, quantize(dout32, 1), w2.transpose(1, 2), counts)
+            dweights = (dweighted * unweighted).sum(-1).to(weights.dtype) if ctx.needs_input_grad[7] else None
+            dhidden = dweighted * row_weights
             dgate = dhidden * up * sig * (1 + gate * (1 - sig))
             dup = dhidden * act
             dx = None
@@ -247,7 +253,7 @@ class _Fp8ExpertFFN(torch.autograd.Function):
                       + expert_gemm(backend, quantize(dup, 1), w3.transpose(1, 2), counts))
                 dx = dx.to(ctx.x_dtype)
             if not any(ctx.needs_input_grad[1:4]):
-                return dx, None, None, None, None, None, None
+                return dx, None, None, None, None, None, None, dweights
 
             # Wgrad operands (K = the expert's tokens), quantized now: a split backward keeps them,
             # in FP8, until its W pass instead of fp32 dout, h, dgate and dup
@@ -266,12 +272,13 @@ class _Fp8ExpertFFN(torch.autograd.Function):
             return dw1, dw2, dw3
 
         box.defer(dout, wgrad)
-        return dx, *no_weight_grads, None, None, None
+        return dx, *no_weight_grads, None, None, None, dweights
 
 
 def fp8_expert_ffn(x_sorted: Tensor, counts: Tensor | list[int], w1: Tensor, w2: Tensor, w3: Tensor,
-                   backend: GemmBackend) -> Tensor:
-    """SwiGLU of each routed expert on its rows through grouped FP8 GEMMs (sec 3.3.1, 3.3.3).
+                   weights: Tensor | None = None, *, backend: GemmBackend) -> Tensor:
+    """SwiGLU of each routed expert on its rows through grouped FP8 GEMMs (sec 3.3.1, 3.3.3), times the
+    rows' gate ``weights`` [T] (fp32; None: ones).
 
     x_sorted [T, D] sorted by expert, ``counts`` [E] rows per expert; w1 (gate) [E, I, D], w3 (up)
     [E, I, D], w2 (down) [E, D, I], FP32 masters with fp32 gradients (zero for experts without rows).
@@ -284,4 +291,6 @@ def fp8_expert_ffn(x_sorted: Tensor, counts: Tensor | list[int], w1: Tensor, w2:
                          f"and x_sorted {tuple(x_sorted.shape)}")
     box = WeightGradBox()
     w1, w2, w3 = weight_entry(box, w1, w2, w3)
-    return _Fp8ExpertFFN.apply(x_sorted, w1, w2, w3, counts, backend, box)
+    if weights is None:
+        weights = x_sorted.new_ones(x_sorted.shape[0], dtype=torch.float32)
+    return _Fp8ExpertFFN.apply(x_sorted, w1, w2, w3, counts, backend, box, weights)

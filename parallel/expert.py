@@ -39,12 +39,12 @@ from typing import Protocol, TypeVar
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor
 
 from parallel.mesh import ProcessGroups
 from train.config import ModelConfig
 from train.model import RoutedExperts, Routing, Transformer
+from train.ops import combine_rows, swiglu
 
 DISPATCH_MODES = ("flat", "hierarchical")
 
@@ -539,7 +539,7 @@ class ExpertParallelExperts(RoutedExperts):
         """Partial sums over this rank's experts: row r -> sum_k g_rk FFN_k(x_r) for its local experts k.
 
         As RoutedExperts: pairs sorted by expert, SwiGLU per expert (loop or grouped GEMM) in the dtype of
-        x, gate weights multiplied in fp32, then summed per row in that dtype.
+        x with the gate weights applied to its output in fp32, then summed per row in that dtype.
         """
         x = tokens.x
         local = tokens.indices.long() - self.expert_offset
@@ -549,15 +549,14 @@ class ExpertParallelExperts(RoutedExperts):
         order = expert.argsort(stable=True)
         row_of, k_of = row[order], k[order]
         counts = torch.bincount(expert, minlength=self.n_local_experts)
-        x_sorted = x[row_of]
+        x_sorted, weights = x[row_of], tokens.weights[row_of, k_of]
         if row_of.numel() == 0:
             # no token for any local expert: an empty product still gives every weight a (zero) gradient
             w1, w2, w3 = self.w1.to(x.dtype), self.w2.to(x.dtype), self.w3.to(x.dtype)
-            out = (F.silu(x_sorted @ w1[0].t()) * (x_sorted @ w3[0].t())) @ w2[0].t()
+            out = swiglu(x_sorted @ w1[0].t(), x_sorted @ w3[0].t(), weights) @ w2[0].t()
         else:
-            out = self.ffn(x_sorted, counts)
-        weighted = (out.float() * tokens.weights[row_of, k_of, None]).to(x.dtype)
-        return torch.zeros_like(x).index_add_(0, row_of, weighted)
+            out = self.ffn(x_sorted, counts, weights)
+        return combine_rows(out, row_of, x.shape[0])
 
     def combine(self, partial: Tensor, handle: DispatchHandle) -> CombineHandle:
         """Issue the first all-to-all that returns the partials [R, D] of ``handle``'s rows to their sources.

@@ -3,9 +3,9 @@
 What is compiled, per module instance, in place (parameter names, checkpoints and the optimizer are
 unchanged, unlike wrapping in an ``OptimizedModule``):
 
-* MLA: its ``forward`` (down-projections, norms, RoPE, the concatenations and padding around the fused
-  attention, output projection), and under ``memory.recompute=selective``, where Block.attention calls
-  them one by one inside checkpoints, its ``down``, ``up_q``, ``up_kv`` and ``attend``;
+* MLA: its ``forward`` (down-projections, norms, up-projections, RoPE, the concatenations and padding
+  around the fused attention, output projection), and under ``memory.recompute=selective``, where Block.attention calls
+  them one by one inside checkpoints, its ``down`` and ``core``;
 * MLP: the dense FFNs and the shared experts (SwiGLU).
 
 Not compiled: the routing and the routed experts (data-dependent shapes: ``bincount`` of the expert
@@ -29,7 +29,7 @@ from torch import nn
 
 from train.model import MLA, MLP
 
-MLA_METHODS = ("down", "up_q", "up_kv", "attend")
+MLA_METHODS = ("down", "core")
 
 
 def compile_model(model: nn.Module, recompute: str) -> str:

@@ -30,3 +30,53 @@ def saved_activation_bytes(model: nn.Module, forward: Callable[[], Any]) -> tupl
     with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         result = forward()
     return sum(saved.values()), result
+
+
+def activation_bytes_per_token(cfg: Any, lengths: tuple[int, int] = (128, 256), seed: int = 0) -> float:
+    """Bytes per token that one micro-batch's forward and losses leave for backward in ``cfg``'s model
+    (a ``train.config.Config``: its recompute mode, FP8 conversion, and ``train.dtype`` as on a GPU:
+    bfloat16 means BF16 autocast over FP32 parameters), on the CPU. Measured at two sequence lengths and
+    differenced, which drops what does not grow with the tokens (autocast's BF16 copies of the weights,
+    the rope tables): the quantity the planner's ``stage_plans(...).activation_bytes`` predicts."""
+    from train.losses import compute_losses
+    from train.model import Transformer, set_recompute
+
+    compute = torch.bfloat16 if cfg.train.dtype == "bfloat16" else torch.float32
+    torch.manual_seed(seed)
+    model = Transformer(cfg.model)
+    model.init_weights(seed=seed)
+    set_recompute(model, cfg.memory.recompute)
+    if cfg.fp8.enabled:
+        from fp8.convert import convert_to_fp8
+
+        convert_to_fp8(model, "emulate", "cpu")
+    measured = []
+    for length in lengths:
+        window = torch.randint(0, cfg.model.vocab_size, (1, length + 1))
+
+        def forward(window: Tensor = window) -> Tensor:
+            with torch.autocast("cpu", dtype=compute, enabled=compute != torch.float32):
+                return compute_losses(model(window[:, :-1]), window, 0.3, 1e-4).loss
+
+        nbytes, loss = saved_activation_bytes(model, forward)
+        del loss
+        measured.append(nbytes)
+    return (measured[1] - measured[0]) / (lengths[1] - lengths[0])
+
+
+def planned_activation_bytes_per_token(cfg: Any, lengths: tuple[int, int] = (128, 256)) -> float:
+    """The planner's prediction of ``activation_bytes_per_token(cfg)``: one pipeline stage's activation
+    bytes (``train.plan_stages.stage_plans``) for one sequence at the same two lengths, differenced."""
+    import copy
+
+    from train.plan_cluster import precision
+    from train.plan_stages import stage_plans
+
+    cfg = copy.deepcopy(cfg)
+    cfg.train.micro_batch_size = 1
+    planned = []
+    for length in lengths:
+        cfg.train.seq_len = length
+        device = "cuda" if cfg.train.dtype == "bfloat16" else "cpu"
+        planned.append(stage_plans(cfg, 1, precision(cfg, device))[0].activation_bytes)
+    return (planned[1] - planned[0]) / (lengths[1] - lengths[0])

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from train.config import ModelConfig
+from train.ops import combine_rows, gate_scores, rms_norm, swiglu, to_compute_dtype
 
 
 # --------------------------------------------------------------------------------------------------
@@ -81,7 +82,7 @@ def attention_softmax_scale(cfg: ModelConfig) -> float:
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm computed in fp32, weight applied in the input dtype (as HF / DeepSeek)."""
+    """RMSNorm and its weight computed in FP32, the output in the input's dtype (train/ops.py)."""
 
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
@@ -89,7 +90,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)  # keeps x and 1/rms for backward (train/ops.py)
 
 
 class MLA(nn.Module):
@@ -121,12 +122,12 @@ class MLA(nn.Module):
         self.softmax_scale = attention_softmax_scale(cfg)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-        q, latent, k_rope = self.down(x)
-        return self.attend(self.up_q(q), self.up_kv(latent), k_rope, cos, sin)
+        return self.wo(self.core(*self.down(x), cos, sin))
 
     def down(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """The down-projections of the (normalised) input: the query latent c_q (or, without query
         compression, the queries), the kv latent c_kv and the rotary key before rotation."""
+        x = to_compute_dtype(x)
         q = self.wq(x) if self.q_lora_rank == 0 else self.wq_a(x)
         latent, k_rope = self.wkv_a(x).split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
         return q, latent, k_rope
@@ -139,8 +140,13 @@ class MLA(nn.Module):
         """Keys (non-rotary part) and values from c_kv: RMSNorm then W^UK and W^UV."""
         return self.wkv_b(self.kv_norm(latent))
 
+    def core(self, q_latent: Tensor, latent: Tensor, k_rope: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        """From the latents to the attention output before W^O: the up-projections, the rotary
+        embedding and the attention itself ([B, T, n_heads * v_head_dim])."""
+        return self.attend(self.up_q(q_latent), self.up_kv(latent), k_rope, cos, sin)
+
     def attend(self, q: Tensor, kv: Tensor, k_rope: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-        """Rotary embedding, attention and the output projection."""
+        """Rotary embedding and attention, on the up-projected queries, keys and values."""
         batch, seqlen, _ = q.shape
         q = q.view(batch, seqlen, self.n_heads, -1)
         q_nope, q_rope = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
@@ -157,7 +163,7 @@ class MLA(nn.Module):
             q.transpose(1, 2), k.transpose(1, 2), v_padded.transpose(1, 2), is_causal=True, scale=self.softmax_scale
         )
         out = out[..., : self.v_head_dim]
-        return self.wo(out.transpose(1, 2).reshape(batch, seqlen, -1))
+        return out.transpose(1, 2).reshape(batch, seqlen, -1)
 
 
 class MLP(nn.Module):
@@ -170,7 +176,8 @@ class MLP(nn.Module):
         self.w3 = nn.Linear(dim, inter_dim, bias=False)  # up
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        x = to_compute_dtype(x)
+        return self.w2(swiglu(self.w1(x), self.w3(x)))
 
 
 @dataclass
@@ -200,7 +207,7 @@ class Gate(nn.Module):
 
     def forward(self, x: Tensor) -> Routing:
         with torch.autocast(device_type=x.device.type, enabled=False):
-            scores = F.linear(x.float(), self.weight.float()).sigmoid()
+            scores = gate_scores(x, self.weight)
             biased = scores.detach() + self.bias
             if self.n_groups > 1:
                 grouped = biased.unflatten(-1, (self.n_groups, -1))
@@ -214,23 +221,27 @@ class Gate(nn.Module):
         return Routing(weights=weights, indices=indices, scores=scores)
 
 
-def expert_ffn_loop(x_sorted: Tensor, counts: list[int], w1: Tensor, w2: Tensor, w3: Tensor) -> Tensor:
-    """SwiGLU of each expert on its contiguous slice of the expert-sorted tokens (reference path)."""
+def expert_ffn_loop(x_sorted: Tensor, counts: list[int], w1: Tensor, w2: Tensor, w3: Tensor,
+                    weights: Tensor) -> Tensor:
+    """SwiGLU of each expert on its contiguous slice of the expert-sorted tokens, scaled by their gate
+    ``weights`` (reference path)."""
     outputs = []
     # unbind once: indexing w1[e] per expert would make autograd add E full-size zero tensors per weight
-    for xs, gate, down, up in zip(x_sorted.split(counts), w1.unbind(0), w2.unbind(0), w3.unbind(0)):
+    for xs, ws, gate, down, up in zip(x_sorted.split(counts), weights.split(counts), w1.unbind(0), w2.unbind(0),
+                                      w3.unbind(0)):
         if xs.shape[0] == 0:
             continue
-        outputs.append((F.silu(xs @ gate.t()) * (xs @ up.t())) @ down.t())
+        outputs.append(swiglu(xs @ gate.t(), xs @ up.t(), ws) @ down.t())
     return torch.cat(outputs) if outputs else x_sorted.new_zeros(0, w2.shape[1])
 
 
-def expert_ffn_grouped(x_sorted: Tensor, counts: Tensor, w1: Tensor, w2: Tensor, w3: Tensor) -> Tensor:
+def expert_ffn_grouped(x_sorted: Tensor, counts: Tensor, w1: Tensor, w2: Tensor, w3: Tensor,
+                       weights: Tensor) -> Tensor:
     """The same SwiGLU as one grouped GEMM per projection (``torch._grouped_mm``, CUDA)."""
     offsets = counts.cumsum(0).to(torch.int32)
     gate = torch._grouped_mm(x_sorted, w1.transpose(-2, -1), offs=offsets)
     up = torch._grouped_mm(x_sorted, w3.transpose(-2, -1), offs=offsets)
-    return torch._grouped_mm(F.silu(gate) * up, w2.transpose(-2, -1), offs=offsets)
+    return torch._grouped_mm(swiglu(gate, up, weights), w2.transpose(-2, -1), offs=offsets)
 
 
 class RoutedExperts(nn.Module):
@@ -245,18 +256,19 @@ class RoutedExperts(nn.Module):
         self.w1 = nn.Parameter(torch.empty(n, inter, dim))  # gate projections
         self.w2 = nn.Parameter(torch.empty(n, dim, inter))  # down projections
         self.w3 = nn.Parameter(torch.empty(n, inter, dim))  # up projections
-        # FP8 swaps in its grouped SwiGLU here (fp8/convert.py): fn(x_sorted, counts, w1, w2, w3) -> out
-        self.fp8_ffn: Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], Tensor] | None = None
+        # FP8 swaps in its grouped SwiGLU here (fp8/convert.py): fn(x_sorted, counts, w1, w2, w3, weights)
+        self.fp8_ffn: Callable[..., Tensor] | None = None
 
-    def ffn(self, x_sorted: Tensor, counts: Tensor) -> Tensor:
+    def ffn(self, x_sorted: Tensor, counts: Tensor, weights: Tensor) -> Tensor:
         """SwiGLU of each local expert on its contiguous slice of the expert-sorted rows (``counts`` per
-        expert), in the dtype of ``x_sorted``: FP8 when converted, else a grouped GEMM or the loop."""
+        expert), scaled by the rows' gate ``weights`` [N] (fp32), in the dtype of ``x_sorted``: FP8 when
+        converted, else a grouped GEMM or the loop."""
         if self.fp8_ffn is not None:
-            return self.fp8_ffn(x_sorted, counts, self.w1, self.w2, self.w3)
+            return self.fp8_ffn(x_sorted, counts, self.w1, self.w2, self.w3, weights)
         w1, w2, w3 = self.w1.to(x_sorted.dtype), self.w2.to(x_sorted.dtype), self.w3.to(x_sorted.dtype)
         if self.use_grouped_mm(x_sorted):
-            return expert_ffn_grouped(x_sorted, counts, w1, w2, w3)
-        return expert_ffn_loop(x_sorted, counts.tolist(), w1, w2, w3)
+            return expert_ffn_grouped(x_sorted, counts, w1, w2, w3, weights)
+        return expert_ffn_loop(x_sorted, counts.tolist(), w1, w2, w3, weights)
 
     def use_grouped_mm(self, x: Tensor) -> bool:
         if self.impl == "auto":
@@ -267,17 +279,14 @@ class RoutedExperts(nn.Module):
         """x: [N, dim]. Tokens are sorted by expert, computed per expert, weighted and summed back."""
         # The residual stream stays fp32 under autocast: compute the experts in the autocast dtype
         # (bf16 on GPUs), which grouped GEMMs need and which halves the bytes of the token shuffle.
-        device = x.device.type
-        if torch.is_autocast_enabled(device):
-            x = x.to(torch.get_autocast_dtype(device))
+        x = to_compute_dtype(x)
         topk = routing.indices.shape[1]
         flat_experts = routing.indices.flatten()
         order = flat_experts.argsort(stable=True)
         token_of = order // topk
         counts = torch.bincount(flat_experts, minlength=self.n_experts)
-        out = self.ffn(x[token_of], counts)
-        weighted = (out.float() * routing.weights.flatten()[order, None]).to(x.dtype)
-        return torch.zeros_like(x).index_add_(0, token_of, weighted)
+        out = self.ffn(x[token_of], counts, routing.weights.flatten()[order])
+        return combine_rows(out, token_of, x.shape[0])
 
 
 def sequence_balance_loss(scores: Tensor, indices: Tensor, batch: int, n_experts: int) -> Tensor:
@@ -365,15 +374,17 @@ class Block(nn.Module):
 
     def attention(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         """The attention half with its residual: x + MLA(RMSNorm(x)). With selective recompute (sec
-        3.2.3) the RMSNorms and the MLA projections around the latents run again in backward instead
-        of keeping their outputs: only the small latents and the attention's own inputs stay."""
+        3.2.3) the RMSNorms and the MLA projections run again in backward instead of keeping their
+        outputs: only x, the small latents and the attention output stay. The up-projected queries,
+        keys and values are not kept either, so the attention's forward runs again with them (a
+        fused attention kernel keeps its inputs: recomputing the projections alone would not free
+        them)."""
         if self.recompute != "selective" or not torch.is_grad_enabled():
             return x + self.attn(self.attn_norm(x), cos, sin)
         mla = self.attn
-        q, latent, k_rope = checkpoint(lambda t: mla.down(self.attn_norm(t)), x, use_reentrant=False)
-        q = checkpoint(mla.up_q, q, use_reentrant=False)
-        kv = checkpoint(mla.up_kv, latent, use_reentrant=False)
-        return x + mla.attend(q, kv, k_rope, cos, sin)
+        q_latent, latent, k_rope = checkpoint(lambda t: mla.down(self.attn_norm(t)), x, use_reentrant=False)
+        out = checkpoint(mla.core, q_latent, latent, k_rope, cos, sin, use_reentrant=False)
+        return x + mla.wo(out)
 
 
 class MTPModule(nn.Module):
@@ -453,7 +464,7 @@ class Transformer(nn.Module):
         """tokens: [B, T] input ids. Returns main and MTP logits plus MoE statistics."""
         seqlen = tokens.shape[1]
         cos, sin = self.rope_cos[:seqlen], self.rope_sin[:seqlen]
-        embed = self.embed(tokens)
+        embed = to_compute_dtype(self.embed(tokens))  # the residual stream: BF16 under BF16 autocast (sec 3.3)
         h = embed
         stats: list[MoEStats] = []
         for layer in self.layers:

@@ -8,59 +8,76 @@ from train.plan_cluster import E5M6_BYTES, FP8_BYTES, Precision
 from train.plan_flops import is_dense
 
 
-# How an element is stored: "act" in the activation dtype (BF16 / FP32); "gemm" as the input of a GEMM
-# whose Wgrad runs in FP8 (E4M3 with 1x128 scales under fp8.enabled, else "act"); "e5m6" the input of
-# the Linear after attention (E5M6 under fp8.enabled); "fp32" always FP32.
-# Which modes keep it: N = none, S = selective (report: every RMSNorm and the MLA up-projections
-# recomputed, the attention core's q, k, v with them; flash attention keeps only its output and
-# log-sum-exp). Under full recompute a block keeps only its input.
+# How an element is stored: "act" in the activation (autocast) dtype, BF16 / FP32, which is also the
+# residual stream's and the RMSNorms' outputs'; "gemm" as the input of a GEMM whose Wgrad runs in FP8
+# (E4M3 with 1x128 scales under fp8.enabled, else "act"); "gemm2" the input of two such GEMMs (one
+# shared tensor; under FP8 each quantizes its own copy); "fp8x2" two FP8 copies of a tensor kept
+# elsewhere anyway (none without FP8); "e5m6" the input of the Linear after attention (E5M6 under
+# fp8.enabled); "fp32" and "int64" always.
+# Which modes keep it: N = none, S = selective (the RMSNorms, the MLA projections but W^O, and the
+# attention rerun in backward: the block input, the latents and W^O's input stay). Under full recompute
+# a block keeps only its input.
+# The table is what autograd keeps, tensor by tensor (tests/unit/test_plan_memory.py measures it).
 
 
 def activation_items(m: ModelConfig, layer_id: int, p: Precision) -> list[tuple[str, float, str, str]]:
     """(tensor, elements per token, storage kind, modes "NS" that keep it) for block ``layer_id``."""
     h, qk, dv = m.n_heads, m.qk_nope_head_dim + m.qk_rope_head_dim, m.v_head_dim
     items = [("block input x (attn_norm input)", m.dim, "act", "NS"),
-             ("attn_norm output (wq/wq_a, wkv_a input)", m.dim, "gemm", "N")]
+             ("attn_norm 1/rms", 1, "fp32", "N"),
+             ("attn_norm output (wq/wq_a and wkv_a input)", m.dim, "gemm2", "N")]
     if m.q_lora_rank:
         items += [("c_q (q_norm input)", m.q_lora_rank, "act", "NS"),
+                  ("q_norm 1/rms", 1, "fp32", "N"),
                   ("q_norm output (wq_b input)", m.q_lora_rank, "gemm", "N")]
+    else:  # the queries straight from wq: selective recompute keeps them as its input
+        items += [("queries (wq output)", h * qk, "act", "S")]
     items += [("c_kv and k_rope (kv_norm input)", m.kv_lora_rank + m.qk_rope_head_dim, "act", "NS"),
+              ("kv_norm 1/rms", 1, "fp32", "N"),
               ("kv_norm output (wkv_b input)", m.kv_lora_rank, "gemm", "N"),
-              ("attention q, k, v", h * (2 * qk + dv), "act", "N"),
+              # fused kernels take one head dim: v is zero-padded to q/k's, and so is the output
+              ("attention q, k, v", h * (2 * qk + max(qk, dv)), "act", "N"),
+              ("attention output, as the kernel returns it", h * max(qk, dv), "act", "N"),
+              ("softmax log-sum-exp", h, "fp32", "N"),
               ("attention output (wo input)", h * dv, "e5m6", "NS"),
-              ("softmax log-sum-exp", h, "fp32", "NS"),
               ("residual after attention (ffn_norm input)", m.dim, "act", "NS"),
-              ("ffn_norm output (FFN, gate and dispatch input)", m.dim, "gemm", "N")]
-    fp8_moe = p.fp8  # MoE SwiGLU inputs cached in FP8, its output recomputed (sec 3.3.3)
+              ("ffn_norm 1/rms", 1, "fp32", "NS")]
     if is_dense(m, layer_id):
-        items += [("dense FFN w1, w3 outputs (SwiGLU input)", 2 * m.inter_dim, "act", "NS"),
+        items += [("ffn_norm output (w1 and w3 input)", m.dim, "gemm2", "NS"),
+                  ("dense FFN w1, w3 outputs (SwiGLU input)", 2 * m.inter_dim, "act", "NS"),
                   ("dense FFN SwiGLU output (w2 input)", m.inter_dim, "gemm", "NS")]
         return items
     inter, k, s = m.moe_inter_dim, m.n_activated_experts, m.n_shared_experts
-    items += [("gate scores", m.n_routed_experts, "fp32", "NS"),
-              ("top-k expert ids and weights", k * 3, "fp32", "NS"),  # int64 ids + fp32 weights = 12 bytes
-              ("shared experts' SwiGLU inputs", s * 2 * inter, "gemm" if fp8_moe else "act", "NS"),
-              ("shared experts' SwiGLU output", 0 if fp8_moe else s * inter, "gemm", "NS"),
-              ("routed: dispatched token per expert slot", k * m.dim, "gemm", "NS"),
-              ("routed: SwiGLU inputs", k * 2 * inter, "gemm" if fp8_moe else "act", "NS"),
-              ("routed: SwiGLU output", 0 if fp8_moe else k * inter, "gemm", "NS")]
+    items += [("ffn_norm output (gate, shared experts and dispatch input)", m.dim, "act", "NS"),
+              ("gate scores", m.n_routed_experts, "fp32", "NS"),
+              ("top-k expert ids", k, "int64", "NS"),
+              ("top-k weights and their sum, sequence-balance sums", k + 2, "fp32", "NS")]
+    if s:
+        items += [("shared experts' w1 and w3 inputs under FP8", m.dim, "fp8x2", "NS"),
+                  ("shared experts' SwiGLU inputs", s * 2 * inter, "act", "NS"),
+                  ("shared experts' SwiGLU output (w2 input)", s * inter, "gemm", "NS")]
+    # routed experts: the gate weight scales the SwiGLU output (train/ops.py); FP8 caches the SwiGLU inputs
+    # in FP8 and recomputes its output (sec 3.3.3)
+    items += [("routed: dispatched token per expert slot", k * m.dim, "gemm", "NS"),
+              ("routed: SwiGLU inputs", k * 2 * inter, "gemm", "NS"),
+              ("routed: gate weight per slot", k, "fp32", "NS"),
+              ("routed: weighted SwiGLU output (w2 input)", 0 if p.fp8 else k * inter, "act", "NS"),
+              ("routed: slot order, token of each slot", 2 * k, "int64", "NS")]
     return items
 
 
 def element_bytes(kind: str, p: Precision) -> float:
-    if kind == "fp32":
-        return 4.0
-    if kind == "gemm" and p.fp8:
-        return FP8_BYTES
-    if kind == "e5m6" and p.fp8:
-        return E5M6_BYTES
-    return float(p.act)
+    """Bytes of one element of ``kind`` (see the table above)."""
+    if kind in ("fp32", "int64"):
+        return 4.0 if kind == "fp32" else 8.0
+    if p.fp8 and kind in ("gemm", "gemm2", "fp8x2", "e5m6"):
+        return {"gemm": FP8_BYTES, "gemm2": 2 * FP8_BYTES, "fp8x2": 2 * FP8_BYTES, "e5m6": E5M6_BYTES}[kind]
+    return 0.0 if kind == "fp8x2" else float(p.act)
 
 
 def layer_activation_bytes(m: ModelConfig, layer_id: int, p: Precision, mode: str | None = None) -> float:
     """Bytes one token leaves cached for backward in block ``layer_id`` under recompute ``mode``
-    (default: the precision's). Routed weights are applied to the SwiGLU output, so no expert output is
-    kept for the gate's gradient."""
+    (default: the precision's)."""
     mode = p.recompute if mode is None else mode
     if mode == "full":
         return p.act * m.dim  # the block input; the rest is rebuilt in backward (StagePlan.recompute_bytes)
@@ -68,13 +85,20 @@ def layer_activation_bytes(m: ModelConfig, layer_id: int, p: Precision, mode: st
     return sum(n * element_bytes(kind, p) for _, n, kind, modes in activation_items(m, layer_id, p) if keep in modes)
 
 
-def tail_activation_bytes(m: ModelConfig, p: Precision, seq_len: int) -> float:
-    """Per token of the last stage's fixed part: final-norm input, FP32 log-softmax of each head use
-    (cross-entropy in FP32), and each MTP module (its two norm inputs, its block, its output norm input)
-    on T-k positions."""
+def tail_activation_bytes(m: ModelConfig, p: Precision, seq_len: int, holds_embedding: bool) -> float:
+    """Per token of the last stage's fixed part (sec 2.2): the final norm's input and 1/rms, the head's
+    input (the norm's output), the logits of each head use (the chunked cross-entropy keeps them in
+    their dtype with one FP32 log-sum-exp per row) and each MTP depth k on T-k positions: its two norms
+    (the embedding it normalises is the first block's input when ``holds_embedding``, else its own copy;
+    the hidden state is the previous head's input), eh_proj's input, its block and its output norm."""
     a = p.act
-    total = a * m.dim + 4 * m.vocab_size
+    head_use = a * m.dim + a * m.vocab_size + 4  # the head's input, the logits and their log-sum-exp
+    total = a * m.dim + 4 + head_use  # final norm: input and 1/rms
     for k in range(1, m.mtp_depth + 1):
-        per = 2 * a * m.dim + layer_activation_bytes(m, m.n_layers + k - 1, p) + a * m.dim + 4 * m.vocab_size
+        per = (4 + (0 if holds_embedding else a * m.dim)  # enorm
+               + 4  # hnorm
+               + a * 2 * m.dim  # eh_proj input
+               + layer_activation_bytes(m, m.n_layers + k - 1, p)
+               + a * m.dim + 4 + head_use)  # the module's norm, the head
         total += per * (seq_len - k) / seq_len
     return total

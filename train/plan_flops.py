@@ -114,8 +114,10 @@ def layer_time_split(m: ModelConfig, layer_id: int, seq_len: int, p: Precision) 
     gemm = f["mla_proj"] + f["dense_ffn"] + f["shared_experts"] + f["routed_experts"]
     out = {"fp8": gemm if p.fp8 else 0.0, "bf16": f["gate"] + (0.0 if p.fp8 else gemm), "attention": f["attention"],
            "recompute_fp8": 0.0, "recompute_bf16": 0.0}
-    if p.recompute == "selective":  # the MLA up-projections (the RMSNorms cost no GEMM FLOPs)
-        out["recompute_fp8" if p.fp8 else "recompute_bf16"] = f["mla_up"]
+    if p.recompute == "selective":  # the MLA projections but W^O, and the attention (Block.attention)
+        projections = f["mla_proj"] - 2.0 * m.n_heads * m.v_head_dim * m.dim  # the RMSNorms: no GEMM FLOPs
+        out["recompute_fp8" if p.fp8 else "recompute_bf16"] = projections
+        out["recompute_bf16"] += f["attention"]
     elif p.recompute == "full":  # the whole block's forward again
         out["recompute_fp8"], out["recompute_bf16"] = out["fp8"], out["bf16"] + out["attention"]
     return out

@@ -65,8 +65,8 @@ def rank_memory(cfg: Config, cluster: Cluster, layout: Any, p: Precision,
         if layout.ep > 1 and any(s.moe_layers for s in mine):
             # receive buffers of one layer's dispatch and combine, for the two micro-batches of an F&B
             buffers += 2 * tokens * a2a.target_gpus * (a2a.dispatch_row + a2a.combine_row)
-        if any(s.has_head for s in mine):  # the head's logits and their FP32 gradient, one micro-batch
-            buffers += tokens * m.vocab_size * (p.act + 4)
+        if any(s.has_head for s in mine):  # the logits' gradient in their dtype (train/losses.py), one at a time
+            buffers += tokens * m.vocab_size * p.act
         buffers += max(s.recompute_bytes for s in mine)  # full recompute: one block rebuilt at a time
         terms = {
             "weights": params * p.weight,

@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     from train.plan import Plan
 
 
-RECOMPUTE_TEXT = {"none": "nothing recomputed", "selective": "RMSNorms and MLA up-projections recomputed",
+RECOMPUTE_TEXT = {"none": "nothing recomputed", "selective": "RMSNorms, MLA projections and attention recomputed",
                   "full": "whole blocks recomputed"}
 
 TERM_NAMES = {

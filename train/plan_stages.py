@@ -114,9 +114,11 @@ def stage_plans(cfg: Config, n_stages: int, p: Precision, boundaries: list[int] 
             for key, value in layer_time_split(m, layer, length, p).items():
                 flops[key] += value * length / t.seq_len
         embed = m.vocab_size * m.dim if (first or (last and m.mtp_depth)) else 0
+        if first:
+            act += 8  # the token ids, int64, kept by the embedding
         if last:
             dense += m.dim + m.vocab_size * m.dim + m.mtp_depth * (3 * m.dim + 2 * m.dim * m.dim)
-            act += tail_activation_bytes(m, p, t.seq_len)
+            act += tail_activation_bytes(m, p, t.seq_len, holds_embedding=first)
             head = 2.0 * m.dim * m.vocab_size  # the head and MTP's eh_proj stay in BF16 (sec 3.3.1)
             flops["bf16"] += head + sum((head + 2.0 * 2 * m.dim * m.dim) * (t.seq_len - k) / t.seq_len
                                         for k in range(1, m.mtp_depth + 1))

@@ -139,7 +139,7 @@ def _train(cfg: Config, runtime: Runtime, model: Transformer, log: MetricsLogger
     if layout.pp > 1:  # this rank materializes only its stages
         from parallel.pipeline.parallelize import PipelinePart
 
-        pipeline = PipelinePart(cfg, model, groups, runtime.device, lambda: autocast(runtime))
+        pipeline = PipelinePart(cfg, model, groups, runtime.device, lambda: autocast(runtime), runtime.compute_dtype)
         module, moe_layers = pipeline.module, pipeline.moe_layers()
         optimizer = ZeroAdamW(module, groups, cfg.optim, copies=pipeline.copies())
     else:

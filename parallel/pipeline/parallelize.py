@@ -53,9 +53,9 @@ class PipelinePart:
     optimizer and checkpoints), and the runtimes."""
 
     def __init__(self, cfg: Config, model: Transformer, groups: ProcessGroups, device: torch.device,
-                 autocast: Callable[[], contextlib.AbstractContextManager]):
+                 autocast: Callable[[], contextlib.AbstractContextManager], activation_dtype: torch.dtype):
         layout = groups.layout
-        self.cfg, self.groups, self.autocast = cfg, groups, autocast
+        self.cfg, self.groups, self.autocast, self.activation_dtype = cfg, groups, autocast, activation_dtype
         probe = make_schedule(cfg.parallel.schedule, layout.pp, min_micro_batches(cfg.parallel.schedule, layout.pp))
         # the planner's cuts, the same on every rank (pure arithmetic on the config and the layout)
         self.boundaries = pipeline_boundaries(cfg, layout, "cuda" if device.type == "cuda" else "cpu")
@@ -72,6 +72,7 @@ class PipelinePart:
         if micro_batches not in self._runtimes:
             schedule = make_schedule(self.cfg.parallel.schedule, self.groups.layout.pp, micro_batches)
             self._runtimes[micro_batches] = PipelineRuntime(schedule, self.stages, self.groups, autocast=self.autocast,
+                                                            activation_dtype=self.activation_dtype,
                                                             overlap=self.cfg.parallel.overlap)
         return self._runtimes[micro_batches]
 

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from train.losses import Losses, compute_losses
 from train.model import Block, MoE, ModelOutput, RoutedExperts, Transformer, rope_tables
+from train.ops import to_compute_dtype
 
 
 @dataclass
@@ -89,7 +90,7 @@ class Stage(nn.Module):
 
     def embed_tokens(self, tokens: Tensor) -> Tensor:
         """Stage 0's first step: token ids [mb, T] -> embeddings [mb, T, dim]."""
-        return self.embed(tokens)
+        return to_compute_dtype(self.embed(tokens))  # the residual stream, as Transformer.forward
 
     def forward(self, x: Tensor, window: Tensor | None = None, mtp_weight: float = 0.0,
                 balance_alpha: float = 0.0) -> StageOutput:
@@ -128,7 +129,7 @@ class Stage(nn.Module):
         mtp_logits = []
         if len(self.mtp):
             if embedded is None:
-                embedded = self.embed(window[:, :-1])  # this rank's embedding (shared or tied copy)
+                embedded = to_compute_dtype(self.embed(window[:, :-1]))  # this rank's embedding (shared or tied copy)
             for depth, module in enumerate(self.mtp, start=1):  # as Transformer.forward
                 length = seqlen - depth
                 h, stats = module(h[:, :length], embedded[:, depth:], cos[:length], sin[:length])

@@ -467,17 +467,22 @@ def _autocast_rank(rank: int, world: int, schedule: Schedule, model: Transformer
     parallelize_experts(model, groups)
     stages = split_model(model, schedule.n_stages)
     mine = {c: stages[s] for c, s in enumerate(schedule.placement[layout.pp_rank])}
-    runtime = PipelineRuntime(schedule, mine, groups, overlap=overlap,
+    runtime = PipelineRuntime(schedule, mine, groups, overlap=overlap, activation_dtype=torch.bfloat16,
                               autocast=lambda: torch.autocast("cpu", torch.bfloat16))
     result = runtime.step(windows[layout.dp_rank], LAMBDA, ALPHA)
     return result.sums, {n: p.grad.clone() for n, p in rank_module(list(mine.values())).named_parameters()}
 
 
 def test_overlap_equals_forward_then_backward_under_bf16_autocast():
-    """Under bf16 autocast (the GPU setting: experts and attention in bf16, residual in fp32) the cut
-    graphs' dtype casts at the cuts (routed and shared outputs in bf16, the residual in fp32) reproduce
-    autograd's exactly: DualPipe pp 2 x ep 2 with and without the overlap give identical losses and
-    gradients, bit for bit (the same operations in the same order)."""
+    """Under bf16 autocast (the GPU setting: the residual stream, experts and attention in bf16, the router
+    in fp32) DualPipe pp 2 x ep 2 with and without the overlap give the same losses, bit for bit (the
+    forward runs the same operations in the same order), and gradients within 3% in norm. Not bit for
+    bit: the gradient of a MoE block's input sums three bf16 contributions (gate, shared experts, routed
+    tokens) and that of its residual two, in the order the autograd engine finishes them, which differs
+    between one graph and the cut graphs; each order rounds differently (2^-8), and the earlier blocks'
+    backward carries it on (measured: at most 1.0% in norm, on layer 0's weights). A missing or
+    misrouted piece would be off by tens of percent (test_expert_parallel_inside_the_pipeline checks the
+    pieces in fp32 against the one-process reference)."""
     schedule, _ = generated("dualpipe", 2)
     model = tiny_model(4)
     windows = [make_windows(schedule.micro_batches, seed=10 + d) for d in range(2)]
@@ -487,4 +492,4 @@ def test_overlap_equals_forward_then_backward_under_bf16_autocast():
         assert torch.equal(sums, sums_o)
         assert grads.keys() == grads_o.keys()
         for name in grads:
-            assert torch.equal(grads[name], grads_o[name]), name
+            assert ((grads[name] - grads_o[name]).norm() / grads[name].norm()).item() < 3e-2, name

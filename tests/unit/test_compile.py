@@ -39,7 +39,7 @@ def test_compiled_model_matches_eager(recompute):
     assert "4 MLA" in summary and list(compiled.state_dict()) == keys  # 3 blocks + MTP; names unchanged
     for mla in compiled.modules():
         if isinstance(mla, MLA):
-            assert ("attend" in vars(mla)) == (recompute == "selective")  # the methods selective calls
+            assert ("core" in vars(mla)) == (recompute == "selective")  # the methods selective calls
     g = torch.Generator().manual_seed(1)
     for _ in range(2):  # the second call runs the cached graphs
         window = torch.randint(0, TINY["vocab_size"], (2, 33), generator=g)

@@ -365,6 +365,11 @@ def expert_inputs(counts: list[int], dim: int, inter: int, seed: int = 0):
     return x, w1, w2, w3, dout
 
 
+def gate_weights(counts: list[int], seed: int = 1) -> torch.Tensor:
+    """Per-row gate weights as the router gives them (positive, around route_scale / K)."""
+    return torch.rand(sum(counts), generator=torch.Generator().manual_seed(seed), dtype=torch.float64) + 0.25
+
+
 def run_experts(fn, tensors, dout):
     leaves = [t.detach().clone().requires_grad_() for t in tensors]
     out = fn(*leaves)
@@ -374,7 +379,8 @@ def run_experts(fn, tensors, dout):
 
 @pytest.mark.parametrize("dim,inter", [(192, 160), (64, 32)])
 def test_fp8_expert_ffn_matches_loop(dim, inter):
-    """Against ``expert_ffn_loop`` in fp64: forward and the grads of x, w1, w2, w3 (< 10%: two chained
+    """Against ``expert_ffn_loop`` in fp64: forward and the grads of x, w1, w2, w3 and the rows' gate
+    weights (< 10%: two chained
     GEMMs forward, three in backward, each ~3.7%, see the module docstring); an expert with 0 rows gets
     exactly zero weight grads. Reference and emulate backends: their first GEMMs agree to fp32 rounding,
     but a GEMM output that is re-quantized (the SwiGLU output, dgate, dup) can land on the other side of
@@ -382,19 +388,21 @@ def test_fp8_expert_ffn_matches_loop(dim, inter):
     results agree to < 1% rather than to 1e-5; a layout or scale bug would differ by O(1)."""
     counts = [50, 0, 130, 3]
     x, w1, w2, w3, dout = expert_inputs(counts, dim, inter)
-    ref_out, ref_grads = run_experts(lambda x, a, b, c: expert_ffn_loop(x, counts, a, b, c), (x, w1, w2, w3), dout)
+    weights = gate_weights(counts)
+    ref_out, ref_grads = run_experts(lambda x, a, b, c, w: expert_ffn_loop(x, counts, a, b, c, w),
+                                     (x, w1, w2, w3, weights), dout)
     results = {}
     for backend in (EMULATE, REFERENCE):
         fn = functools.partial(fp8_expert_ffn, backend=backend)
-        out, grads = run_experts(lambda x, a, b, c: fn(x, torch.tensor(counts), a, b, c),
-                                 [t.float() for t in (x, w1, w2, w3)], dout)
+        out, grads = run_experts(lambda x, a, b, c, w: fn(x, torch.tensor(counts), a, b, c, w),
+                                 [t.float() for t in (x, w1, w2, w3, weights)], dout)
         assert out.dtype == torch.float32 and all(g.dtype == torch.float32 for g in grads)
         errors = [rel(out, ref_out)] + [rel(g, r) for g, r in zip(grads, ref_grads)]
         assert max(errors) < 0.10, errors
-        for g in grads[1:]:
+        for g in grads[1:4]:
             assert torch.equal(g[1], torch.zeros_like(g[1]))  # expert 1 has no rows
         results[backend.name] = (out, grads)
-    print(f"\nexperts D={dim} I={inter}: relative error out, dx, dw1, dw2, dw3: "
+    print(f"\nexperts D={dim} I={inter}: relative error out, dx, dw1, dw2, dw3, dweights: "
           + ", ".join(f"{e:.4f}" for e in errors))
     (out_e, grads_e), (out_r, grads_r) = results["emulate"], results["reference"]
     for a, b in zip([out_e, *grads_e], [out_r, *grads_r]):
@@ -421,7 +429,7 @@ def test_fp8_expert_ffn_no_rows_and_autocast():
     assert out.dtype == torch.bfloat16
     out.backward(dout.to(torch.bfloat16))
     assert xb.grad.dtype == torch.bfloat16 and all(w.grad.dtype == torch.float32 for w in ws)
-    reference = expert_ffn_loop(x, counts, w1, w2, w3)
+    reference = expert_ffn_loop(x, counts, w1, w2, w3, torch.ones(sum(counts), dtype=torch.float64))
     assert rel(out, reference) < 0.10
     with pytest.raises(ValueError, match="counts"):
         fp8_expert_ffn(xb, torch.tensor([7, 0, 8]), *ws, backend=EMULATE)
@@ -429,15 +437,16 @@ def test_fp8_expert_ffn_no_rows_and_autocast():
 
 def test_expert_swiglu_output_not_cached():
     """Sec 3.3.3: what the expert FFN saves for backward is x (FP8, 128x1 per expert), the SwiGLU inputs
-    gate and up (FP8) and scales: T (D + 2 I) bytes + scales, no [T, I] tensor in a wider dtype."""
+    gate and up (FP8), scales and the rows' FP32 gate weights: T (D + 2 I + 4) bytes + scales, no [T, I]
+    or [T, D] tensor in a wider dtype."""
     counts = [100, 28]
     dim, inter = 128, 256
     x, w1, w2, w3, _ = expert_inputs(counts, dim, inter)
-    leaves = [t.float().requires_grad_() for t in (x, w1, w2, w3)]
-    total = saved_bytes(lambda: fp8_expert_ffn(leaves[0], counts, *leaves[1:], backend=EMULATE), leaves[1:])
+    leaves = [t.float().requires_grad_() for t in (x, w1, w2, w3, gate_weights(counts))]
+    total = saved_bytes(lambda: fp8_expert_ffn(leaves[0], counts, *leaves[1:], backend=EMULATE), leaves[1:4])
     tokens = sum(counts)
     scales = 4 * (2 * tokens * (inter // BLOCK) + dim * len(counts))  # gate/up 1x128; x 128x1 per expert
-    assert total == tokens * (dim + 2 * inter) + scales
+    assert total == tokens * (dim + 2 * inter + 4) + scales
 
 
 def test_linear_rejects_bad_shapes():

@@ -155,28 +155,33 @@ def test_memory_terms_by_hand_one_gpu():
     assert pl.memory["master"] == pytest.approx(params * 4)
     assert pl.memory["moments"] == pytest.approx(params * 2 * 2)
 
-    # cached activations per token, BF16 (2 bytes), selective recompute
+    # cached activations per token (docs/planner.md, "Activations"), BF16 (2 bytes): the residual stream
+    # and the norms' outputs too; selective recompute keeps the block input, the latents and W^O's input
+    # of the attention half (the RMSNorms, the MLA projections and the attention itself run again)
     attention_side = (
         512 * 2  # block input x
         + 192 * 2  # c_q
         + (128 + 32) * 2  # c_kv and k_rope
         + 8 * 64 * 2  # attention output (wo input)
-        + 8 * 4  # log-sum-exp, FP32
-        + 512 * 2  # residual after attention (ffn_norm input)
+        + 512 * 2 + 4  # residual after attention (ffn_norm input) and its 1/rms
     )
-    assert attention_side == 3808
-    dense_block = attention_side + 2 * 1536 * 2 + 1536 * 2  # SwiGLU inputs and output
-    moe_block = (attention_side
-                 + 32 * 4 + 4 * 12  # gate scores (FP32); top-k ids (int64) and weights (FP32)
-                 + 2 * 256 * 2 + 256 * 2  # shared expert SwiGLU inputs and output
-                 + 4 * (512 * 2 + 2 * 256 * 2 + 256 * 2))  # 4 routed slots: token, SwiGLU inputs, output
-    assert (dense_block, moe_block) == (13024, 15760)
-    tail = 512 * 2 + 16384 * 4  # final-norm input, FP32 log-softmax of the head
-    tail += (2 * 512 * 2 + moe_block + 512 * 2 + 16384 * 4) * 1023 / 1024  # MTP depth 1 on T-1 positions
+    assert attention_side == 3780
+    dense_block = attention_side + 512 * 2 + 2 * 1536 * 2 + 1536 * 2  # w1/w3 input, SwiGLU inputs and output
+    routing = 512 * 2 + 32 * 4 + 4 * 8 + (4 + 2) * 4  # gate/shared/dispatch input, scores, top-k ids, weights
+    shared = 2 * 256 * 2 + 256 * 2  # SwiGLU inputs and output
+    routed = 4 * (512 * 2 + 2 * 256 * 2 + 4 + 256 * 2 + 2 * 8)  # 4 slots: token, SwiGLU in, weight, out, ids
+    moe_block = attention_side + routing + shared + routed
+    assert (dense_block, moe_block) == (14020, 16844)
+    head = 512 * 2 + 16384 * 2 + 4  # the head's input, the BF16 logits, their FP32 log-sum-exp
+    tail = 512 * 2 + 4 + head  # final norm (input, 1/rms) and the head
+    # MTP depth 1 on T-1 positions: enorm and hnorm (1/rms each; their inputs are block 0's and the head's),
+    # eh_proj's input, the block, its norm (input, 1/rms), the head
+    tail += (4 + 4 + 2 * 512 * 2 + moe_block + 512 * 2 + 4 + head) * 1023 / 1024
     tokens = 8 * 1024
-    assert pl.memory["activations"] == pytest.approx(tokens * (dense_block + 7 * moe_block + tail))
-    # no all-to-all; the head's BF16 logits and their FP32 gradient for one micro-batch
-    assert pl.memory["buffers"] == tokens * 16384 * (2 + 4)
+    token_ids = 8
+    assert pl.memory["activations"] == pytest.approx(tokens * (dense_block + 7 * moe_block + tail + token_ids))
+    # no all-to-all; the logits' BF16 gradient for one micro-batch
+    assert pl.memory["buffers"] == tokens * 16384 * 2
     assert pl.memory["reserve"] == 2 * GiB
     assert pl.memory_total == pytest.approx(sum(pl.memory.values()))
     assert pl.fits
@@ -197,22 +202,26 @@ def test_memory_terms_by_hand_zero1_expert_parallel_and_fp8():
     assert pl.memory["gradients"] == pytest.approx(local * 4)
     assert pl.memory["master"] == pytest.approx(4 * (dense / 8 + experts / 4 / 2))
     assert pl.memory["moments"] == pytest.approx(4 * (dense / 8 + experts / 4 / 2))
-    fp8 = 1 + 4 / 128
-    moe_block = (512 * 2 + 192 * 2 + 160 * 2 + 8 * 64 * (1.5 + 4 / 128) + 8 * 4 + 512 * 2  # wo input in E5M6
-                 + 32 * 4 + 4 * 12
-                 + 2 * 256 * fp8  # shared expert: FP8 SwiGLU inputs, output recomputed
-                 + 4 * (512 * fp8 + 2 * 256 * fp8))  # routed slots: FP8 token and SwiGLU inputs
-    dense_block = 512 * 2 + 192 * 2 + 160 * 2 + 8 * 64 * (1.5 + 4 / 128) + 8 * 4 + 512 * 2 + 2 * 1536 * 2 + 1536 * fp8
-    tail = 512 * 2 + 16384 * 4 + (2 * 512 * 2 + moe_block + 512 * 2 + 16384 * 4) * 1023 / 1024
+    fp8, e5m6 = 1 + 4 / 128, 1.5 + 4 / 128
+    # as the BF16 table of the test above, with the FP8 caches: a GEMM input in FP8 (one copy per GEMM),
+    # the wo input in E5M6, the routed SwiGLU inputs in FP8 with their output recomputed
+    attention_side = 512 * 2 + 192 * 2 + 160 * 2 + 8 * 64 * e5m6 + 512 * 2 + 4
+    dense_block = attention_side + 2 * 512 * fp8 + 2 * 1536 * 2 + 1536 * fp8
+    routing = 512 * 2 + 32 * 4 + 4 * 8 + 6 * 4
+    shared = 2 * 512 * fp8 + 2 * 256 * 2 + 256 * fp8  # w1 and w3 quantize their input each
+    routed = 4 * (512 * fp8 + 2 * 256 * fp8 + 4 + 2 * 8)
+    moe_block = attention_side + routing + shared + routed
+    head = 512 * 2 + 16384 * 2 + 4
+    tail = 512 * 2 + 4 + head + (8 + 2 * 512 * 2 + moe_block + 512 * 2 + 4 + head) * 1023 / 1024
     tokens = 8 * 1024
-    assert pl.memory["activations"] == pytest.approx(tokens * (dense_block + 7 * moe_block + tail))
+    assert pl.memory["activations"] == pytest.approx(tokens * (dense_block + 7 * moe_block + tail + 8))
     # all-to-all inside one node of 8: no IB; 4 experts over 4 GPUs, expected distinct GPUs 4(1 - (3/4)^4)
     a = pl.a2a
     assert (a.nodes, a.ib_nodes) == (1, 0)
     assert a.target_gpus == pytest.approx(4 * (1 - 0.75 ** 4))
     assert a.dispatch_row == 512 + 4 * 4 + 8 * 4  # FP8 row, 4 scales, 4 ids + 4 weights
     receive = 2 * tokens * a.target_gpus * (a.dispatch_row + 512 * 2)  # dispatch + combine, two micro-batches
-    assert pl.memory["buffers"] == pytest.approx(receive + tokens * 16384 * 6)
+    assert pl.memory["buffers"] == pytest.approx(receive + tokens * 16384 * 2)
 
 
 def test_pipeline_activations_follow_the_schedule():
@@ -253,10 +262,10 @@ def test_report_layout_fits(report_plan):
     assert pl.fits and pl.memory_total < 80 * GiB
     assert all(r.chunks_in_flight == 17 for r in pl.ranks)  # PP + 1 (Table 2)
     assert pl.ranks[0].stages == [0, 15]  # embedding and head on one rank
-    # the forward-balanced split overflows the end ranks; moving 3 blocks from stage 0 to stage 15 (the same
+    # the forward-balanced split overflows the end ranks; moving 2 blocks from stage 0 to stage 15 (the same
     # rank) fits: the pipeline runs with these cuts
     assert pl.forward_boundaries[0] == 5 and pl.forward_split_total > 80 * GiB
-    assert pl.boundaries == list(range(2, 59, 4)) and pl.boundaries_source == "memory-balanced"
+    assert pl.boundaries == list(range(3, 60, 4)) and pl.boundaries_source == "memory-balanced"
     # node-limited all-to-all: 4 target nodes, 3.5 of them over IB; FP8 dispatch rows, BF16 combine rows
     a = pl.a2a
     assert (a.nodes, a.target_nodes, a.ib_nodes) == (8, 4, 3.5)
@@ -447,7 +456,7 @@ def test_check_plan_refuses_671b_on_a_cpu_with_one_line():
 
 def test_check_plan_on_gpus():
     cfg = load_config(REPORT, world_size=2048)
-    assert check_plan(cfg, 2048, 80 * GiB).boundaries[0] == 2
+    assert check_plan(cfg, 2048, 80 * GiB).boundaries[0] == 3
     with pytest.raises(UserError, match="model too large for this GPU.*this fits: parallel"):
         check_plan(load_config(["+conf=671b", "parallel.pp=4"], world_size=2048), 2048, 80 * GiB)
 

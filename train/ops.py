@@ -1,0 +1,178 @@
+"""Memory-lean autograd functions for the block's elementwise pieces (report sec 3.2.3).
+
+Each computes what the plain PyTorch expression ``*_reference`` computes, but keeps only its inputs
+for backward and rebuilds the cheap rest there. Autograd on the plain expressions keeps intermediates
+besides: RMSNorm an FP32 copy of its input and its normalised output, the router an FP32 copy of its
+input, SwiGLU silu(gate), the weighted SwiGLU FP32 copies of gate and up, the routed combine
+(``index_add_``) every expert output row.
+tests/unit/test_ops.py compares each with its reference; tests/unit/test_plan_memory.py checks that
+the planner's activation bytes are what autograd keeps.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def _wide(x: Tensor) -> Tensor:
+    """x in FP32, or wider if it already is (float64 in gradcheck)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def to_compute_dtype(x: Tensor) -> Tensor:
+    """x in the autocast dtype when autocast is on (else x): cast once for two GEMMs that share an input
+    (autocast would cast, and autograd keep, a copy for each)."""
+    device = x.device.type
+    return x.to(torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else x
+
+
+def rms_norm_reference(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """RMSNorm and its weight in FP32, the result in x's dtype (the residual stream's)."""
+    return (weight * F.rms_norm(_wide(x), (x.shape[-1],), eps=eps)).to(x.dtype)
+
+
+class _RMSNorm(torch.autograd.Function):
+    """``rms_norm_reference`` keeping x and the per-row FP32 1/rms (what fused RMSNorm kernels keep)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, eps: float) -> Tensor:
+        x32 = _wide(x)
+        rstd = torch.rsqrt(x32.square().mean(-1, keepdim=True) + eps)
+        ctx.save_for_backward(x, weight, rstd)
+        return (weight * F.rms_norm(x32, (x.shape[-1],), eps=eps)).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, weight, rstd = ctx.saved_tensors
+        normed = _wide(x) * rstd
+        grad32 = _wide(grad)
+        grad_weight = None
+        if ctx.needs_input_grad[1]:
+            grad_weight = (grad32 * normed).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
+        g = grad32 * weight  # the gradient of the normalised rows
+        grad_x = rstd * (g - normed * (g * normed).mean(-1, keepdim=True))
+        return grad_x.to(x.dtype), grad_weight, None
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """RMSNorm as ``rms_norm_reference``, keeping only x and 1/rms for backward (the norm's output is
+    rebuilt there: sec 3.2.3, "recomputation of RMSNorm")."""
+    if not torch.is_grad_enabled() or not (x.requires_grad or weight.requires_grad):
+        return rms_norm_reference(x, weight, eps)
+    return _RMSNorm.apply(x, weight, eps)
+
+
+def gate_scores_reference(x: Tensor, weight: Tensor) -> Tensor:
+    """The router's affinities sigmoid(x W^T) (eq. 15), in FP32 whatever x's dtype."""
+    return F.linear(_wide(x), _wide(weight)).sigmoid()
+
+
+class _GateScores(torch.autograd.Function):
+    """``gate_scores_reference`` keeping x in its own dtype (autograd keeps its FP32 copy) and the scores."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor) -> Tensor:
+        scores = F.linear(_wide(x), _wide(weight)).sigmoid()
+        ctx.save_for_backward(x, weight, scores)
+        return scores
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, weight, scores = ctx.saved_tensors
+        grad_logits = torch.ops.aten.sigmoid_backward(grad, scores)
+        grad_x = (grad_logits @ _wide(weight)).to(x.dtype) if ctx.needs_input_grad[0] else None
+        grad_weight = (grad_logits.t() @ _wide(x)).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        return grad_x, grad_weight
+
+
+def gate_scores(x: Tensor, weight: Tensor) -> Tensor:
+    """Router affinities s = sigmoid(u W^T) of tokens x [N, D] in FP32 (sec 2.1.2), keeping x as it is."""
+    if not torch.is_grad_enabled() or not (x.requires_grad or weight.requires_grad):
+        return gate_scores_reference(x, weight)
+    return _GateScores.apply(x, weight)
+
+
+def swiglu_reference(gate: Tensor, up: Tensor, weights: Tensor | None = None) -> Tensor:
+    """silu(gate) * up; with per-row ``weights`` (the routed experts' gate weights), times them, in FP32."""
+    if weights is None:
+        return F.silu(gate) * up
+    return (F.silu(_wide(gate)) * _wide(up) * weights[:, None]).to(gate.dtype)
+
+
+class _SwiGLU(torch.autograd.Function):
+    """``swiglu_reference`` keeping gate and up only (silu(gate) is rebuilt in backward)."""
+
+    @staticmethod
+    def forward(ctx, gate: Tensor, up: Tensor) -> Tensor:
+        ctx.save_for_backward(gate, up)
+        return F.silu(gate) * up
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        gate, up = ctx.saved_tensors
+        # the same kernels, in the same order, as autograd on the reference
+        grad_up = grad * F.silu(gate) if ctx.needs_input_grad[1] else None
+        grad_gate = torch.ops.aten.silu_backward(grad * up, gate) if ctx.needs_input_grad[0] else None
+        return grad_gate, grad_up
+
+
+class _WeightedSwiGLU(torch.autograd.Function):
+    """``swiglu_reference`` with weights, keeping gate, up and the weights (FP32 math rebuilt in backward).
+    Applying the gate weight here rather than to the expert's output (the same product: W2 is linear)
+    spares keeping every expert output row for the weights' gradient."""
+
+    @staticmethod
+    def forward(ctx, gate: Tensor, up: Tensor, weights: Tensor) -> Tensor:
+        ctx.save_for_backward(gate, up, weights)
+        return (F.silu(_wide(gate)) * _wide(up) * weights[:, None]).to(gate.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        gate, up, weights = ctx.saved_tensors
+        gate32, up32, grad32 = _wide(gate), _wide(up), _wide(grad)
+        sig = torch.sigmoid(gate32)
+        act = gate32 * sig
+        grad_weights = (grad32 * act * up32).sum(-1).to(weights.dtype) if ctx.needs_input_grad[2] else None
+        grad_hidden = grad32 * weights[:, None]  # the gradient of silu(gate) * up
+        grad_up = (grad_hidden * act).to(up.dtype) if ctx.needs_input_grad[1] else None
+        grad_gate = (grad_hidden * up32 * sig * (1 + gate32 * (1 - sig))).to(gate.dtype)
+        return grad_gate, grad_up, grad_weights
+
+
+def swiglu(gate: Tensor, up: Tensor, weights: Tensor | None = None) -> Tensor:
+    """SwiGLU's gating, silu(gate) * up (report sec 2.1.2), for the routed experts times their rows'
+    gate weights [N] (eq. 12's g_i,t), keeping only its inputs."""
+    needs_grad = gate.requires_grad or up.requires_grad or (weights is not None and weights.requires_grad)
+    if not torch.is_grad_enabled() or not needs_grad:
+        return swiglu_reference(gate, up, weights)
+    return _SwiGLU.apply(gate, up) if weights is None else _WeightedSwiGLU.apply(gate, up, weights)
+
+
+def combine_rows_reference(rows: Tensor, index: Tensor, out: Tensor) -> Tensor:
+    """Expert output rows summed into their tokens' rows ``index`` of ``out`` (zeros [T, D])."""
+    return out.index_add_(0, index, rows)
+
+
+class _CombineRows(torch.autograd.Function):
+    """``combine_rows_reference`` keeping the index only (autograd keeps ``index_add_``'s source rows)."""
+
+    @staticmethod
+    def forward(ctx, rows: Tensor, index: Tensor, out: Tensor) -> Tensor:
+        ctx.save_for_backward(index)
+        return out.index_add_(0, index, rows)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (index,) = ctx.saved_tensors
+        return grad.index_select(0, index), None, None
+
+
+def combine_rows(rows: Tensor, index: Tensor, n_tokens: int) -> Tensor:
+    """sum_i g_i,t FFN_i(u_t) (eq. 12's routed term, the gate weights already applied): expert output
+    rows [N, D] summed into their tokens' rows ``index`` [N] of a new [n_tokens, D]."""
+    out = rows.new_zeros(n_tokens, rows.shape[1])
+    if not torch.is_grad_enabled() or not rows.requires_grad:
+        return combine_rows_reference(rows, index, out)
+    return _CombineRows.apply(rows, index, out)
