@@ -4,11 +4,14 @@ step (report sec 3.2.3), measured in one run.
 (1) For each ``memory.recompute`` mode: the bytes autograd keeps for backward per token
     (``train/memory.py``: saved-tensor accounting, works on CPU), and the forward+backward time
     against ``none`` (the price of recomputing).
-(2) EMA: the time ``CpuEma.update()`` takes inside the step (copy + waiting for the previous blend)
+(2) The planner's activation bytes per token against what autograd keeps (FP32, BF16, BF16 + FP8; each
+    recompute mode): on a GPU this checks the table against the GPU's attention kernels.
+(3) EMA: the time ``CpuEma.update()`` takes inside the step (copy + waiting for the previous blend)
     against a synchronous blend of the same parameters, while training steps run in between.
 
     python bench/memory.py                       # +conf=small, one sequence of 1024 tokens, fp32
     python bench/memory.py --shape tiny --tokens 1 128
+    python bench/memory.py --plan-only --device cuda
 """
 
 from __future__ import annotations
@@ -82,12 +85,35 @@ def measure_recompute(model: Transformer, window: torch.Tensor, repeats: int,
             for mode, (nbytes, loss_err, grad_err) in measured.items()]
 
 
+def plan_table(shape: str, device: str) -> None:
+    """Bytes per token kept for backward by the forward and the losses, measured against the planner's
+    table (docs/planner.md), for each train.dtype, recompute mode and, in BF16, FP8."""
+    print(f"bytes per token kept for backward (forward and losses) on {device}, measured "
+          f"(train.memory.activation_bytes_per_token) against the planner's table, +conf={shape}:")
+    print(f"{'train.dtype':<12} {'fp8':<5} {'recompute':<10} {'measured KiB':>12} {'planned KiB':>12} "
+          f"{'planned/measured':>17}")
+    for dtype, fp8 in (("float32", False), ("bfloat16", False), ("bfloat16", True)):
+        for mode in RECOMPUTE_MODES:
+            cfg = load_config([f"+conf={shape}", f"train.dtype={dtype}", f"memory.recompute={mode}",
+                               f"fp8.enabled={str(fp8).lower()}"])
+            measured = activation_bytes_per_token(cfg, device=device)
+            planned = planned_activation_bytes_per_token(cfg)
+            print(f"{dtype:<12} {'yes' if fp8 else 'no':<5} {mode:<10} {measured / 1024:>12.1f} "
+                  f"{planned / 1024:>12.1f} {planned / measured:>17.3f}", flush=True)
+
+
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shape", default="small", help="the +conf= preset whose model to use")
     ap.add_argument("--tokens", type=int, nargs=2, default=[1, 1024], metavar=("BATCH", "SEQ"))
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--plan-only", action="store_true",
+                    help="only the planner-vs-measured table (with --device cuda: the GPU's attention kernels)")
+    ap.add_argument("--device", default="cpu", help="where the planner-vs-measured table is measured")
     args = ap.parse_args(argv)
+    if args.plan_only:
+        plan_table(args.shape, args.device)
+        return 0
     cfg = load_config([f"+conf={args.shape}"]).model
     torch.manual_seed(0)
     model = Transformer(cfg)
@@ -111,14 +137,8 @@ def main(argv: list[str]) -> int:
               f"{r.saved_bytes / base.saved_bytes:>8.2f} {r.seconds:>10.3f} {r.seconds / base.seconds:>8.2f} "
               f"{r.grad_rel_err:>10.1e}")
 
-    print(f"\nbytes per token kept for backward by the forward and the losses, measured (train.memory."
-          f"activation_bytes_per_token) against the planner's table (docs/planner.md), +conf={args.shape}:")
-    print(f"{'train.dtype':<12} {'recompute':<10} {'measured KiB':>12} {'planned KiB':>12} {'planned/measured':>17}")
-    for dtype in ("float32", "bfloat16"):
-        for mode in RECOMPUTE_MODES:
-            mode_cfg = load_config([f"+conf={args.shape}", f"train.dtype={dtype}", f"memory.recompute={mode}"])
-            measured, planned = activation_bytes_per_token(mode_cfg), planned_activation_bytes_per_token(mode_cfg)
-            print(f"{dtype:<12} {mode:<10} {measured / 1024:>12.1f} {planned / 1024:>12.1f} {planned / measured:>17.3f}")
+    print()
+    plan_table(args.shape, args.device)
 
     ema = CpuEma(model, 0.999)
     t0 = time.perf_counter()

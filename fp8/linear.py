@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from fp8.backend import GemmBackend
 from fp8.quant import BLOCK, Quantized, convert_tiles, dequantize, quantize, quantize_act_transposed, quantize_weight
 from fp8.wgrad import WeightGradBox, WeightSpec, no_weight_grad, weight_entry
+from train.ops import step_memo
 
 CACHE_FORMATS = ("e4m3", "e5m6")
 
@@ -66,6 +67,19 @@ def _rebuild(data: Tensor, scale: Tensor, group_rows: int, fmt: str, pow2: bool)
 # Linear
 
 
+def _quantized_input(x: Tensor, x2d: Tensor) -> tuple[Quantized, Quantized]:
+    """x's 1x128 (Fprop) and 128x1 (Wgrad, cached for backward) E4M3 tiles. Within a training step
+    (``train.ops.step_memo``) two linears reading the same x share them: one FP8 copy kept, not two."""
+    memo = step_memo("fp8_linear_input")
+    hit = memo.get(x) if memo is not None else None
+    if hit is not None and hit[0] == x._version and hit[1].data.shape[0] == x2d.shape[0]:
+        return hit[1], hit[2]
+    quantized = quantize(x2d, 1), quantize_act_transposed(x2d)
+    if memo is not None:
+        memo[x] = (x._version, *quantized)
+    return quantized
+
+
 class _Fp8Linear(torch.autograd.Function):
     """y = x W^T with FP8 Fprop, Dgrad and Wgrad (sec 3.3.1); x cached in FP8 (or E5M6) for Wgrad.
     W enters through ``fp8.wgrad.weight_entry``, which runs the Wgrad GEMM (deferrable to a W pass)."""
@@ -76,11 +90,12 @@ class _Fp8Linear(torch.autograd.Function):
         n, k = weight.shape
         with _no_autocast(x):
             x2d = x.reshape(-1, k)
-            y = backend.gemm(quantize(x2d, 1), quantize_weight(weight))
-            if cache == "e4m3":
-                saved = quantize_act_transposed(x2d)  # Wgrad operand x^T [K, T]: 128x1 tiles of x
+            if cache == "e4m3":  # Fprop operand (1x128 tiles) and Wgrad operand x^T [K, T] (128x1 tiles of x)
+                q_rows, saved = _quantized_input(x, x2d)
             else:
+                q_rows = quantize(x2d, 1)
                 saved = quantize(x2d, 1, "e5m6", pow2=True)  # 1x128 tiles, re-tiled in backward
+            y = backend.gemm(q_rows, quantize_weight(weight))
         ctx.save_for_backward(saved.data, saved.scale, weight)
         ctx.x_shape, ctx.x_dtype, ctx.cache, ctx.backend, ctx.box = x.shape, x.dtype, cache, backend, box
         ctx.weight_spec = WeightSpec.of(weight)

@@ -44,7 +44,7 @@ from torch import Tensor
 from parallel.mesh import ProcessGroups
 from train.config import ModelConfig
 from train.model import RoutedExperts, Routing, Transformer
-from train.ops import combine_rows, swiglu
+from train.ops import cast_weight, combine_rows, swiglu
 
 DISPATCH_MODES = ("flat", "hierarchical")
 
@@ -552,7 +552,7 @@ class ExpertParallelExperts(RoutedExperts):
         x_sorted, weights = x[row_of], tokens.weights[row_of, k_of]
         if row_of.numel() == 0:
             # no token for any local expert: an empty product still gives every weight a (zero) gradient
-            w1, w2, w3 = self.w1.to(x.dtype), self.w2.to(x.dtype), self.w3.to(x.dtype)
+            w1, w2, w3 = (cast_weight(w, x.dtype) for w in (self.w1, self.w2, self.w3))
             out = swiglu(x_sorted @ w1[0].t(), x_sorted @ w3[0].t(), weights) @ w2[0].t()
         else:
             out = self.ffn(x_sorted, counts, weights)

@@ -9,6 +9,7 @@ the CPU included (no allocator statistics needed).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Any
 
@@ -32,33 +33,42 @@ def saved_activation_bytes(model: nn.Module, forward: Callable[[], Any]) -> tupl
     return sum(saved.values()), result
 
 
-def activation_bytes_per_token(cfg: Any, lengths: tuple[int, int] = (128, 256), seed: int = 0) -> float:
+def activation_bytes_per_token(cfg: Any, lengths: tuple[int, int] = (128, 256), seed: int = 0,
+                               device: str = "cpu") -> float:
     """Bytes per token that one micro-batch's forward and losses leave for backward in ``cfg``'s model
     (a ``train.config.Config``: its recompute mode, FP8 conversion, and ``train.dtype`` as on a GPU:
-    bfloat16 means BF16 autocast over FP32 parameters), on the CPU. Measured at two sequence lengths and
+    bfloat16 means BF16 autocast over FP32 parameters), on ``device``. Measured at two sequence lengths and
     differenced, which drops what does not grow with the tokens (autocast's BF16 copies of the weights,
     the rope tables): the quantity the planner's ``stage_plans(...).activation_bytes`` predicts."""
     from train.losses import compute_losses
     from train.model import Transformer, set_recompute
 
+    from train.runtime import one_weight_cast_per_step
+
     compute = torch.bfloat16 if cfg.train.dtype == "bfloat16" else torch.float32
+
+    def autocast() -> contextlib.AbstractContextManager:
+        if compute == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(torch.device(device).type, dtype=compute)
     torch.manual_seed(seed)
-    model = Transformer(cfg.model)
+    model = Transformer(cfg.model).to(device)
     model.init_weights(seed=seed)
     set_recompute(model, cfg.memory.recompute)
     if cfg.fp8.enabled:
         from fp8.convert import convert_to_fp8
 
-        convert_to_fp8(model, "emulate", "cpu")
+        convert_to_fp8(model, "emulate" if device == "cpu" else cfg.fp8.backend, device)
     measured = []
     for length in lengths:
-        window = torch.randint(0, cfg.model.vocab_size, (1, length + 1))
+        window = torch.randint(0, cfg.model.vocab_size, (1, length + 1), device=device)
 
         def forward(window: Tensor = window) -> Tensor:
-            with torch.autocast("cpu", dtype=compute, enabled=compute != torch.float32):
+            with autocast():
                 return compute_losses(model(window[:, :-1]), window, 0.3, 1e-4).loss
 
-        nbytes, loss = saved_activation_bytes(model, forward)
+        with one_weight_cast_per_step(autocast, torch.device(device).type):  # as the trainer runs a step
+            nbytes, loss = saved_activation_bytes(model, forward)
         del loss
         measured.append(nbytes)
     return (measured[1] - measured[0]) / (lengths[1] - lengths[0])

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from train.config import ModelConfig
-from train.ops import combine_rows, gate_scores, rms_norm, swiglu, to_compute_dtype
+from train.ops import cast_weight, combine_rows, gate_scores, rms_norm, swiglu, to_compute_dtype
 
 
 # --------------------------------------------------------------------------------------------------
@@ -265,7 +265,7 @@ class RoutedExperts(nn.Module):
         converted, else a grouped GEMM or the loop."""
         if self.fp8_ffn is not None:
             return self.fp8_ffn(x_sorted, counts, self.w1, self.w2, self.w3, weights)
-        w1, w2, w3 = self.w1.to(x_sorted.dtype), self.w2.to(x_sorted.dtype), self.w3.to(x_sorted.dtype)
+        w1, w2, w3 = (cast_weight(w, x_sorted.dtype) for w in (self.w1, self.w2, self.w3))
         if self.use_grouped_mm(x_sorted):
             return expert_ffn_grouped(x_sorted, counts, w1, w2, w3, weights)
         return expert_ffn_loop(x_sorted, counts.tolist(), w1, w2, w3, weights)

@@ -11,9 +11,49 @@ the planner's activation bytes are what autograd keeps.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.weak import WeakIdKeyDictionary
+
+
+# The casts of weights made inside ``shared_weight_casts`` (one training step): weight -> its cast.
+_STEP_CASTS: contextvars.ContextVar[dict | None] = contextvars.ContextVar("step_weight_casts", default=None)
+
+
+@contextlib.contextmanager
+def shared_weight_casts() -> Iterator[None]:
+    """Inside: ``cast_weight`` casts each weight once and hands every caller the same copy (as autocast
+    does for the weights it casts itself; train/runtime.py ``one_weight_cast_per_step``)."""
+    token = _STEP_CASTS.set({})
+    try:
+        yield
+    finally:
+        _STEP_CASTS.reset(token)
+
+
+def step_memo(name: str) -> WeakIdKeyDictionary | None:
+    """Inside ``shared_weight_casts`` (one training step), the memo ``name``: tensor -> what was derived
+    from it, dropped with the tensor (None outside). fp8/linear.py keeps there the FP8 quantization of
+    an input that two linears read (the MLA down-projections, SwiGLU's w1 and w3): one copy, not two."""
+    cache = _STEP_CASTS.get()
+    return None if cache is None else cache.setdefault(name, WeakIdKeyDictionary())
+
+
+def cast_weight(weight: Tensor, dtype: torch.dtype) -> Tensor:
+    """``weight.to(dtype)``; inside ``shared_weight_casts`` one cast per weight, shared by the forwards of
+    all micro-batches (each keeps it for its backward: one copy instead of one per micro-batch)."""
+    cache = _STEP_CASTS.get()
+    if weight.dtype == dtype or cache is None or not torch.is_grad_enabled():
+        return weight.to(dtype)
+    key = (id(weight), dtype)
+    if key not in cache or cache[key][0] is not weight:
+        cache[key] = (weight, weight.to(dtype))
+    return cache[key][1]
 
 
 def _wide(x: Tensor) -> Tensor:

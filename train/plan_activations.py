@@ -10,10 +10,10 @@ from train.plan_flops import is_dense
 
 # How an element is stored: "act" in the activation (autocast) dtype, BF16 / FP32, which is also the
 # residual stream's and the RMSNorms' outputs'; "gemm" as the input of a GEMM whose Wgrad runs in FP8
-# (E4M3 with 1x128 scales under fp8.enabled, else "act"); "gemm2" the input of two such GEMMs (one
-# shared tensor; under FP8 each quantizes its own copy); "fp8x2" two FP8 copies of a tensor kept
-# elsewhere anyway (none without FP8); "e5m6" the input of the Linear after attention (E5M6 under
-# fp8.enabled); "fp32" and "int64" always.
+# (E4M3 with 1x128 scales under fp8.enabled, else "act"; an input two GEMMs read is kept once, also in
+# FP8: fp8/linear.py shares its quantization within a step); "fp8" a GEMM input kept in FP8 under
+# fp8.enabled only (without FP8 the tensor is kept elsewhere anyway); "e5m6" the input of the Linear
+# after attention (E5M6 under fp8.enabled); "fp32" and "int64" always.
 # Which modes keep it: N = none, S = selective (the RMSNorms, the MLA projections but W^O, and the
 # attention rerun in backward: the block input, the latents and W^O's input stay). Under full recompute
 # a block keeps only its input.
@@ -25,7 +25,7 @@ def activation_items(m: ModelConfig, layer_id: int, p: Precision) -> list[tuple[
     h, qk, dv = m.n_heads, m.qk_nope_head_dim + m.qk_rope_head_dim, m.v_head_dim
     items = [("block input x (attn_norm input)", m.dim, "act", "NS"),
              ("attn_norm 1/rms", 1, "fp32", "N"),
-             ("attn_norm output (wq/wq_a and wkv_a input)", m.dim, "gemm2", "N")]
+             ("attn_norm output (wq/wq_a and wkv_a input)", m.dim, "gemm", "N")]
     if m.q_lora_rank:
         items += [("c_q (q_norm input)", m.q_lora_rank, "act", "NS"),
                   ("q_norm 1/rms", 1, "fp32", "N"),
@@ -43,7 +43,7 @@ def activation_items(m: ModelConfig, layer_id: int, p: Precision) -> list[tuple[
               ("residual after attention (ffn_norm input)", m.dim, "act", "NS"),
               ("ffn_norm 1/rms", 1, "fp32", "NS")]
     if is_dense(m, layer_id):
-        items += [("ffn_norm output (w1 and w3 input)", m.dim, "gemm2", "NS"),
+        items += [("ffn_norm output (w1 and w3 input)", m.dim, "gemm", "NS"),
                   ("dense FFN w1, w3 outputs (SwiGLU input)", 2 * m.inter_dim, "act", "NS"),
                   ("dense FFN SwiGLU output (w2 input)", m.inter_dim, "gemm", "NS")]
         return items
@@ -53,7 +53,7 @@ def activation_items(m: ModelConfig, layer_id: int, p: Precision) -> list[tuple[
               ("top-k expert ids", k, "int64", "NS"),
               ("top-k weights and their sum, sequence-balance sums", k + 2, "fp32", "NS")]
     if s:
-        items += [("shared experts' w1 and w3 inputs under FP8", m.dim, "fp8x2", "NS"),
+        items += [("shared experts' w1 and w3 input under FP8", m.dim, "fp8", "NS"),
                   ("shared experts' SwiGLU inputs", s * 2 * inter, "act", "NS"),
                   ("shared experts' SwiGLU output (w2 input)", s * inter, "gemm", "NS")]
     # routed experts: the gate weight scales the SwiGLU output (train/ops.py); FP8 caches the SwiGLU inputs
@@ -70,9 +70,9 @@ def element_bytes(kind: str, p: Precision) -> float:
     """Bytes of one element of ``kind`` (see the table above)."""
     if kind in ("fp32", "int64"):
         return 4.0 if kind == "fp32" else 8.0
-    if p.fp8 and kind in ("gemm", "gemm2", "fp8x2", "e5m6"):
-        return {"gemm": FP8_BYTES, "gemm2": 2 * FP8_BYTES, "fp8x2": 2 * FP8_BYTES, "e5m6": E5M6_BYTES}[kind]
-    return 0.0 if kind == "fp8x2" else float(p.act)
+    if p.fp8 and kind in ("gemm", "fp8", "e5m6"):
+        return E5M6_BYTES if kind == "e5m6" else FP8_BYTES
+    return 0.0 if kind == "fp8" else float(p.act)
 
 
 def layer_activation_bytes(m: ModelConfig, layer_id: int, p: Precision, mode: str | None = None) -> float:

@@ -63,9 +63,8 @@ class Cluster:
 class Precision:
     """Bytes per element of each kind of state (report sec 3.3.1, 3.3.3)."""
 
-    weight: int  # the working copy the GEMMs read: BF16 (the report) or FP32
+    weight: int  # the parameters: FP32, the master copy itself (autocast casts them for the GEMMs)
     grad: int  # weight gradients: FP32 (sec 3.3.3: "retained in FP32")
-    master: int  # FP32 master weights held by the optimizer
     moments: int  # both AdamW moments together: 2 x optim.moment_dtype
     act: int  # activations cached for backward where FP8 does not apply: BF16 or FP32
     fp8: bool  # fp8.enabled: GEMM inputs cached in FP8, FP8 dispatch, FP8 GEMM peak
@@ -83,7 +82,7 @@ def precision(cfg: Config, device: str = "cuda") -> Precision:
     low = cfg.train.dtype == "bfloat16" or (cfg.train.dtype == "auto" and device == "cuda")
     width = 2 if low else 4
     moment = 2 if cfg.optim.moment_dtype == "bfloat16" else 4
-    return Precision(weight=width, grad=4, master=4, moments=2 * moment, act=width, fp8=cfg.fp8.enabled,
+    return Precision(weight=4, grad=4, moments=2 * moment, act=width, fp8=cfg.fp8.enabled,
                      fp8_dispatch=cfg.fp8.enabled and cfg.fp8.dispatch, recompute=cfg.memory.recompute)
 
 

@@ -37,6 +37,13 @@ def layer_params(m: ModelConfig, layer_id: int) -> tuple[int, int]:
     return mla + vectors + m.n_routed_experts * m.dim + m.n_shared_experts * expert, m.n_routed_experts * expert
 
 
+def gemm_free_params(m: ModelConfig, layer_id: int) -> int:
+    """Parameters of block ``layer_id`` outside the routed experts that no autocast GEMM reads: the RMSNorm
+    weights and the gate (its affinities are computed in FP32)."""
+    vectors = 2 * m.dim + m.kv_lora_rank + (m.q_lora_rank if m.q_lora_rank else 0)
+    return vectors + (0 if is_dense(m, layer_id) else m.n_routed_experts * m.dim)
+
+
 def block_cost(m: ModelConfig, layer_id: int) -> int:
     """Parameters a token passes through in block ``layer_id`` (``parallel.pipeline.stages.stage_costs``)."""
     dense, _ = layer_params(m, layer_id)

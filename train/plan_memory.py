@@ -16,7 +16,7 @@ from train.plan_stages import (
     micro_batches_per_step, shifted_boundaries, stage_plans, weighted_peaks,
 )
 
-MEMORY_TERMS = ("weights", "gradients", "master", "moments", "activations", "buffers", "reserve")
+MEMORY_TERMS = ("weights", "casts", "gradients", "moments", "activations", "buffers", "reserve")
 
 
 @dataclass
@@ -68,11 +68,12 @@ def rank_memory(cfg: Config, cluster: Cluster, layout: Any, p: Precision,
         if any(s.has_head for s in mine):  # the logits' gradient in their dtype (train/losses.py), one at a time
             buffers += tokens * m.vocab_size * p.act
         buffers += max(s.recompute_bytes for s in mine)  # full recompute: one block rebuilt at a time
+        casts = sum(s.cast_dense for s in mine) + sum(s.cast_expert for s in mine) / layout.ep
         terms = {
-            "weights": params * p.weight,
+            "weights": params * p.weight,  # FP32, on every data-parallel rank: the master copy itself
+            "casts": casts * p.act,  # one BF16 copy of the weights BF16 GEMMs read, for the step
             "gradients": params * p.grad,
-            "master": p.master * (dense / layout.dp + expert / layout.edp),
-            "moments": p.moments * (dense / layout.dp + expert / layout.edp),
+            "moments": p.moments * (dense / layout.dp + expert / layout.edp),  # ZeRO-1
             "activations": peaks[r][0],
             "buffers": buffers,
             "reserve": float(RESERVE[cluster.device]),

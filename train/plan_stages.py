@@ -11,7 +11,7 @@ from typing import Any
 from train.config import Config, ConfigError, ModelConfig
 from train.plan_activations import layer_activation_bytes, tail_activation_bytes
 from train.plan_cluster import Precision
-from train.plan_flops import block_cost, is_dense, layer_params, layer_time_split, tail_cost
+from train.plan_flops import block_cost, gemm_free_params, is_dense, layer_params, layer_time_split, tail_cost
 
 
 @functools.lru_cache(maxsize=256)
@@ -89,6 +89,8 @@ class StagePlan:
     flops: dict[str, float]  # forward FLOPs per micro-batch (layer_time_split's keys)
     has_head: bool
     recompute_bytes: float  # full recompute: one block's activations rebuilt in backward, per micro-batch
+    cast_dense: int = 0  # parameters outside the routed experts that BF16 GEMMs read (cast once per step)
+    cast_expert: int = 0  # routed-expert parameters that BF16 GEMMs read (the whole stage's; 1/ep per rank)
 
 
 
@@ -102,9 +104,13 @@ def stage_plans(cfg: Config, n_stages: int, p: Precision, boundaries: list[int] 
         act = working = 0.0
         flops = dict.fromkeys(("fp8", "bf16", "attention", "recompute_fp8", "recompute_bf16"), 0.0)
         ids = list(range(lo, hi)) + ([m.n_layers + k for k in range(m.mtp_depth)] if last else [])
+        cast_dense = cast_expert = 0
         for layer in ids:
             d, e = layer_params(m, layer)
             dense, expert = dense + d, expert + e
+            if not p.fp8:  # the block's GEMM weights (not its norms or its FP32 gate): FP8 reads the FP32 ones
+                cast_dense += d - gemm_free_params(m, layer)
+                cast_expert += e
             moe += not is_dense(m, layer)
             length = t.seq_len if layer < m.n_layers else t.seq_len - (layer - m.n_layers + 1)
             if layer < m.n_layers:  # MTP blocks: in tail_activation_bytes
@@ -118,12 +124,16 @@ def stage_plans(cfg: Config, n_stages: int, p: Precision, boundaries: list[int] 
             act += 8  # the token ids, int64, kept by the embedding
         if last:
             dense += m.dim + m.vocab_size * m.dim + m.mtp_depth * (3 * m.dim + 2 * m.dim * m.dim)
+            cast_dense += m.vocab_size * m.dim + m.mtp_depth * 2 * m.dim * m.dim  # head and eh_proj stay BF16
             act += tail_activation_bytes(m, p, t.seq_len, holds_embedding=first)
             head = 2.0 * m.dim * m.vocab_size  # the head and MTP's eh_proj stay in BF16 (sec 3.3.1)
             flops["bf16"] += head + sum((head + 2.0 * 2 * m.dim * m.dim) * (t.seq_len - k) / t.seq_len
                                         for k in range(1, m.mtp_depth + 1))
+        if p.act == 4:  # FP32: no autocast, no casts
+            cast_dense = cast_expert = 0
         plans.append(StagePlan(index, (lo, hi), dense, expert, embed, moe, act * tokens,
-                               {k: v * tokens for k, v in flops.items()}, last, working * tokens))
+                               {k: v * tokens for k, v in flops.items()}, last, working * tokens,
+                               cast_dense, cast_expert))
     return plans
 
 

@@ -7,6 +7,7 @@ import contextlib
 import os
 from dataclasses import dataclass
 from datetime import timedelta
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -15,6 +16,7 @@ import torch.distributed as dist
 from parallel.mesh import ProcessGroups, build_process_groups, plan_layout
 from train.config import Config
 from train.errors import UserError
+from train.ops import shared_weight_casts
 
 
 @dataclass
@@ -91,6 +93,23 @@ def autocast(runtime: Runtime) -> contextlib.AbstractContextManager:
     if runtime.compute_dtype == torch.float32:
         return contextlib.nullcontext()
     return torch.autocast(device_type=runtime.device.type, dtype=runtime.compute_dtype)
+
+
+@contextlib.contextmanager
+def one_weight_cast_per_step(autocast_factory: Callable[[], contextlib.AbstractContextManager], device_type: str):
+    """Around a whole training step (every micro-batch's forward and backward): each weight is cast to
+    the autocast dtype once and the micro-batches share that copy. Autocast caches a weight's cast until
+    its outermost context exits; with one context per forward, every micro-batch kept its own BF16
+    copy of every weight alive for its backward, PP+1 copies of a stage under a pipeline schedule. The
+    outer context owns the cache for the step; autocast is off inside it except in the forwards, which
+    enter ``autocast_factory()`` as before (so backward runs without autocast, as it should). The routed
+    experts cast their stacked weights themselves (``train.ops.cast_weight``): shared the same way."""
+    outer = autocast_factory()
+    if not isinstance(outer, torch.autocast):  # no autocast (FP32): no casts to share
+        yield
+        return
+    with outer, torch.autocast(device_type, enabled=False), shared_weight_casts():
+        yield
 
 
 @torch.no_grad()

@@ -38,8 +38,8 @@ from train.model import Transformer, count_parameters, set_recompute
 from train.observe import DeadExpertMonitor, moe_layer_ids, moe_layer_ids_from_names, moe_metrics
 from train.plan import check_plan
 from train.preempt import StopRequest
-from train.runtime import (Runtime, all_reduce_sum, autocast, available_memory_bytes, choose_device, rng_states,
-                           set_rng_states, setup_runtime)
+from train.runtime import (Runtime, all_reduce_sum, autocast, available_memory_bytes, choose_device,
+                           one_weight_cast_per_step, rng_states, set_rng_states, setup_runtime)
 from train.step_stats import (gather_stages, max_violation_over_stages, merged_monitor_state, traffic_totals,
                               verdict_line)
 
@@ -396,13 +396,14 @@ def forward_backward(model: Transformer, windows: list[torch.Tensor], mtp_weight
     and the expert loads [n_moe_layers, E] of this rank's share of the batch."""
     sums = torch.zeros(4, device=runtime.device, dtype=torch.float64)
     load = torch.zeros(len(model.moe_layers()), model.cfg.n_routed_experts, device=runtime.device)
-    for window in windows:
-        with autocast(runtime):
-            out = model(window[:, :-1])
-        losses = compute_losses(out, window, mtp_weight, balance_alpha)
-        (losses.loss / len(windows)).backward()
-        sums += torch.stack([losses.loss, losses.lm_loss, losses.mtp_loss, losses.balance_loss]).detach().double()
-        load += out.expert_load.float()
+    with one_weight_cast_per_step(lambda: autocast(runtime), runtime.device.type):
+        for window in windows:
+            with autocast(runtime):
+                out = model(window[:, :-1])
+            losses = compute_losses(out, window, mtp_weight, balance_alpha)
+            (losses.loss / len(windows)).backward()
+            sums += torch.stack([losses.loss, losses.lm_loss, losses.mtp_loss, losses.balance_loss]).detach().double()
+            load += out.expert_load.float()
     return sums, load
 
 

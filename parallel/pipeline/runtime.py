@@ -63,6 +63,7 @@ from parallel.pipeline.overlap import SegmentedGraph, Trace, interleave, no_trac
 from parallel.pipeline.actions import Action, Kind, Schedule
 from parallel.pipeline.stages import Stage, StageOutput
 from train.model import MoE
+from train.runtime import one_weight_cast_per_step
 
 COMPUTE = (Kind.F, Kind.B, Kind.W, Kind.FB)
 COMM = (Kind.SEND_F, Kind.RECV_F, Kind.SEND_B, Kind.RECV_B)
@@ -452,18 +453,19 @@ class PipelineRuntime:
         for n in self.shared:
             self.params[n].grad = None
 
-        i = 0
-        while i < len(self.actions):
-            a = self.actions[i]
-            if a.kind in COMM:
-                j = i
-                while j < len(self.actions) and self.actions[j].kind in COMM:
-                    j += 1
-                self._post(st, self.actions[i:j])
-                i = j
-                continue
-            self._compute(st, a)
-            i += 1
+        with one_weight_cast_per_step(self.autocast, self.device.type):  # shared by the micro-batches in flight
+            i = 0
+            while i < len(self.actions):
+                a = self.actions[i]
+                if a.kind in COMM:
+                    j = i
+                    while j < len(self.actions) and self.actions[j].kind in COMM:
+                        j += 1
+                    self._post(st, self.actions[i:j])
+                    i = j
+                    continue
+                self._compute(st, a)
+                i += 1
         return self._finish(st, earlier)
 
     def _incoming(self) -> dict[int, deque[Key]]:

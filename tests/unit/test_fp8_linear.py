@@ -16,6 +16,7 @@ deep in backward) add such errors in quadrature: ~6-7% measured, checked at < 10
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import pytest
@@ -28,6 +29,8 @@ from fp8.gemm import gemm_reference
 from fp8.linear import Fp8Linear, expert_gemm, fp8_expert_ffn, fp8_linear, quantize_experts, transpose_blocks
 from fp8.quant import BLOCK, E4M3_MAX, Quantized, quantize, quantize_act_transposed, quantize_weight
 from train.model import expert_ffn_loop
+from train.memory import saved_activation_bytes
+from train.ops import shared_weight_casts
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -339,6 +342,39 @@ def test_fp8_linear_module_and_autocast():
     assert "cache=e4m3" in repr(module) and "backend=emulate" in repr(module)
     with pytest.raises(ValueError, match="cache"):
         Fp8Linear(8, 8, backend=EMULATE, cache="e5m2")
+
+
+def test_two_linears_on_one_input_share_its_fp8_copy_within_a_step():
+    """Inside a training step (train.ops.shared_weight_casts) w1 and w3 of a SwiGLU, or the MLA
+    down-projections, quantize their common input once and keep one FP8 copy for backward; outside, each
+    keeps its own. Outputs and gradients are bit-identical (the same quantization of the same x); an
+    input modified in place is quantized again."""
+    torch.manual_seed(0)
+    holder = nn.ParameterList([torch.randn(96, 256), torch.randn(96, 256)])  # saved bytes leave parameters out
+    w1, w3 = holder
+    x0 = torch.randn(8, 256)
+
+    def run(context):
+        x = x0.clone().requires_grad_()
+        w1.grad = w3.grad = None
+        with context:
+            saved, _ = saved_activation_bytes(holder, lambda: fp8_linear(x, w1, EMULATE) * fp8_linear(x, w3, EMULATE))
+            y = fp8_linear(x, w1, EMULATE) * fp8_linear(x, w3, EMULATE)
+        y.sum().backward()
+        return saved, y.detach(), x.grad, w1.grad.clone(), w3.grad.clone()
+
+    alone, *results = run(contextlib.nullcontext())
+    shared, *results_shared = run(shared_weight_casts())
+    one_copy = 256 * 8 + 4 * 256  # x^T in 128x1 tiles: 1 byte per element, one FP32 scale per 128 tokens x 1
+    assert alone - shared == one_copy
+    for a, b in zip(results, results_shared):
+        assert torch.equal(a, b)
+    with shared_weight_casts():
+        x = x0.clone()
+        first = fp8_linear(x, w1.detach(), EMULATE)
+        x.mul_(2)  # in place: the memo must not hand back the old quantization
+        assert torch.equal(fp8_linear(x, w1.detach(), EMULATE), fp8_linear(x0 * 2, w1.detach(), EMULATE))
+        assert not torch.equal(first, fp8_linear(x, w1.detach(), EMULATE))
 
 
 def test_fp8_linear_input_grad_dtype_and_no_weight_grad():
