@@ -172,12 +172,11 @@ class _WeightedSwiGLU(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         gate, up, weights = ctx.saved_tensors
         gate32, up32, grad32 = _wide(gate), _wide(up), _wide(grad)
-        sig = torch.sigmoid(gate32)
-        act = gate32 * sig
+        act = F.silu(gate32)
         grad_weights = (grad32 * act * up32).sum(-1).to(weights.dtype) if ctx.needs_input_grad[2] else None
         grad_hidden = grad32 * weights[:, None]  # the gradient of silu(gate) * up
         grad_up = (grad_hidden * act).to(up.dtype) if ctx.needs_input_grad[1] else None
-        grad_gate = (grad_hidden * up32 * sig * (1 + gate32 * (1 - sig))).to(gate.dtype)
+        grad_gate = torch.ops.aten.silu_backward(grad_hidden * up32, gate32).to(gate.dtype)
         return grad_gate, grad_up, grad_weights
 
 
