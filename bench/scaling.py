@@ -14,7 +14,8 @@ How a step is predicted (every assumption printed with the table):
   * all-to-all: the planner's bytes per token under node-limited routing (train/plan_comm.py) at IB 50 GB/s
     and NVLink 160 GB/s per GPU (report sec 3.2.2), one dispatch + combine per MoE block and direction;
   * the pipeline: DualPipe's action lists through the simulator (parallel/pipeline/simulate.py), bubble
-    included, chunk costs of the busiest rank as the planner (train/plan_time.step_time) does; overlap on:
+    included, each rank's mean chunk costs, the slowest rank kept, as the planner (train/plan_time.step_time)
+    does; overlap on:
     an F&B pair costs max(F + B, its two all-to-alls) (the report's full hiding), F-only and B-only chunks
     pay their all-to-all; overlap off: F&B = F + B + both all-to-alls;
   * ZeRO-1 gradient reduce-scatter + parameter all-gather: ring over IB, not overlapped (the planner's);
@@ -40,15 +41,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # bench.pipeline when run as a script
 
-from parallel.pipeline.simulate import Costs, simulate  # noqa: E402
 from train.config import Config, load_config  # noqa: E402
 from train.plan import Cluster, all_to_all, best_split, plan  # noqa: E402
 from train.plan_cluster import (  # noqa: E402
     REPORT_DAYS_PER_TRILLION, REPORT_GPU_HOURS_PER_TRILLION, REPORT_PRETRAIN_GPU_HOURS, REPORT_PRETRAIN_TOKENS,
     layout_for, precision,
 )
-from train.plan_stages import cached_schedule, micro_batches_per_step  # noqa: E402
-from train.plan_time import _chunk_costs  # noqa: E402  (the per-stage costs step_time uses: the same function)
+from train.plan_stages import micro_batches_per_step  # noqa: E402
+from train.plan_time import _chunk_costs, pipeline_time  # noqa: E402  (what step_time uses: the same functions)
 
 ROOT = Path(__file__).resolve().parents[1]
 PERF_MD = ROOT / "docs" / "perf.md"
@@ -118,16 +118,10 @@ def predict(cfg: Config, cluster: Cluster, scenario: Scenario) -> Prediction:
         costs = [(f, b * f, w * f, comm) for f, _, _, comm in costs]
     if not scenario.all_to_all:
         costs = [(f, bwd, w, 0.0) for f, bwd, w, _ in costs]
-    # the busiest rank's mean chunk over its stages (under DualPipe a rank holds stages r and pp-1-r)
-    busiest = max(split.ranks, key=lambda r: sum(costs[s][0] + costs[s][1] + 2 * costs[s][3] for s in r.stages))
-    forward, backward, weight, comm = (sum(costs[s][i] for s in busiest.stages) / len(busiest.stages)
-                                       for i in range(4))
-    fb = max(forward + backward, 2 * comm) if scenario.overlap else None  # None: F + B, each with its comm
-    chunk = Costs(F=forward + comm, B=backward + comm, W=min(weight, backward + comm), FB=fb, comm=reference.p2p_s)
     m = micro_batches_per_step(cfg, layout.dp)
-    sim = simulate(cached_schedule(cfg.parallel.schedule, cfg.parallel.pp, m), chunk)
-    return Prediction(scenario=scenario, step_s=sim.makespan + reference.dp_comm_s, pipeline_s=sim.makespan,
-                      dp_comm_s=reference.dp_comm_s, bubble_fraction=sim.bubble_fraction,
+    pipeline, bubble = pipeline_time(cfg, split, costs, m, reference.p2p_s, overlap=scenario.overlap)
+    return Prediction(scenario=scenario, step_s=pipeline + reference.dp_comm_s, pipeline_s=pipeline,
+                      dp_comm_s=reference.dp_comm_s, bubble_fraction=bubble,
                       tokens_per_step=reference.tokens_per_step, gpus=cluster.gpus,
                       flops_per_token=reference.flops_per_token, bf16_peak=cluster.peak_tflops * 1e12)
 

@@ -32,31 +32,40 @@ def _chunk_costs(cfg: Config, stages: list[StagePlan], cluster: Cluster, a2a: Al
     return out
 
 
+def pipeline_time(cfg: Config, split: Split, costs: list[tuple[float, float, float, float]], micro_batches: int,
+                  p2p: float, overlap: bool) -> tuple[float, float]:
+    """(makespan, bubble fraction) of the step's pipeline from per-stage (forward, backward, weight,
+    all-to-all) costs. The simulator takes one cost per chunk for every rank: a rank's mean over its stages
+    (it runs every micro-batch through each of them; under DualPipe its two stages' work adds up). Each
+    distinct rank's costs are simulated and the slowest kept (choosing one rank by a weighted sum of its
+    costs instead made the step time jump where that choice switched ranks). ``overlap``: an F&B hides
+    one chunk's all-to-all behind the other's compute."""
+    from parallel.pipeline.simulate import Costs, simulate
+
+    pp, m = cfg.parallel.pp, micro_batches
+
+    def simulated(forward: float, backward: float, weight: float, comm: float) -> tuple[float, float]:
+        if pp == 1:
+            return m * (forward + backward + 2 * comm), 0.0
+        fb = max(forward + backward, 2 * comm) if overlap else None
+        c = Costs(F=forward + comm, B=backward + comm, W=min(weight, backward + comm), FB=fb, comm=p2p)
+        result = simulate(cached_schedule(cfg.parallel.schedule, pp, m), c)
+        return result.makespan, result.bubble_fraction
+
+    per_rank = {tuple(sum(costs[s][i] for s in r.stages) / len(r.stages) for i in range(4)) for r in split.ranks}
+    return max(simulated(*rank_costs) for rank_costs in sorted(per_rank))
+
+
 def step_time(cfg: Config, layout: Any, split: Split, cluster: Cluster, a2a: AllToAll, p: Precision,
                params_dense: float, params_expert: float) -> tuple[float, float, float, float, float, float, float]:
     """(step, pipeline makespan, dp exchange, bubble fraction, forward compute and all-to-all of the chunk
     with the most MoE blocks, one pipeline transfer)."""
-    from parallel.pipeline.simulate import Costs, simulate
-
-    # the simulator takes one cost per chunk: the busiest rank's mean over its stages (a rank runs every
-    # micro-batch through each of its stages; under DualPipe its two stages' work adds up)
     costs = _chunk_costs(cfg, split.stages, cluster, a2a, p)
-    busiest = max(split.ranks, key=lambda r: sum(sum(costs[s][:2]) + 2 * costs[s][3] for s in r.stages))
-    forward, backward, weight, comm = (sum(costs[s][i] for s in busiest.stages) / len(busiest.stages)
-                                       for i in range(4))
-    pp, sched = cfg.parallel.pp, cfg.parallel.schedule
+    sched = cfg.parallel.schedule
     m = micro_batches_per_step(cfg, layout.dp)
     hop_bw = (cluster.ib_gbps if layout.dp >= layout.ranks_per_node else cluster.nvlink_gbps) * 1e9
     p2p = cfg.train.micro_batch_size * cfg.train.seq_len * cfg.model.dim * p.act / hop_bw
-    if pp == 1:
-        pipeline, bubble = m * (forward + backward + 2 * comm), 0.0
-    else:
-        overlapped = sched in ("dualpipe", "dualpipev")
-        # F&B: one chunk's all-to-all hides behind the other's compute
-        fb = max(forward + backward, 2 * comm) if overlapped else None
-        c = Costs(F=forward + comm, B=backward + comm, W=min(weight, backward + comm), FB=fb, comm=p2p)
-        result = simulate(cached_schedule(sched, pp, m), c)
-        pipeline, bubble = result.makespan, result.bubble_fraction
+    pipeline, bubble = pipeline_time(cfg, split, costs, m, p2p, overlap=sched in ("dualpipe", "dualpipev"))
     # ZeRO-1: reduce-scatter FP32 gradients and all-gather the updated parameters (ring), not overlapped;
     # the dp and edp groups leave the node when the dp ranks of a stage fill more than one node
     dp_bw = (cluster.ib_gbps if layout.dp > layout.ranks_per_node else cluster.nvlink_gbps) * 1e9
