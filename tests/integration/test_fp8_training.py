@@ -52,15 +52,17 @@ def test_checkpoints_move_between_fp8_and_full_precision(tmp_path, data_cache, f
 # anywhere, so some were seen), evaluated in full precision: a paired comparison.
 #
 # At this scale rounding alone moves that loss by about 1%: two runs whose arithmetic differs at all
-# part ways after a few dozen steps (MoE routing is discrete). Measured at seed 0, full precision:
-# 3.8964, 3.8723 and 3.9090 for three versions of the code that differ only in FP32 rounding (the
-# optimizer's kernel, the cross-entropy's order); FP8 runs of the same versions: 3.9045, 3.8840,
-# 3.8575 (gaps +0.21%, +0.30%, -1.32%). The report's 0.25% therefore cannot be asserted for one pair
-# of runs here without failing on unrelated changes. The test measures the noise floor in the same run:
-# a second full-precision run whose only difference is FP32 rounding (optim.update=foreach, the
-# reference AdamW: the same update to within an FP32 rounding per step), and requires the FP8 gap to be
-# within max(0.25%, 2 x that spread): an end-to-end guard against an FP8 path that trains worse than
-# rounding noise. Each FP8 GEMM's accuracy is bounded against fp64 by tests/unit/test_fp8_linear.py.
+# part ways after a few dozen steps (MoE routing is discrete). Measured at seed 0, full precision, for
+# versions of the code and optimizer kernels that differ only in FP32 rounding: 3.8964, 3.8723, 3.9090,
+# 3.8862, 3.8916 (sd 0.35% of the mean); FP8 runs: 3.9045, 3.8840, 3.8575, 3.9094 (gaps to their full-
+# precision pair +0.21%, +0.30%, -1.32%, +0.60%). The report's 0.25% therefore cannot be asserted for one
+# pair of runs here without failing on unrelated changes, and neither can a bound made of one extra
+# run's spread: when both differences are pure rounding noise, one exceeds twice the other in about 30%
+# of draws (it failed that way once). The bound is the noise of a difference of two runs measured
+# above, 3 x sd x sqrt(2) = 1.5%, or twice this run's own spread (a second full-precision run whose only
+# difference is FP32 rounding: optim.update=foreach) if the noise has grown: an end-to-end guard against
+# an FP8 path that trains worse than rounding noise. Each FP8 GEMM's accuracy is bounded against fp64
+# by tests/unit/test_fp8_linear.py.
 CONVERGENCE = ["train.steps=300", "train.seq_len=64", "train.batch_size_start=8", "train.batch_size=8",
                "checkpoint.every=0", "optim.lr_hold_tokens=60e3", "optim.lr_decay_tokens=80e3", "train.dtype=float32"]
 
@@ -101,6 +103,6 @@ def test_fp8_training_converges_like_full_precision(tmp_path, data_cache):
         assert curve[-1]["lm_loss"] < curve[0]["lm_loss"] - 2.5  # each learned (7.6 -> ~4)
     noise = abs(losses["full, other rounding"] - losses["full"]) / losses["full"]
     gap = abs(losses["fp8"] - losses["full"]) / losses["full"]
-    bound = max(0.0025, 2 * noise)
+    bound = max(0.015, 2 * noise)
     print(f"evaluation LM loss: {losses}; FP8 gap {gap:.3%}, rounding spread {noise:.3%}, bound {bound:.3%}")
     assert gap < bound, losses

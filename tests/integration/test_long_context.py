@@ -58,10 +58,14 @@ def test_extension_starts_from_the_base_weights_at_step_zero(runs):
     assert [p.name for p in checkpoint.list_checkpoints(ext)] == [f"step_{EXT_STEPS:08d}"]
     assert "initialised from" in stdout and "new run at step 0" in stdout
     assert "rope_factor 1.0 -> 4.0" in stdout and "max_seq_len 256 -> 512" in stdout
-    # the weights came along: a fresh model starts at ln(2048) = 7.6, the base ends near 4.5
+    # the weights came along: a fresh model starts at ln(2048) = 7.6, the base ends near 4.5. The first
+    # extension batch (other documents, 512-token sequences: more context per token) lands within about
+    # 0.6 of the base's end on either side (3.86 against 4.46 measured), so the check is which one it is
+    # near: the trained base, not an untrained model
     base_end = sum(m["lm_loss"] for m in base_metrics[-5:]) / 5
     first = ext_metrics[0]["lm_loss"]
-    assert first < 6.5 and abs(first - base_end) < 0.6, (first, base_end)
+    untrained = math.log(2048)
+    assert first < 6.5 and abs(first - base_end) < abs(first - untrained) / 2, (first, base_end)
     # the extension's schedule: constant LR, batch 4 x 512, lambda 0.1, gamma 0, no ramp
     for m in ext_metrics:
         assert (m["lr"], m["batch_size"], m["mtp_weight"], m["bias_update_speed"]) == (1e-4, 4, 0.1, 0.0)
