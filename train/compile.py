@@ -4,8 +4,8 @@ What is compiled, per module instance, in place (parameter names, checkpoints an
 unchanged, unlike wrapping in an ``OptimizedModule``):
 
 * MLA: its ``forward`` (down-projections, norms, up-projections, RoPE, the concatenations and padding
-  around the fused attention, output projection), and under ``memory.recompute=selective``, where Block.attention calls
-  them one by one inside checkpoints, its ``down`` and ``core``;
+  around the fused attention, output projection), and under ``memory.recompute=selective``, where
+  Block.attention calls them inside checkpoints, its ``down`` and ``core``;
 * MLP: the dense FFNs and the shared experts (SwiGLU).
 
 Not compiled: the routing and the routed experts (data-dependent shapes: ``bincount`` of the expert

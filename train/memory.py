@@ -9,7 +9,6 @@ the CPU included (no allocator statistics needed).
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
 from typing import Any
 
@@ -42,15 +41,10 @@ def activation_bytes_per_token(cfg: Any, lengths: tuple[int, int] = (128, 256), 
     the rope tables): the quantity the planner's ``stage_plans(...).activation_bytes`` predicts."""
     from train.losses import compute_losses
     from train.model import Transformer, set_recompute
+    from train.runtime import autocast_to, one_weight_cast_per_step
 
-    from train.runtime import one_weight_cast_per_step
-
+    device_type = torch.device(device).type
     compute = torch.bfloat16 if cfg.train.dtype == "bfloat16" else torch.float32
-
-    def autocast() -> contextlib.AbstractContextManager:
-        if compute == torch.float32:
-            return contextlib.nullcontext()
-        return torch.autocast(torch.device(device).type, dtype=compute)
     torch.manual_seed(seed)
     model = Transformer(cfg.model).to(device)
     model.init_weights(seed=seed)
@@ -64,10 +58,11 @@ def activation_bytes_per_token(cfg: Any, lengths: tuple[int, int] = (128, 256), 
         window = torch.randint(0, cfg.model.vocab_size, (1, length + 1), device=device)
 
         def forward(window: Tensor = window) -> Tensor:
-            with autocast():
+            with autocast_to(device_type, compute):
                 return compute_losses(model(window[:, :-1]), window, 0.3, 1e-4).loss
 
-        with one_weight_cast_per_step(autocast, torch.device(device).type):  # as the trainer runs a step
+        # as the trainer runs a step
+        with one_weight_cast_per_step(lambda: autocast_to(device_type, compute), device_type):
             nbytes, loss = saved_activation_bytes(model, forward)
         del loss
         measured.append(nbytes)

@@ -277,8 +277,8 @@ class RoutedExperts(nn.Module):
 
     def forward(self, x: Tensor, routing: Routing) -> Tensor:
         """x: [N, dim]. Tokens are sorted by expert, computed per expert, weighted and summed back."""
-        # The residual stream stays fp32 under autocast: compute the experts in the autocast dtype
-        # (bf16 on GPUs), which grouped GEMMs need and which halves the bytes of the token shuffle.
+        # the experts in the autocast dtype (bf16 on GPUs; the residual stream is in it already),
+        # which grouped GEMMs need and which halves the bytes of the token shuffle
         x = to_compute_dtype(x)
         topk = routing.indices.shape[1]
         flat_experts = routing.indices.flatten()

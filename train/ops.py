@@ -68,9 +68,15 @@ def to_compute_dtype(x: Tensor) -> Tensor:
     return x.to(torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else x
 
 
+def _inverse_rms(x32: Tensor, eps: float) -> Tensor:
+    """1 / sqrt(mean(x^2) + eps) per row, in x32's (FP32 or wider) dtype."""
+    return torch.rsqrt(x32.square().mean(-1, keepdim=True) + eps)
+
+
 def rms_norm_reference(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     """RMSNorm and its weight in FP32, the result in x's dtype (the residual stream's)."""
-    return (weight * F.rms_norm(_wide(x), (x.shape[-1],), eps=eps)).to(x.dtype)
+    x32 = _wide(x)
+    return (weight * (x32 * _inverse_rms(x32, eps))).to(x.dtype)
 
 
 class _RMSNorm(torch.autograd.Function):
@@ -79,9 +85,9 @@ class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, eps: float) -> Tensor:
         x32 = _wide(x)
-        rstd = torch.rsqrt(x32.square().mean(-1, keepdim=True) + eps)
+        rstd = _inverse_rms(x32, eps)
         ctx.save_for_backward(x, weight, rstd)
-        return (weight * F.rms_norm(x32, (x.shape[-1],), eps=eps)).to(x.dtype)
+        return (weight * (x32 * rstd)).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad: Tensor):

@@ -8,8 +8,9 @@ all-to-all, 3.2.3 memory, 3.3 FP8, 4.2 hyper-parameters, Table 1 cost).
 - FLOPs per token: per component (MLA projections, causal attention, dense FFN, gate, shared and routed
   experts, head, MTP), forward x 3 for forward + backward;
 - memory per GPU: FP32 weights (the master), their BF16 casts for one step, FP32 gradients, ZeRO-1-sharded
-  AdamW moments, the cached activations of the micro-batches in flight under the pipeline schedule (counted on the schedule's own
-  action lists, the ones the runtime executes), all-to-all and logits buffers, a reserve;
+  AdamW moments, the cached activations of the micro-batches in flight under the pipeline schedule
+  (counted on the schedule's own action lists, the ones the runtime executes), all-to-all and logits
+  buffers, a reserve;
 - all-to-all bytes per token under node-limited routing, their time against the compute of a chunk;
 - step time from the pipeline simulator with costs from the FLOPs at an assumed MFU, GPU-hours per
   trillion tokens next to the report's 180K.

@@ -89,10 +89,15 @@ def available_memory_bytes(device: torch.device) -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def autocast(runtime: Runtime) -> contextlib.AbstractContextManager:
-    if runtime.compute_dtype == torch.float32:
+def autocast_to(device_type: str, dtype: torch.dtype) -> contextlib.AbstractContextManager:
+    """Autocast to ``dtype`` on ``device_type``; no autocast for float32."""
+    if dtype == torch.float32:
         return contextlib.nullcontext()
-    return torch.autocast(device_type=runtime.device.type, dtype=runtime.compute_dtype)
+    return torch.autocast(device_type=device_type, dtype=dtype)
+
+
+def autocast(runtime: Runtime) -> contextlib.AbstractContextManager:
+    return autocast_to(runtime.device.type, runtime.compute_dtype)
 
 
 @contextlib.contextmanager

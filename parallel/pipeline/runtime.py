@@ -334,9 +334,10 @@ class PipelineRuntime:
     """Runs ``schedule.actions[pp_rank]`` on this rank's stages (``{chunk: Stage}``).
 
     activation_dtype: dtype of the hidden states that travel (default: the stages' parameter dtype; the
-    trainer passes the autocast dtype, the residual stream's: ``train.ops.to_compute_dtype``). autocast: context factory around every forward
-    (e.g. ``lambda: torch.autocast("cuda", torch.bfloat16)``). overlap: run FB actions overlapped
-    (``overlap.py``) when a stage has expert-parallel MoE blocks, else forward then backward.
+    trainer passes the autocast dtype, the residual stream's: ``train.ops.to_compute_dtype``).
+    autocast: context factory around every forward (e.g. ``lambda: torch.autocast("cuda", torch.bfloat16)``).
+    overlap: run FB actions overlapped (``overlap.py``) when a stage has expert-parallel MoE blocks, else
+    forward then backward.
     trace: called with a short event name at each piece (tests).
     Construction is collective over ``groups.pp``: every rank checks the schedule against its stages,
     and all raise ``PipelineLayoutError`` if any rank's disagree.

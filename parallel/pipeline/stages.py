@@ -129,7 +129,8 @@ class Stage(nn.Module):
         mtp_logits = []
         if len(self.mtp):
             if embedded is None:
-                embedded = to_compute_dtype(self.embed(window[:, :-1]))  # this rank's embedding (shared or tied copy)
+                # this rank's embedding (shared or tied copy), in the residual stream's dtype
+                embedded = to_compute_dtype(self.embed(window[:, :-1]))
             for depth, module in enumerate(self.mtp, start=1):  # as Transformer.forward
                 length = seqlen - depth
                 h, stats = module(h[:, :length], embedded[:, depth:], cos[:length], sin[:length])
