@@ -6,6 +6,7 @@ config, data or checkpoint print one line and exit with status 1.
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import sys
 
@@ -44,6 +45,7 @@ def command_line(argv: list[str]) -> list[str]:
 
 
 if __name__ == "__main__":
+    faulthandler.enable()  # a crash in native code (SIGSEGV, SIGABRT) prints every thread's Python stack
     try:
         sys.argv = [sys.argv[0], *command_line(sys.argv[1:]), *HYDRA_RUN_OVERRIDES]
     except UserError as err:

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-import torch.distributed as dist
 
 from data.loader import TokenLoader
 from data.prepare import prepare_data
@@ -39,7 +38,8 @@ from train.observe import DeadExpertMonitor, moe_layer_ids, moe_layer_ids_from_n
 from train.plan import check_plan
 from train.preempt import StopRequest
 from train.runtime import (Runtime, all_reduce_sum, autocast, available_memory_bytes, choose_device,
-                           one_weight_cast_per_step, rng_states, set_rng_states, setup_runtime)
+                           one_weight_cast_per_step, release_process_groups, rng_states, set_rng_states,
+                           setup_runtime)
 from train.step_stats import (gather_stages, max_violation_over_stages, merged_monitor_state, traffic_totals,
                               verdict_line)
 
@@ -83,25 +83,27 @@ def resume_path(cfg: Config, warn: Callable[[str], None] | None = None) -> Path 
 
 def train(cfg: Config, hooks: TrainHooks | None = None) -> list[dict[str, Any]]:
     """Run (or resume) pretraining as configured; return the metrics of the steps run in this call."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
     log = MetricsLogger(cfg, is_main=int(os.environ.get("RANK", "0")) == 0)
     try:
-        model = build_meta_model(cfg)
-        set_recompute(model, cfg.memory.recompute)
-        print_model_summary(model, log)
-        device = choose_device(cfg)
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-        per_process = available_memory_bytes(device) // (local if device.type == "cpu" else 1)  # CPU RAM is shared
-        check_plan(cfg, world_size, per_process, device=device.type,
-                   ranks_per_node=cfg.parallel.ranks_per_node or local)
-        if cfg.checkpoint.init_from and resume_path(cfg) is None:  # a wrong path fails now, not after set-up
-            checkpoint.resolve_checkpoint(cfg.checkpoint.init_from)
-        runtime = setup_runtime(cfg, device)
-        return _train(cfg, runtime, model, log, hooks)
+        return _set_up_and_train(cfg, log, hooks)  # the model and the groups live in its frame only
     finally:
         log.close()
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        release_process_groups()
+
+
+def _set_up_and_train(cfg: Config, log: MetricsLogger, hooks: TrainHooks | None) -> list[dict[str, Any]]:
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    model = build_meta_model(cfg)
+    set_recompute(model, cfg.memory.recompute)
+    print_model_summary(model, log)
+    device = choose_device(cfg)
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    per_process = available_memory_bytes(device) // (local if device.type == "cpu" else 1)  # CPU RAM is shared
+    check_plan(cfg, world_size, per_process, device=device.type, ranks_per_node=cfg.parallel.ranks_per_node or local)
+    if cfg.checkpoint.init_from and resume_path(cfg) is None:  # a wrong path fails now, not after set-up
+        checkpoint.resolve_checkpoint(cfg.checkpoint.init_from)
+    runtime = setup_runtime(cfg, device)
+    return _train(cfg, runtime, model, log, hooks)
 
 
 def _train(cfg: Config, runtime: Runtime, model: Transformer, log: MetricsLogger,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.integration.pretrain_runs import run_pretrain, run_torchrun
+from tests.integration.pretrain_runs import failure_report, run_pretrain, run_torchrun
 from train.trainer import read_metrics
 
 pytestmark = pytest.mark.slow
@@ -15,11 +15,11 @@ def test_two_ranks_match_one_rank(tmp_path, data_cache):
     overrides = ["train.steps=8", "checkpoint.every=4", "train.batch_size_start=16", "train.batch_size=16"]
     single = tmp_path / "single"
     result = run_pretrain(single, data_cache, *overrides)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, failure_report(result)
 
     double = tmp_path / "double"
     result = run_torchrun(2, double, data_cache, *overrides)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, failure_report(result)
 
     # Each rank takes every other window of the same permutation, so a global batch holds the same
     # sequences as in one process; only the order of the fp32 sums differs (gradients are averaged

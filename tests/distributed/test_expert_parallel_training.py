@@ -11,7 +11,7 @@ import pytest
 
 from tests.distributed.reference import FIXED_BATCH, STEPS, assert_same_losses
 from parallel.local_ranks import free_port
-from tests.integration.pretrain_runs import REPO, run_pretrain, run_torchrun, torchrun_command
+from tests.integration.pretrain_runs import REPO, failure_report, run_pretrain, run_torchrun, torchrun_command
 from train import checkpoint
 from train.trainer import read_metrics
 
@@ -22,7 +22,7 @@ pytestmark = pytest.mark.slow
 def test_four_processes_with_expert_parallelism_match_one_process(tmp_path, data_cache, reference, ep):
     run_dir = tmp_path / f"ep{ep}"
     result = run_torchrun(4, run_dir, data_cache, *FIXED_BATCH, f"parallel.ep={ep}", "checkpoint.every=10")
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, failure_report(result)
     assert f"dp 4 (ep {ep} x edp {4 // ep})" in result.stdout
     metrics = read_metrics(run_dir)
     assert_same_losses(metrics, reference, range(1, STEPS + 1))
@@ -39,7 +39,7 @@ def test_four_processes_with_expert_parallelism_match_one_process(tmp_path, data
         overrides = (*FIXED_BATCH, f"parallel.ep={new_ep}", f"checkpoint.resume={saved}")
         result = (run_torchrun(nproc, resumed_dir, data_cache, *overrides) if nproc > 1
                   else run_pretrain(resumed_dir, data_cache, *overrides))
-        assert result.returncode == 0, result.stderr[-3000:]
+        assert result.returncode == 0, failure_report(result)
         assert "resumed from" in result.stdout and "at step 10" in result.stdout
         assert_same_losses(read_metrics(resumed_dir), reference, range(11, STEPS + 1))
 

@@ -8,7 +8,7 @@ import pytest
 from torch.distributed.checkpoint import FileSystemReader
 
 from tests.distributed.reference import FIXED_BATCH, STEPS, assert_same_losses
-from tests.integration.pretrain_runs import run_pretrain, run_torchrun
+from tests.integration.pretrain_runs import failure_report, run_pretrain, run_torchrun
 from train import checkpoint
 from train.trainer import read_metrics
 
@@ -20,7 +20,7 @@ def test_dualpipe_pp2_dp2_with_experts_matches_one_process_and_resumes_without_p
     run_dir = tmp_path / "dualpipe"
     result = run_torchrun(4, run_dir, data_cache, *FIXED_BATCH, "parallel.pp=2", "parallel.ep=2",
                           "parallel.schedule=dualpipe", "checkpoint.every=10")
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, failure_report(result)
     assert "dp 2 (ep 2 x edp 1), pp 2 (dualpipe)" in result.stdout
     assert_same_losses(read_metrics(run_dir), reference, range(1, STEPS + 1))
 
@@ -28,7 +28,7 @@ def test_dualpipe_pp2_dp2_with_experts_matches_one_process_and_resumes_without_p
     assert checkpoint.is_complete(saved)
     resumed_dir = tmp_path / "dualpipe_to_one_process"
     result = run_pretrain(resumed_dir, data_cache, *FIXED_BATCH, f"checkpoint.resume={saved}")
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, failure_report(result)
     assert "at step 10" in result.stdout
     assert_same_losses(read_metrics(resumed_dir), reference, range(11, STEPS + 1))
 
@@ -40,7 +40,7 @@ def test_one_process_checkpoint_resumes_under_a_pipeline(tmp_path, data_cache, r
     run_dir = tmp_path / schedule
     result = run_torchrun(2, run_dir, data_cache, *FIXED_BATCH, "parallel.pp=2", f"parallel.schedule={schedule}",
                           f"checkpoint.resume={saved}")
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, failure_report(result)
     assert f"pp 2 ({schedule})" in result.stdout and "at step 10" in result.stdout
     assert_same_losses(read_metrics(run_dir), reference, range(11, STEPS + 1))
 
@@ -53,7 +53,7 @@ def test_explicit_stage_boundaries_cut_the_model_there(tmp_path, data_cache, ref
     run_dir = tmp_path / "cut"
     result = run_torchrun(2, run_dir, data_cache, *FIXED_BATCH, "parallel.pp=2", "parallel.schedule=1f1b",
                           "parallel.stage_boundaries=[1]", "checkpoint.every=10")
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, failure_report(result)
     assert_same_losses(read_metrics(run_dir), reference, range(1, STEPS + 1))
     storage = FileSystemReader(str(run_dir / "checkpoints" / "step_00000010")).read_metadata().storage_data
     writer = {}  # block -> the ranks that wrote its weights

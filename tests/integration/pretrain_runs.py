@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -35,3 +36,16 @@ def run_torchrun(nproc: int, run_dir: Path, data_cache: Path, *overrides: str,
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true"}
     return subprocess.run(torchrun_command(nproc, run_dir, data_cache, *overrides), cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+# torchrun's own traceback when a worker fails: it says only that one did, and hides the worker's output
+LAUNCHER_TRACEBACK = re.compile(r'Traceback \(most recent call last\):\n  File "<frozen runpy>".*?ChildFailedError: \n',
+                                re.S)
+
+
+def failure_report(result: subprocess.CompletedProcess) -> str:
+    """What a failed run printed last, for an assertion message: the end of its stdout and of its stderr,
+    without torchrun's launcher traceback."""
+    stdout = "\n".join(result.stdout.splitlines()[-15:])
+    stderr = LAUNCHER_TRACEBACK.sub("[torchrun's launcher traceback cut]\n", result.stderr)
+    return f"exit {result.returncode}\n--- stdout (end)\n{stdout}\n--- stderr (end)\n{stderr[-5000:]}"

@@ -24,7 +24,7 @@ from data.corpus import MAX_DOCUMENT_BYTES, CorpusStats, iter_documents
 from data.prepare import INDEX_FILE, TOKENS_FILE, _index_sha256, prepare_data
 from data.tokenizer import train_tokenizer
 from parallel.mesh import plan_layout
-from tests.integration.pretrain_runs import REPO, run_pretrain
+from tests.integration.pretrain_runs import REPO, failure_report, run_pretrain
 from train.config import DataConfig, load_config
 from train.errors import UserError
 
@@ -326,7 +326,7 @@ def test_resuming_a_checkpoint_of_another_model_shape(tmp_path, data_cache):
     short = ["train.seq_len=32", "train.batch_size_start=4", "train.batch_size=4", "train.micro_batch_size=4"]
     run_dir = tmp_path / "run"
     first = run_pretrain(run_dir, data_cache, "train.steps=1", *short)
-    assert first.returncode == 0, first.stderr[-3000:]
+    assert first.returncode == 0, failure_report(first)
     saved = sorted((run_dir / "checkpoints").iterdir())
     before = {p: p.stat().st_size for p in saved[-1].rglob("*") if p.is_file()}
     line = one_error_line(run_pretrain(run_dir, data_cache, "train.steps=2", *short, "model.n_heads=2",

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-from tests.integration.pretrain_runs import run_pretrain
+from tests.integration.pretrain_runs import failure_report, run_pretrain
 from train import checkpoint
 from train.trainer import read_metrics
 
@@ -26,16 +26,16 @@ def saved_tensors(path, tmp_path, section: str) -> dict[str, torch.Tensor]:
 def test_ema_is_checkpointed_and_resumes_exactly(tmp_path, data_cache):
     straight = tmp_path / "straight"
     result = run_pretrain(straight, data_cache, "train.steps=4", "checkpoint.every=4", *SHORT)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, failure_report(result)
     metrics = read_metrics(straight)
     assert all("ema_update_s" in m for m in metrics)
 
     split = tmp_path / "split"
     result = run_pretrain(split, data_cache, "train.steps=2", "checkpoint.every=2", *SHORT)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, failure_report(result)
     assert checkpoint.has_ema(checkpoint.latest_checkpoint(split))
     result = run_pretrain(split, data_cache, "train.steps=4", "checkpoint.every=2", *SHORT)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, failure_report(result)
     assert "holds no EMA" not in result.stdout
 
     a = saved_tensors(checkpoint.latest_checkpoint(straight), tmp_path, "ema")

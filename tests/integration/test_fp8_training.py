@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.distributed.checkpoint import FileSystemReader
 
-from tests.integration.pretrain_runs import run_pretrain
+from tests.integration.pretrain_runs import failure_report, run_pretrain
 from train import checkpoint
 from train.trainer import read_metrics
 
@@ -27,7 +27,7 @@ def weight_dtypes(path) -> dict[str, torch.dtype]:
 def test_checkpoints_move_between_fp8_and_full_precision(tmp_path, data_cache, first, then):
     run_dir = tmp_path / "run"
     result = run_pretrain(run_dir, data_cache, "train.steps=2", *SHORT, *first)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, failure_report(result)
     assert ("fp8 (emulate)" in result.stdout) == bool(first)
     saved = checkpoint.latest_checkpoint(run_dir)
     dtypes = weight_dtypes(saved)
@@ -35,7 +35,7 @@ def test_checkpoints_move_between_fp8_and_full_precision(tmp_path, data_cache, f
     assert linear and all(dtypes[k] == torch.float32 for k in linear), {k: dtypes[k] for k in linear}
 
     result = run_pretrain(run_dir, data_cache, "train.steps=4", *SHORT, *then)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, failure_report(result)
     assert "resumed from" in result.stdout and "step_00000002" in result.stdout
     assert ("fp8 (emulate)" in result.stdout) == bool(then)
     metrics = read_metrics(run_dir)
@@ -97,7 +97,7 @@ def test_fp8_training_converges_like_full_precision(tmp_path, data_cache):
     for name, extra in runs.items():
         run_dir = tmp_path / name.replace(", ", "_").replace(" ", "_")
         result = run_pretrain(run_dir, data_cache, *CONVERGENCE, *extra, timeout=1800)
-        assert result.returncode == 0, result.stderr[-3000:]
+        assert result.returncode == 0, failure_report(result)
         losses[name] = evaluation_loss(run_dir, data_cache)
         curve = read_metrics(run_dir)
         assert curve[-1]["lm_loss"] < curve[0]["lm_loss"] - 2.5  # each learned (7.6 -> ~4)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.integration.pretrain_runs import run_pretrain
+from tests.integration.pretrain_runs import failure_report, run_pretrain
 from train import checkpoint
 from train.trainer import read_metrics
 
@@ -17,7 +17,7 @@ SHORT = ["train.seq_len=64", "train.batch_size_start=8", "train.batch_size=8"]
 def test_new_stage_starts_from_trained_weights_with_a_longer_context(tmp_path, data_cache):
     base = tmp_path / "base"
     result = run_pretrain(base, data_cache, "train.steps=30", *SHORT)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, failure_report(result)
     trained = read_metrics(base)[-1]["lm_loss"]
 
     stage = tmp_path / "ext"
@@ -25,7 +25,7 @@ def test_new_stage_starts_from_trained_weights_with_a_longer_context(tmp_path, d
               "train.batch_size_start=4", "train.batch_size=4", "train.steps=2", "optim.warmup_steps=0",
               f"checkpoint.init_from={base}"]
     result = run_pretrain(stage, data_cache, *longer)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, failure_report(result)
     assert "initialised from" in result.stdout and "step_00000030" in result.stdout
     assert "context changed: max_seq_len 256 -> 1024, rope_factor 1.0 -> 4.0" in result.stdout
     metrics = read_metrics(stage)
@@ -37,7 +37,7 @@ def test_new_stage_starts_from_trained_weights_with_a_longer_context(tmp_path, d
 
     # resume=auto inside the new run takes its own checkpoint, not init_from again
     result = run_pretrain(stage, data_cache, *longer[:-2], "train.steps=3", f"checkpoint.init_from={base}")
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, failure_report(result)
     assert "resumed from" in result.stdout and "initialised from" not in result.stdout
     assert checkpoint.latest_checkpoint(stage).name == "step_00000003"
 

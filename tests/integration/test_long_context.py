@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.integration.pretrain_runs import REPO, TINY_DATA, run_pretrain
+from tests.integration.pretrain_runs import REPO, TINY_DATA, failure_report, run_pretrain
 from train import checkpoint
 from train.config import ModelConfig
 from train.model import attention_softmax_scale, rope_inv_freq, rope_tables
@@ -39,11 +39,11 @@ def runs(tmp_path_factory, data_cache):
     root = tmp_path_factory.mktemp("long_context")
     base, ext = root / "base", root / "ext"
     result = run_pretrain(base, data_cache, f"train.steps={BASE_STEPS}")
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, failure_report(result)
     result = run([str(REPO / "launch" / "pretrain.py"), "+conf=tiny_ext", f"run.dir={ext}",
                   f"data.cache_dir={data_cache}", *TINY_DATA, f"checkpoint.init_from={base}",
                   f"train.steps={EXT_STEPS}"])
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, failure_report(result)
     return base, ext, result.stdout
 
 
@@ -112,7 +112,7 @@ def test_eval_perplexity_and_passkey_on_both(runs, tmp_path):
                            ("passkey", ["lengths=[128,512]", "samples=2", "depths=[0.0,0.5,1.0]"])):
             out = tmp_path / f"{name}_{task}.json"
             result = run_eval(f"task={task}", f"checkpoint={ckpt}", *args, *extra, "--json", str(out))
-            assert result.returncode == 0, result.stderr[-3000:]
+            assert result.returncode == 0, failure_report(result)
             print(result.stdout)  # the tables, for the log (pytest -s)
             outputs[name, task] = json.loads(out.read_text())
             assert f"wrote {out}" in result.stdout

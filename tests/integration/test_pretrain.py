@@ -10,7 +10,7 @@ import time
 import pytest
 import yaml
 
-from tests.integration.pretrain_runs import REPO, pretrain_command, run_pretrain
+from tests.integration.pretrain_runs import REPO, failure_report, pretrain_command, run_pretrain
 from train import checkpoint
 from train.config import load_config
 from train.metrics import REQUIRED_KEYS
@@ -24,7 +24,7 @@ def test_tiny_run_learns_and_writes_its_outputs(tmp_path, data_cache):
     run_dir = tmp_path / "run"
     result = run_pretrain(run_dir, data_cache, "train.steps=40", "checkpoint.every=20", "logging.wandb=offline",
                           "logging.peak_tflops=0.5")
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, failure_report(result)
     metrics = read_metrics(run_dir)
     assert [m["step"] for m in metrics] == list(range(1, 41))
     written = load_config(["+conf=tiny", f"train.seq_len={yaml.safe_load((run_dir / 'config.yaml').read_text())['train']['seq_len']}"])
@@ -51,7 +51,7 @@ def test_kill_and_resume_gives_identical_losses(tmp_path, data_cache):
     steps = ["train.steps=12", "checkpoint.every=6"]
     reference_dir = tmp_path / "reference"
     result = run_pretrain(reference_dir, data_cache, *steps)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, failure_report(result)
     reference = read_metrics(reference_dir)
 
     # Same run, killed (SIGKILL, no clean-up) once its step-6 checkpoint is complete.
@@ -70,7 +70,7 @@ def test_kill_and_resume_gives_identical_losses(tmp_path, data_cache):
     (run_dir / "checkpoints" / "step_00000012").mkdir()
 
     result = run_pretrain(run_dir, data_cache, *steps)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, failure_report(result)
     assert "resumed from" in result.stdout and "step_00000006" in result.stdout
     resumed = read_metrics(run_dir)
     assert [m["step"] for m in resumed] == list(range(1, 13))
@@ -87,11 +87,11 @@ def test_compiled_run_resumes_an_eager_checkpoint(tmp_path, data_cache):
             "train.batch_size=8", "train.batch_size_start=8"]
     eager_dir = tmp_path / "eager"
     result = run_pretrain(eager_dir, data_cache, *fast)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, failure_report(result)
     compiled_dir = tmp_path / "compiled"
     result = run_pretrain(compiled_dir, data_cache, *fast, "train.compile=true",
                           f"checkpoint.resume={eager_dir / 'checkpoints' / 'step_00000002'}")
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, failure_report(result)
     assert "compile: torch.compile on" in result.stdout
     eager, compiled = read_metrics(eager_dir), read_metrics(compiled_dir)
     assert [m["step"] for m in compiled] == [3, 4]

@@ -9,7 +9,7 @@ import sys
 import matplotlib.image
 import pytest
 
-from tests.integration.pretrain_runs import REPO, run_pretrain, run_torchrun
+from tests.integration.pretrain_runs import REPO, failure_report, run_pretrain, run_torchrun
 from train.trainer import read_metrics
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("single_thread"),
@@ -40,7 +40,7 @@ def check_moe_record(record: dict) -> None:
 def test_plots_of_a_real_run(tmp_path, data_cache):
     run_dir = tmp_path / "run"
     result = run_pretrain(run_dir, data_cache, *FAST, "logging.plot_every=2", "logging.expert_load_every=2")
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, failure_report(result)
     # the trainer refreshed the plots during the run
     assert sorted(p.name for p in (run_dir / "plots").iterdir()) == sorted(BASIC + MOE)
     records = read_metrics(run_dir)
@@ -65,7 +65,7 @@ def test_pipeline_stages_merge_their_layers(tmp_path, data_cache):
     run_dir = tmp_path / "pp"
     result = run_torchrun(2, run_dir, data_cache, *FAST[:1], "train.steps=2", "parallel.pp=2",
                           "parallel.schedule=1f1b", "logging.expert_load_every=1")
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, failure_report(result)
     for record in read_metrics(run_dir):
         check_moe_record(record)
         assert list(record["expert_load"]) == ["1", "2", "3"]

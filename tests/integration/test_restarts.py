@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.pretrain_runs import REPO, pretrain_command, run_pretrain, torchrun_command
+from tests.integration.pretrain_runs import REPO, failure_report, pretrain_command, run_pretrain, torchrun_command
 from train import checkpoint
 from train.trainer import read_metrics
 
@@ -83,11 +83,11 @@ def test_sigterm_saves_exits_zero_and_resumes_exactly(tmp_path, data_cache):
 
     total = step + 3
     result = run_pretrain(run_dir, data_cache, f"train.steps={total}", *FAST)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, failure_report(result)
     assert f"resumed from {stopped}" in result.stdout
     reference_dir = tmp_path / "reference"
     result = run_pretrain(reference_dir, data_cache, f"train.steps={total}", *FAST)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, failure_report(result)
     assert_same_losses(run_dir, read_metrics(reference_dir), total)
 
 
@@ -97,7 +97,7 @@ def test_kill_at_random_instants_then_resume_gives_identical_losses(tmp_path, da
     steps = ["train.steps=10", "checkpoint.every=1", "checkpoint.keep=2", *FAST]
     reference_dir = tmp_path / "reference"
     result = run_pretrain(reference_dir, data_cache, *steps)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, failure_report(result)
     reference = read_metrics(reference_dir)
 
     run_dir = tmp_path / "killed"
@@ -151,14 +151,14 @@ def test_async_checkpoints_are_complete_and_resume_exactly(tmp_path, data_cache)
     checkpoint ends up complete and verified, and resuming from one gives the synchronous run's losses."""
     run_dir = tmp_path / "async"
     result = run_pretrain(run_dir, data_cache, "train.steps=6", "checkpoint.every=2", "checkpoint.async=true", *FAST)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, failure_report(result)
     saved = checkpoint.list_checkpoints(run_dir)
     assert [p.name for p in saved] == ["step_00000002", "step_00000004", "step_00000006"]
     for path in saved:
         assert checkpoint.verify_checkpoint(path, "full") > 0
     result = run_pretrain(run_dir, data_cache, "train.steps=8", "checkpoint.async=true", *FAST)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, failure_report(result)
     reference_dir = tmp_path / "sync"
     result = run_pretrain(reference_dir, data_cache, "train.steps=8", *FAST)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, failure_report(result)
     assert_same_losses(run_dir, read_metrics(reference_dir), 8)

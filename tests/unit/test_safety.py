@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.integration.pretrain_runs import REPO, run_pretrain
+from tests.integration.pretrain_runs import REPO, failure_report, run_pretrain
 from train.config import ConfigError, check_command_line, load_config
 
 SHIPPED = ("train", "data", "parallel", "fp8", "launch", "bench")
@@ -152,7 +152,7 @@ def test_no_secret_in_run_outputs(tmp_path, data_cache, monkeypatch):
     result = run_pretrain(run_dir, data_cache, "train.steps=2", "checkpoint.every=1", "logging.wandb=offline",
                           "train.seq_len=32", "train.batch_size_start=4", "train.batch_size=4",
                           "train.micro_batch_size=4")
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, failure_report(result)
     files = [p for p in run_dir.rglob("*") if p.is_file()]
     assert (run_dir / "config.yaml") in files and list((run_dir / "wandb").glob("offline-run-*"))
     leaks = [str(p) for p in files if SECRET.encode() in p.read_bytes()]
