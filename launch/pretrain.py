@@ -7,6 +7,7 @@ config, data or checkpoint print one line and exit with status 1.
 from __future__ import annotations
 
 import faulthandler
+import gc
 import os
 import sys
 
@@ -21,18 +22,29 @@ register_schema()
 
 @hydra.main(config_path="..", config_name=SCHEMA_NAME, version_base=None)
 def main(node: DictConfig) -> None:
+    status = run(node)
+    if status:
+        # the failed run's traceback is gone now: free the process groups it held while the interpreter is
+        # alive (train.runtime.release_process_groups says why), so that the exit status is this one
+        gc.collect()
+        sys.exit(status)
+
+
+def run(node: DictConfig) -> int:
+    """Train; the exit status (a user error prints its one line)."""
     try:
         cfg = to_config(node, world_size=int(os.environ.get("WORLD_SIZE", "1")))
         from train.trainer import train
 
         train(cfg)
+        return 0
     except UserError as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
-        sys.exit(1)
+        return 1
     except KeyboardInterrupt:  # the second Ctrl-C (the first one stops after the step, with a checkpoint)
         print("interrupted: no checkpoint written for the current step; run the same command to resume from "
               "the last one", file=sys.stderr, flush=True)
-        sys.exit(130)
+        return 130
 
 
 def command_line(argv: list[str]) -> list[str]:

@@ -6,6 +6,7 @@ asking for the GIL aborts the process after a successful run (SIGABRT seen in CI
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 from collections import Counter
@@ -14,6 +15,7 @@ import pytest
 
 from tests.integration.pretrain_runs import TINY_DATA
 from train.config import load_config
+from train.errors import UserError
 from train.trainer import train
 
 pytestmark = [pytest.mark.usefixtures("single_thread"),
@@ -31,11 +33,27 @@ def gloo_threads() -> int:
     return names["pt_gloo_runloop"] + names["gloo_tcp_loop"]
 
 
+def config(run_dir, data_cache, *overrides):
+    return load_config(["+conf=tiny", f"run.dir={run_dir}", f"data.cache_dir={data_cache}", *TINY_DATA,
+                        "train.seq_len=64", "train.micro_batch_size=8", "train.batch_size=8",
+                        "train.batch_size_start=8", "train.steps=1", *overrides])
+
+
 def test_train_joins_its_process_group_threads(tmp_path, data_cache):
     before = gloo_threads()
-    cfg = load_config(["+conf=tiny", f"run.dir={tmp_path}", f"data.cache_dir={data_cache}", *TINY_DATA,
-                       "train.seq_len=64", "train.micro_batch_size=8", "train.batch_size=8",
-                       "train.batch_size_start=8", "train.steps=1"])
-    history = train(cfg)
+    history = train(config(tmp_path, data_cache))
     assert len(history) == 1
+    assert gloo_threads() == before
+
+
+def test_a_failed_run_holds_its_groups_only_through_its_traceback(tmp_path, data_cache):
+    """launch/pretrain.py collects once the error is reported: nothing else may keep the groups alive."""
+    before = gloo_threads()
+    try:
+        train(config(tmp_path, data_cache, f"checkpoint.resume={tmp_path / 'missing'}"))
+    except UserError as err:
+        assert "checkpoint directory not found" in str(err)
+    else:
+        pytest.fail("resuming from a missing checkpoint did not fail")
+    gc.collect()
     assert gloo_threads() == before
