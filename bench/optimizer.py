@@ -1,5 +1,7 @@
 """The optimizer step: our AdamW (BF16 moments, sec 3.3.3) fused vs its foreach reference, and torch's
-AdamW as HF training would run it (FP32 moments, default and fused), on one model's parameters.
+AdamW as HF training would run it (FP32 moments, default and fused), on one model's parameters; and
+DeepSpeed's CPU Adam (FP32 moments, its own AVX kernel) where ``deepspeed`` is installed and the device is
+the CPU (docs/dependencies.md: why the trainer does not use it).
 
     python bench/optimizer.py                    # the bench shape of bench/train_throughput.py, CPU
     python bench/optimizer.py --shape small --device cuda
@@ -43,7 +45,7 @@ def _model_params(cfg: ModelConfig, device: torch.device) -> list[torch.nn.Param
 
 
 def compare(cfg: ModelConfig, device: str = "cpu", rounds: int = 5, steps: int = 3,
-            perturb: float = 0.0) -> OptimizerResult:
+            perturb: float = 0.0, with_deepspeed: bool = True) -> OptimizerResult:
     dev = torch.device(device)
     lr, wd = 1e-3, 0.1
     makers = {
@@ -53,6 +55,10 @@ def compare(cfg: ModelConfig, device: str = "cpu", rounds: int = 5, steps: int =
         "torch AdamW fused fp32": lambda ps: torch.optim.AdamW(param_groups_of(ps, wd), lr=lr, betas=(0.9, 0.95),
                                                                fused=True),
     }
+    deepspeed_adam = _deepspeed_cpu_adam() if with_deepspeed and dev.type == "cpu" else None
+    if deepspeed_adam is not None:
+        makers["DeepSpeedCPUAdam fp32"] = lambda ps: deepspeed_adam(param_groups_of(ps, wd), lr=lr, betas=(0.9, 0.95),
+                                                                    weight_decay=wd, adamw_mode=True)
     params = {name: _model_params(cfg, dev) for name in makers}
     start = [p.detach().clone() for p in params["ours fused"]]
     gen = torch.Generator(device=dev).manual_seed(1)
@@ -84,6 +90,15 @@ def compare(cfg: ModelConfig, device: str = "cpu", rounds: int = 5, steps: int =
             times[name].append(step(name, r))
     return OptimizerResult(params=sum(p.numel() for p in start),
                            seconds={k: statistics.median(v) for k, v in times.items()}, rel_err=rel_err)
+
+
+def _deepspeed_cpu_adam():
+    """DeepSpeed's CPU Adam class, or None where deepspeed is not installed (it is not a dependency)."""
+    try:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+    except ImportError:
+        return None
+    return DeepSpeedCPUAdam
 
 
 def param_groups_of(params: list[torch.nn.Parameter], weight_decay: float) -> list[dict]:
