@@ -1,8 +1,11 @@
 """ZeRO-1: AdamW whose optimizer state is sharded over the data-parallel ranks (report sec 3, 3.3.3).
 
-Parameters stay replicated in their data-parallel group; each rank keeps the FP32 master copy and the
-BF16 moments of one slice of every parameter, along one dimension (as FSDP2 shards), so that every
-slice is a DTensor ``Shard`` and DCP can save it once and load it under another layout:
+Parameters stay replicated in their data-parallel group; each rank keeps the FP32 master and the BF16
+moments of one slice of every parameter, along one dimension (as FSDP2 shards), so that every slice is
+a DTensor ``Shard`` and DCP can save it once and load it under another layout. An FP32 parameter's
+master is its own slice (a view: AdamW updates it in place and the all-gather sends it to the other
+ranks), so the master costs no memory; a lower-precision parameter gets an FP32 copy of its slice.
+The slices are:
 
 - dense parameters: dim 0 over the dp group (the mesh ``groups.dp_mesh``);
 - routed-expert parameters when ``layout.ep > 1``: the local tensor [E/ep, ...] along dim 1 over the
@@ -54,7 +57,12 @@ class ParamShard:
     start: int  # first row (along dim) of this rank's slice
     local_rows: int  # rows this rank holds, 0..rows
     offset: int = field(init=False, default=0)  # where its padded chunk starts in a bucket's per-rank segment
-    master: Tensor = field(init=False)  # the FP32 slice, a view into its bucket's ``masters``
+    master: Tensor = field(init=False)  # the FP32 slice: the parameter's own (FP32), else in ``Bucket.masters``
+
+    @property
+    def master_is_param(self) -> bool:
+        """An FP32 parameter is its own master: the master is a view of its slice."""
+        return self.param.dtype == torch.float32
 
     @property
     def chunk_shape(self) -> tuple[int, ...]:
@@ -79,7 +87,9 @@ class Bucket:
     size: int  # ranks in the group
     shards: list[ParamShard] = field(default_factory=list)
     numel: int = 0  # elements of one rank's segment (the padded chunks of all its parameters)
-    masters: Tensor = field(init=False)  # [numel] FP32: this rank's segment; the padding stays zero
+    # [numel] FP32 masters of the lower-precision parameters (their padded chunks; the rest stays zero);
+    # empty when every parameter is FP32 (each is its own master)
+    masters: Tensor = field(init=False)
 
     def chunks(self, flat: Tensor, shard: ParamShard) -> Tensor:
         """[size, *chunk_shape] view of one parameter's padded chunks in a rank-major [size * numel] buffer."""
@@ -241,17 +251,20 @@ class ZeroAdamW:
             bucket.numel += shard.chunk_numel
             bucket.shards.append(shard)
         for bucket in buckets:
-            bucket.masters = torch.zeros(bucket.numel, dtype=torch.float32, device=self.device)
+            separate = not all(shard.master_is_param for shard in bucket.shards)
+            bucket.masters = torch.zeros(bucket.numel if separate else 0, dtype=torch.float32, device=self.device)
             for shard in bucket.shards:
-                shard.master = bucket.own(bucket.masters, shard)
+                shard.master = shard.param_slice() if shard.master_is_param else bucket.own(bucket.masters, shard)
         return buckets
 
     # ----- the step
     @torch.no_grad()
     def copy_masters_from_params(self) -> None:
-        """Masters <- this rank's slices of the parameters (after they were set outside step)."""
+        """Masters <- this rank's slices of the parameters (after they were set outside step); nothing to
+        do for FP32 parameters, their own masters."""
         for shard in self.shards.values():
-            shard.master.copy_(shard.param_slice())
+            if not shard.master_is_param:
+                shard.master.copy_(shard.param_slice())
 
     @torch.no_grad()
     def step(self, lr: float, max_norm: float, skip: bool = False) -> float:
@@ -349,20 +362,29 @@ class ZeroAdamW:
         return math.sqrt(total.item())
 
     def _all_gather_params(self) -> None:
-        """Every rank's updated masters -> the parameters (rounded to their dtype)."""
+        """Every rank's updated masters -> the parameters (rounded to their dtype). An FP32 parameter's slice
+        was updated in place: one rank alone has nothing to do, several send it."""
         pending = []
         for bucket in self.buckets:
-            if bucket.size == 1:
-                pending.append((bucket, bucket.masters, None))
+            if bucket.size == 1:  # only the lower-precision parameters need their masters
+                rounded = [shard for shard in bucket.shards if not shard.master_is_param]
+                if rounded:
+                    pending.append((bucket, bucket.masters, None, rounded))
                 continue
+            segment = bucket.masters  # what this rank sends: its slices of every parameter (the padding zero)
+            if not segment.numel():
+                segment = torch.zeros(bucket.numel, dtype=torch.float32, device=self.device)
+            for shard in bucket.shards:
+                if shard.master_is_param:
+                    bucket.own(segment, shard).copy_(shard.master)
             flat = torch.empty(bucket.size * bucket.numel, dtype=torch.float32, device=self.device)
-            work = all_gather_flat(flat, bucket.masters, group=bucket.group, async_op=True)
+            work = all_gather_flat(flat, segment, group=bucket.group, async_op=True)
             self.comm.all_gathers += 1
-            pending.append((bucket, flat, work))
-        for bucket, flat, work in pending:
+            pending.append((bucket, flat, work, bucket.shards))
+        for bucket, flat, work, shards in pending:
             if work is not None:
                 work.wait()
-            for shard in bucket.shards:
+            for shard in shards:
                 unpack_chunks(shard.param.detach(), bucket.chunks(flat, shard), shard.dim, shard.rows)
 
     def zero_grad(self) -> None:

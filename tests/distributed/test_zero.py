@@ -104,6 +104,7 @@ def assert_state_equal(zero_state: dict, opt: torch.optim.Optimizer, model: nn.M
 def _dense_run(rank: int, world: int, bucket_mb: float, max_norm: float, cfg: OptimConfig = CFG):
     model = Toy()
     zero = ZeroAdamW(model, make_groups(rank, world), cfg, bucket_mb=bucket_mb)
+    assert all(not bucket.masters.numel() for bucket in zero.buckets)  # FP32: each parameter its own master
     norms = []
     for step, lr in enumerate(LRS):
         for i, (name, p) in enumerate(model.named_parameters()):
@@ -132,6 +133,53 @@ def test_dense_equals_adamw_on_averaged_gradients():
                 assert torch.equal(params[name], p.detach()), (world, name)  # bitwise, see the module doc
             assert got_norms == pytest.approx(exact_norms, rel=1e-7)
             assert got_norms == pytest.approx(norms, rel=2e-6)
+        assert_state_equal(results[0][1], opt, model)
+
+
+LOW_PRECISION = ("a", "e", "f")  # BF16 parameters in the mixed model: 2-D, a large one and the 3-D one
+
+
+def coarse(shape, *seed: int) -> Tensor:
+    """Made-up gradient for a BF16 parameter: multiples of 1/16 below 0.5, so that their sums over 4 ranks
+    (times 3 at most) and the division by dp stay exact in BF16 as in FP32."""
+    gen = torch.Generator().manual_seed(hash(seed) % 2**31)
+    return torch.randint(-8, 9, tuple(shape), generator=gen).float() / 16
+
+
+def mixed_toy() -> Toy:
+    model = Toy()
+    for name in LOW_PRECISION:
+        getattr(model, name).data = getattr(model, name).data.bfloat16()
+    return model
+
+
+def _mixed_run(rank: int, world: int):
+    model = mixed_toy()
+    zero = ZeroAdamW(model, make_groups(rank, world), CFG)
+    for shard in zero.shards.values():  # FP32: the master is the parameter's own slice; BF16: an FP32 copy
+        shares = shard.master.untyped_storage().data_ptr() == shard.param.untyped_storage().data_ptr()
+        assert shares == (shard.name not in LOW_PRECISION) and shard.master.dtype == torch.float32, shard.name
+    for step, lr in enumerate(LRS):
+        for i, (name, p) in enumerate(model.named_parameters()):
+            make = coarse if name in LOW_PRECISION else dyadic
+            p.grad = (make(p.shape, rank, step, i) * (1 + step % 3)).to(p.dtype)
+        zero.step(lr, 0.0)
+    return {n: p.detach().clone() for n, p in model.named_parameters()}, full_state(zero)
+
+
+def test_fp32_parameters_are_their_own_masters_lower_precision_ones_get_fp32_copies():
+    """Mixed FP32 / BF16 parameters against the one-process AdamW (which keeps an FP32 master for a BF16
+    parameter): bitwise, parameters and moments. With only FP32 parameters no master buffer exists."""
+    for world in (1, 2, 4):
+        results = run_ranks(_mixed_run, world)
+        model = mixed_toy()
+        grads = [{name: sum((coarse if name in LOW_PRECISION else dyadic)(shape, r, step, i) for r in range(world))
+                  .mul(1 + step % 3).div(world).to(getattr(model, name).dtype)
+                  for i, (name, shape) in enumerate(SHAPES.items())} for step in range(len(LRS))]
+        opt, _ = reference(model, grads)
+        for params, _ in results:
+            for name, p in model.named_parameters():
+                assert params[name].dtype == p.dtype and torch.equal(params[name], p.detach()), (world, name)
         assert_state_equal(results[0][1], opt, model)
 
 

@@ -18,6 +18,7 @@ from train.config import Config, ModelConfig, OptimConfig
 from train.errors import CheckpointError
 from train.losses import compute_losses
 from train.model import Transformer
+from train.runtime import release_process_groups
 
 pytestmark = pytest.mark.usefixtures("single_thread", "one_rank")
 
@@ -31,7 +32,7 @@ def one_rank():
     """A one-process gloo group, as the trainer starts for a plain `python` run."""
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     yield build_process_groups(plan_layout(Config(model=CFG), 1, 0, 1), "cpu")
-    dist.destroy_process_group()
+    release_process_groups()  # destroyed and freed now: tests that fork later must not inherit its threads' state
 
 
 def make(groups, seed: int = 0) -> tuple[Transformer, ZeroAdamW]:
