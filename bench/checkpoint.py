@@ -44,6 +44,7 @@ from parallel.zero import ZeroAdamW  # noqa: E402
 from train import checkpoint  # noqa: E402
 from train.config import load_config  # noqa: E402
 from train.model import Transformer  # noqa: E402
+from train.runtime import release_process_groups  # noqa: E402
 
 GB = 1e9
 
@@ -165,7 +166,7 @@ def measure(preset: str = "small", reps: int = 2, step_s: float = 0.0, directory
         if not directory:
             shutil.rmtree(base, ignore_errors=True)
         if own_group:
-            dist.destroy_process_group()
+            release_process_groups()
     return CheckpointResult(size=size, medians={k: statistics.median(v) for k, v in times.items()}, runs=times,
                             step_s=step_s, rel_err=rel_err, sha256_gbs=sha256, blake2b_gbs=blake2b)
 

@@ -33,6 +33,7 @@ from parallel.local_ranks import run_ranks
 from parallel.mesh import build_process_groups, plan_layout
 from train.config import Config, ModelConfig
 from train.model import Transformer
+from train.runtime import release_process_groups
 
 WORLD, RANKS_PER_NODE = 4, 2
 BENCH_MOE = ModelConfig(  # one MoE layer; 8 groups of 4 experts, top-8 experts in at most 4 groups (M = 4)
@@ -141,7 +142,7 @@ def nccl_worker(rank: int, port: int, args: argparse.Namespace, queue) -> None:
     if rank == 0:
         queue.put(gathered)
     dist.barrier()
-    dist.destroy_process_group()
+    release_process_groups()
 
 
 def single_process_layer(args: argparse.Namespace) -> float:
