@@ -4,8 +4,9 @@ Parameters stay replicated in their data-parallel group; each rank keeps the FP3
 moments of one slice of every parameter, along one dimension (as FSDP2 shards), so that every slice is
 a DTensor ``Shard`` and DCP can save it once and load it under another layout. An FP32 parameter's
 master is its own slice (a view: AdamW updates it in place and the all-gather sends it to the other
-ranks), so the master costs no memory; a lower-precision parameter gets an FP32 copy of its slice.
-The slices are:
+ranks), so the master costs no memory; a lower-precision parameter (BF16 working weights,
+train/precision.py) gets an FP32 copy of its slice, which checkpoints hold in the parameter's place
+(``master_tensors``), and its bucket is all-gathered in its own dtype. The slices are:
 
 - dense parameters: dim 0 over the dp group (the mesh ``groups.dp_mesh``);
 - routed-expert parameters when ``layout.ep > 1``: the local tensor [E/ep, ...] along dim 1 over the
@@ -85,10 +86,11 @@ class Bucket:
 
     group: dist.ProcessGroup
     size: int  # ranks in the group
+    dtype: torch.dtype  # of all its parameters: what the all-gather sends
     shards: list[ParamShard] = field(default_factory=list)
     numel: int = 0  # elements of one rank's segment (the padded chunks of all its parameters)
-    # [numel] FP32 masters of the lower-precision parameters (their padded chunks; the rest stays zero);
-    # empty when every parameter is FP32 (each is its own master)
+    # [numel] FP32 masters of a lower-precision bucket's parameters (their padded chunks, the padding zero);
+    # empty for an FP32 bucket (each parameter is its own master)
     masters: Tensor = field(init=False)
 
     def chunks(self, flat: Tensor, shard: ParamShard) -> Tensor:
@@ -150,8 +152,9 @@ class ZeroAdamW:
     group; with ``groups.layout.ep > 1`` the parameters of ``RoutedExperts`` modules are the local
     experts [E/ep, ...] of the global [E, ...]. The trainer's loss must be a mean per rank: the
     gradients are summed over the group and divided by ``layout.dp``.
-    The masters are copied from the parameters here and in ``load_state_dict``; change the parameters
-    in between only through ``step``.
+    The masters are copied from the parameters here; change the parameters afterwards only through ``step``
+    or a checkpoint (``load_state_dict``). ``working_dtype`` BF16: the parameters are cast to it here (all
+    but ``train.precision.KEEP_FP32``'s; train/precision.py), their FP32 values kept as the masters.
     ``copies``: for a parameter held by several pipeline ranks (DualPipe's two copies of a stage, an
     embedding tied between the first and last stage; ``PipelineRuntime.copies``), how many; the global
     norm counts each of its elements once. The copies' gradients must already be equal (the runtime
@@ -159,7 +162,7 @@ class ZeroAdamW:
     """
 
     def __init__(self, model: nn.Module, groups: ProcessGroups, cfg: OptimConfig, bucket_mb: float = 25.0,
-                 copies: dict[str, int] | None = None):
+                 copies: dict[str, int] | None = None, working_dtype: torch.dtype = torch.float32):
         layout = groups.layout
         self.groups = groups
         self.dp = layout.dp
@@ -185,6 +188,13 @@ class ZeroAdamW:
         if len(devices) > 1:
             raise ValueError(f"ZeroAdamW: parameters on several devices ({sorted(map(str, devices))})")
         self.device = devices.pop() if devices else torch.device("cpu")
+        exact: dict[str, Tensor] = {}
+        if working_dtype != torch.float32:  # keep this rank's FP32 slices for the masters, then cast
+            from train.precision import cast_working_weights
+
+            exact = {n: s.param_slice().clone() for n, s in self.shards.items() if s.param.dtype == torch.float32}
+            cast_working_weights(model, working_dtype)
+            exact = {n: t for n, t in exact.items() if not self.shards[n].master_is_param}
         self.buckets = self._make_buckets(list(self.shards.values()), int(bucket_mb * 2**20))
 
         by_param = {id(s.param): s for s in self.shards.values()}
@@ -198,6 +208,8 @@ class ZeroAdamW:
         for shard in self.shards.values():
             self.inner.init_state(shard.master)
         self.copy_masters_from_params()
+        for name, fp32 in exact.items():  # the masters of the cast weights: their FP32 values, not the rounding
+            self.shards[name].master.copy_(fp32)
 
     # ----- construction
     def _placement(self, expert: bool) -> tuple[DeviceMesh, list[Placement], dist.ProcessGroup, int]:
@@ -236,25 +248,27 @@ class ZeroAdamW:
         return shard
 
     def _make_buckets(self, shards: list[ParamShard], bucket_bytes: int) -> list[Bucket]:
-        """Consecutive parameters of one group, at most bucket_bytes of FP32 padded gradient per bucket."""
+        """Consecutive parameters of one group and one dtype, at most bucket_bytes of FP32 padded gradient
+        per bucket."""
         buckets: list[Bucket] = []
-        open_bucket: dict[bool, Bucket] = {}
+        open_bucket: dict[tuple[bool, torch.dtype], Bucket] = {}
         for shard in shards:
             _, _, group, _ = self._placement(shard.expert)
-            bucket = open_bucket.get(shard.expert)
+            key = (shard.expert, shard.param.dtype)
+            bucket = open_bucket.get(key)
             grown = (bucket.numel + shard.chunk_numel) * bucket.size * 4 if bucket else 0
             if bucket is None or (bucket.shards and grown > bucket_bytes):
-                bucket = Bucket(group, dist.get_world_size(group))
-                open_bucket[shard.expert] = bucket
+                bucket = Bucket(group, dist.get_world_size(group), shard.param.dtype)
+                open_bucket[key] = bucket
                 buckets.append(bucket)
             shard.offset = bucket.numel
             bucket.numel += shard.chunk_numel
             bucket.shards.append(shard)
         for bucket in buckets:
-            separate = not all(shard.master_is_param for shard in bucket.shards)
+            separate = bucket.dtype != torch.float32
             bucket.masters = torch.zeros(bucket.numel if separate else 0, dtype=torch.float32, device=self.device)
             for shard in bucket.shards:
-                shard.master = shard.param_slice() if shard.master_is_param else bucket.own(bucket.masters, shard)
+                shard.master = bucket.own(bucket.masters, shard) if separate else shard.param_slice()
         return buckets
 
     # ----- the step
@@ -290,7 +304,7 @@ class ZeroAdamW:
         for group in self.inner.param_groups:
             group["lr"] = lr
         self.inner.step()
-        self._all_gather_params()
+        self.params_from_masters()
         self.zero_grad()
         return norm
 
@@ -361,30 +375,33 @@ class ZeroAdamW:
                 shard.master.grad = None
         return math.sqrt(total.item())
 
-    def _all_gather_params(self) -> None:
-        """Every rank's updated masters -> the parameters (rounded to their dtype). An FP32 parameter's slice
-        was updated in place: one rank alone has nothing to do, several send it."""
+    @torch.no_grad()
+    def params_from_masters(self) -> None:
+        """Every rank's masters -> the parameters (rounded to their dtype): after each step, and after a
+        checkpoint loaded the masters (``master_tensors``). An FP32 parameter's slice is its master, updated
+        in place: one rank alone has nothing to do, several send it. A lower-precision bucket sends its
+        masters rounded to the parameters' dtype (BF16: half the bytes of FP32)."""
         pending = []
         for bucket in self.buckets:
+            separate = bucket.dtype != torch.float32
             if bucket.size == 1:  # only the lower-precision parameters need their masters
-                rounded = [shard for shard in bucket.shards if not shard.master_is_param]
-                if rounded:
-                    pending.append((bucket, bucket.masters, None, rounded))
+                if separate:
+                    pending.append((bucket, bucket.masters.to(bucket.dtype), None))
                 continue
-            segment = bucket.masters  # what this rank sends: its slices of every parameter (the padding zero)
-            if not segment.numel():
+            if separate:  # what this rank sends: its slices of every parameter (the padding zero)
+                segment = bucket.masters.to(bucket.dtype)
+            else:
                 segment = torch.zeros(bucket.numel, dtype=torch.float32, device=self.device)
-            for shard in bucket.shards:
-                if shard.master_is_param:
+                for shard in bucket.shards:
                     bucket.own(segment, shard).copy_(shard.master)
-            flat = torch.empty(bucket.size * bucket.numel, dtype=torch.float32, device=self.device)
+            flat = torch.empty(bucket.size * bucket.numel, dtype=bucket.dtype, device=self.device)
             work = all_gather_flat(flat, segment, group=bucket.group, async_op=True)
             self.comm.all_gathers += 1
-            pending.append((bucket, flat, work, bucket.shards))
-        for bucket, flat, work, shards in pending:
+            pending.append((bucket, flat, work))
+        for bucket, flat, work in pending:
             if work is not None:
                 work.wait()
-            for shard in shards:
+            for shard in bucket.shards:
                 unpack_chunks(shard.param.detach(), bucket.chunks(flat, shard), shard.dim, shard.rows)
 
     def zero_grad(self) -> None:
@@ -412,10 +429,26 @@ class ZeroAdamW:
             out[name] = entry
         return out
 
+    def master_tensors(self) -> dict[str, DTensor]:
+        """{name: FP32 master DTensor of the global shape, placed as the moments} of every lower-precision
+        parameter, aliasing the masters: a checkpoint holds these in those parameters' place (so it keeps
+        FP32 weights whatever the compute precision), and loading one fills them in place; then call
+        ``params_from_masters``. Empty when every parameter is FP32 (each is its own master)."""
+        out: dict[str, DTensor] = {}
+        for name, shard in self.shards.items():
+            if not shard.master_is_param:
+                mesh, placements, _, _ = self._placement(shard.expert)
+                shape = self.global_shape(shard)
+                out[name] = DTensor.from_local(shard.master, mesh, placements, run_check=False, shape=shape,
+                                               stride=torch.empty(shape, device="meta").stride())
+        return out
+
     @torch.no_grad()
     def load_state_dict(self, state: dict[str, dict[str, Tensor]]) -> None:
-        """Copy a state_dict()-shaped dict (e.g. filled by dcp.load) into the state; refresh the masters
-        from the parameters, which the caller loads first (the masters are the parameters' slices)."""
+        """Copy a state_dict()-shaped dict (e.g. filled by dcp.load) into the moments and step counts. The
+        weights are the caller's: an FP32 parameter loaded is its master already; for lower-precision ones
+        load ``master_tensors()`` and call ``params_from_masters`` (or load the parameters and call
+        ``copy_masters_from_params``)."""
         missing = set(self.shards) - set(state)
         if missing:
             raise KeyError(f"ZeroAdamW.load_state_dict: no state for {sorted(missing)[:5]}")
@@ -430,4 +463,3 @@ class ZeroAdamW:
                     raise ValueError(f"ZeroAdamW.load_state_dict: {name}.{key} must be a DTensor {placements} on "
                                      f"this layout's mesh (load a checkpoint into state_dict() with dcp.load)")
                 target[key].copy_(value.to_local())
-        self.copy_masters_from_params()

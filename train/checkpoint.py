@@ -90,18 +90,26 @@ def _rank() -> int:
 
 
 def model_state(model: torch.nn.Module, groups: ProcessGroups | None = None,
-                tensors: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
+                tensors: dict[str, torch.Tensor] | None = None,
+                masters: dict[str, DTensor] | None = None) -> dict[str, Any]:
     """The model's persistent tensors, aliasing the live ones (DCP loads in place). With expert
     parallelism each routed-expert tensor is a DTensor of the global shape [E, ...], Shard(0) over the
     ep group and replicated over edp, so it is written once and can be loaded under any layout.
-    ``tensors``: stand-ins by name (e.g. the parameters' EMA), laid out like the model's; only those."""
+    ``tensors``: stand-ins by name (e.g. the parameters' EMA), laid out like the model's; only those.
+    ``masters``: the FP32 masters of BF16 working weights (``ZeroAdamW.master_tensors``), which stand in for
+    those parameters: a checkpoint holds FP32 weights whatever the compute precision."""
     sharded = groups is not None and groups.layout.ep > 1
+    # a parameter held under two names (an embedding shared by two stages) has its master under the first
+    master_of = {id(p): masters[n] for n, p in model.named_parameters() if n in masters} if masters else {}
     state: dict[str, Any] = {}
     for name, tensor in model.state_dict(keep_vars=True).items():
         if tensors is not None:
             if name not in tensors:
                 continue
             tensor = tensors[name]
+        elif id(tensor) in master_of:
+            state[name] = master_of[id(tensor)]
+            continue
         tensor = tensor.detach()
         module = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
         if sharded and isinstance(module, RoutedExperts):

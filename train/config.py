@@ -115,6 +115,9 @@ class TrainConfig:
     bias_update_stop_tokens: float = 14.3e12  # gamma = 0 afterwards
     balance_alpha: float = 0.0001  # alpha of the sequence-wise balance loss
     dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | float32 | bfloat16
+    # the weights the model computes with: auto (bfloat16 under bf16 autocast: BF16 working weights, the FP32
+    # masters sharded in ZeRO-1, report sec 3.3) | float32 (the parameters are the masters) | bfloat16
+    param_dtype: str = "auto"
     device: str = "auto"  # auto | cpu | cuda
     compile: bool = False  # torch.compile the attention and dense/shared MLPs (train/compile.py); not with fp8
     max_bad_steps: int = 5  # stop (with a checkpoint of the last good state) after K non-finite steps in a row
@@ -246,6 +249,11 @@ def validate(cfg: Config, world_size: int = 1) -> Config:
     _require(t.batch_size_start <= t.batch_size,
              f"train.batch_size_start ({t.batch_size_start}) must be <= train.batch_size ({t.batch_size})")
     _require(t.dtype in ("auto", "float32", "bfloat16"), f"train.dtype ({t.dtype!r}) must be auto, float32 or bfloat16")
+    _require(t.param_dtype in ("auto", "float32", "bfloat16"),
+             f"train.param_dtype ({t.param_dtype!r}) must be auto, float32 or bfloat16")
+    _require(not (t.param_dtype == "bfloat16" and t.dtype == "float32"),
+             "train.param_dtype=bfloat16 needs BF16 compute: set train.dtype=bfloat16 (or auto on a GPU), "
+             "or train.param_dtype=float32")
     _require(t.device in ("auto", "cpu", "cuda"), f"train.device ({t.device!r}) must be auto, cpu or cuda")
     _require(not (t.compile and cfg.fp8.enabled), "train.compile=true does not trace the FP8 layers yet: "
              "set train.compile=false or fp8.enabled=false")

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from train.config import ModelConfig
-from train.ops import cast_weight, combine_rows, gate_scores, rms_norm, swiglu, to_compute_dtype
+from train.ops import cast_weight, combine_rows, embedding, gate_scores, rms_norm, swiglu, to_compute_dtype
 
 
 # --------------------------------------------------------------------------------------------------
@@ -79,6 +79,13 @@ def attention_softmax_scale(cfg: ModelConfig) -> float:
 
 # --------------------------------------------------------------------------------------------------
 # Building blocks
+
+
+class Embedding(nn.Embedding):
+    """The token embedding; a BF16 table's gradient is summed in FP32 (``train.ops.embedding``)."""
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return embedding(tokens, self.weight)
 
 
 class RMSNorm(nn.Module):
@@ -437,7 +444,7 @@ class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.embed = Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)

@@ -56,6 +56,30 @@ def cast_weight(weight: Tensor, dtype: torch.dtype) -> Tensor:
     return cache[key][1]
 
 
+class _EmbeddingFp32Grad(torch.autograd.Function):
+    """weight[tokens] for a lower-precision table, whose gradient is summed in FP32."""
+
+    @staticmethod
+    def forward(ctx, tokens: Tensor, weight: Tensor) -> Tensor:
+        ctx.save_for_backward(tokens)
+        ctx.rows = weight.shape[0]
+        return F.embedding(tokens, weight)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[None, Tensor]:
+        (tokens,) = ctx.saved_tensors
+        return None, torch.ops.aten.embedding_dense_backward(grad.float(), tokens, ctx.rows, -1, False)
+
+
+def embedding(tokens: Tensor, weight: Tensor) -> Tensor:
+    """``F.embedding(tokens, weight)``; for a BF16 table (train/precision.py) the gradient rows of a token that
+    occurs many times are summed in FP32, as for an FP32 table (a BF16 sum of thousands of rows loses the
+    small ones); the parameter's ``grad_dtype`` (FP32) keeps that sum unrounded."""
+    if weight.dtype == torch.float32 or not (weight.requires_grad and torch.is_grad_enabled()):
+        return F.embedding(tokens, weight)
+    return _EmbeddingFp32Grad.apply(tokens, weight)
+
+
 def _wide(x: Tensor) -> Tensor:
     """x in FP32, or wider if it already is (float64 in gradcheck)."""
     return x.to(torch.promote_types(x.dtype, torch.float32))

@@ -30,6 +30,7 @@ class Runtime:
     device: torch.device
     compute_dtype: torch.dtype  # autocast dtype (float32 = no autocast)
     groups: ProcessGroups
+    param_dtype: torch.dtype = torch.float32  # the working weights (train/precision.py)
 
     @property
     def is_main(self) -> bool:
@@ -69,7 +70,17 @@ def setup_runtime(cfg: Config, device: torch.device) -> Runtime:
     if dtype is None:  # auto: bf16 autocast on GPUs (FP32 master weights stay in the optimizer), fp32 on CPU
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     groups = build_process_groups(layout, device.type)
-    return Runtime(rank, world_size, local_rank, device, dtype, groups)
+    return Runtime(rank, world_size, local_rank, device, dtype, groups, working_dtype(cfg.train.param_dtype, dtype))
+
+
+def working_dtype(param_dtype: str, compute_dtype: torch.dtype) -> torch.dtype:
+    """``train.param_dtype`` for this compute dtype: auto -> BF16 working weights under BF16 compute, else FP32."""
+    if param_dtype == "bfloat16" and compute_dtype != torch.bfloat16:
+        raise UserError("train.param_dtype=bfloat16 needs BF16 compute, and train.dtype=auto means FP32 on a CPU: "
+                        "set train.dtype=bfloat16, or train.param_dtype=float32")
+    if param_dtype == "auto":
+        return compute_dtype
+    return torch.bfloat16 if param_dtype == "bfloat16" else torch.float32
 
 
 def release_process_groups() -> None:

@@ -143,11 +143,14 @@ def _train(cfg: Config, runtime: Runtime, model: Transformer, log: MetricsLogger
 
         pipeline = PipelinePart(cfg, model, groups, runtime.device, lambda: autocast(runtime), runtime.compute_dtype)
         module, moe_layers = pipeline.module, pipeline.moe_layers()
-        optimizer = ZeroAdamW(module, groups, cfg.optim, copies=pipeline.copies())
+        optimizer = ZeroAdamW(module, groups, cfg.optim, copies=pipeline.copies(), working_dtype=runtime.param_dtype)
     else:
         module = materialize(model, cfg, runtime)
         moe_layers = module.moe_layers()
-        optimizer = ZeroAdamW(module, groups, cfg.optim)
+        optimizer = ZeroAdamW(module, groups, cfg.optim, working_dtype=runtime.param_dtype)
+    if runtime.param_dtype != torch.float32:
+        log.info(f"weights: {str(runtime.param_dtype).removeprefix('torch.')} working copies, FP32 masters in ZeRO-1 "
+                 "and FP32 gradients; norms and gates FP32 (train.param_dtype, docs/memory.md)")
     if cfg.train.compile:  # last: after the FP8 swap, the pipeline split and the expert sharding
         log.info(compile_model(module, cfg.memory.recompute))
     traffic = [m.traffic for m in module.modules() if hasattr(m, "traffic")]  # bytes of the expert all-to-alls
@@ -158,9 +161,9 @@ def _train(cfg: Config, runtime: Runtime, model: Transformer, log: MetricsLogger
                 verify="none" if cfg.checkpoint.resume == "auto" else cfg.checkpoint.verify)
         log.info(f"resumed from {start} at step {state.step:,} ({state.tokens:,} tokens)")
     elif cfg.checkpoint.init_from:  # a new stage from trained weights (sec 4.3): step 0, fresh optimizer
-        origin = checkpoint.load_model_weights(cfg.checkpoint.init_from, checkpoint.model_state(module, groups),
+        origin = checkpoint.load_model_weights(cfg.checkpoint.init_from, weights_state(module, groups, optimizer),
                                                cfg.model, verify=cfg.checkpoint.verify)
-        optimizer.copy_masters_from_params()  # the FP32 masters were taken from the random init
+        optimizer.params_from_masters()  # BF16 working weights from the FP32 masters just loaded
         changed = {k: (origin["model"].get(k), getattr(cfg.model, k)) for k in sorted(checkpoint.CONTEXT_FIELDS)
                    if origin["model"].get(k) != getattr(cfg.model, k)}
         log.info(f"initialised from {origin['path']} (step {origin['step']:,}); new run at step 0"
@@ -182,7 +185,7 @@ def _train(cfg: Config, runtime: Runtime, model: Transformer, log: MetricsLogger
         if ema is not None:
             ema.wait()
         path = writer.save(
-            state.step, state.tokens, checkpoint.model_state(module, groups), optimizer.state_dict(), cfg.model,
+            state.step, state.tokens, weights_state(module, groups, optimizer), optimizer.state_dict(), cfg.model,
             trainer_state={"loader": loader.state_dict(), "rng": rng_states(), "guard": state.guard.state_dict(),
                            "dead_experts": merged_monitor_state(state.dead_experts, groups),
                            "config": dataclasses.asdict(cfg)},
@@ -360,9 +363,10 @@ def restore(path: Path, state: TrainState, module: torch.nn.Module, optimizer: Z
     """Load a checkpoint into the live model, optimizer, loader, RNG and guard (resume, or a rollback), after
     checking its files at level ``verify``."""
     optim_state = optimizer.state_dict()
-    saved = checkpoint.load_checkpoint(path, checkpoint.model_state(module, groups), optim_state, cfg.model,
+    saved = checkpoint.load_checkpoint(path, weights_state(module, groups, optimizer), optim_state, cfg.model,
                                        verify=verify)
     optimizer.load_state_dict(optim_state)
+    optimizer.params_from_masters()  # BF16 working weights from the FP32 masters just loaded
     state.step, state.tokens, state.last_saved = saved["step"], saved["tokens"], saved["step"]
     loader.load_state_dict(saved["loader"])
     set_rng_states(saved["rng"])
@@ -371,6 +375,11 @@ def restore(path: Path, state: TrainState, module: torch.nn.Module, optimizer: Z
     state.dead_experts.load_state_dict(saved.get("dead_experts", {}))
     if keep_skips:
         state.guard.skip_batches = sorted(set(state.guard.skip_batches) | set(skips))
+
+
+def weights_state(module: torch.nn.Module, groups: ProcessGroups, optimizer: ZeroAdamW) -> dict[str, Any]:
+    """The model's section of a checkpoint: its tensors, the FP32 masters in place of BF16 working weights."""
+    return checkpoint.model_state(module, groups, masters=optimizer.master_tensors())
 
 
 def load_ema(path: Path, ema: CpuEma, module: torch.nn.Module, groups: ProcessGroups) -> bool:
