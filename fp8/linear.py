@@ -45,6 +45,12 @@ def _output_dtype(x: Tensor) -> torch.dtype:
     return x.dtype
 
 
+def wgrad_dtype(weight: Tensor) -> torch.dtype:
+    """The Wgrad GEMMs' output: FP32 (report Figure 6), or the weight's dtype if wider. A BF16 working weight
+    (train/precision.py) has FP32 gradients (``grad_dtype``), which receive it unrounded."""
+    return torch.promote_types(weight.dtype, torch.float32)
+
+
 def _no_autocast(x: Tensor):
     """Disable autocast around the quantization and GEMM code (it must not re-cast fp32 math)."""
     device = x.device.type
@@ -125,7 +131,7 @@ class _Fp8Linear(torch.autograd.Function):
                     x_t = _rebuild(data, scale, 1, "e4m3", False)
                 else:
                     x_t = convert_tiles(_rebuild(data, scale, 1, "e5m6", True))  # 1x128 -> 128x1, exact
-                return (backend.gemm(quantize_act_transposed(dy.reshape(-1, n)), x_t).to(weight.dtype),)
+                return (backend.gemm(quantize_act_transposed(dy.reshape(-1, n)), x_t).to(wgrad_dtype(weight)),)
 
         box.defer(dy, wgrad)
         return dx, no_weight_grad(ctx.weight_spec), None, None, None
@@ -279,7 +285,7 @@ class _Fp8ExpertFFN(torch.autograd.Function):
                     if counts[e]]  # an expert without rows gets a zero gradient
 
         def wgrad() -> tuple[Tensor, Tensor, Tensor]:  # dW2 = dout^T h, dW1 = dgate^T x, dW3 = dup^T x
-            dw1, dw2, dw3 = torch.zeros_like(w1), torch.zeros_like(w2), torch.zeros_like(w3)
+            dw1, dw2, dw3 = (torch.zeros_like(w, dtype=wgrad_dtype(w)) for w in (w1, w2, w3))
             for e, dout_t, h_t, dg_t, du_t in rows:
                 dw2[e] = backend.gemm(dout_t, h_t)
                 dw1[e] = backend.gemm(dg_t, x_t[e])

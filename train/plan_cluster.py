@@ -63,7 +63,8 @@ class Cluster:
 class Precision:
     """Bytes per element of each kind of state (report sec 3.3.1, 3.3.3)."""
 
-    weight: int  # the parameters: FP32, the master copy itself (autocast casts them for the GEMMs)
+    weight: int  # the parameters (norms and gates always FP32): FP32, the master itself, or BF16 working weights
+    master: int  # the FP32 master of BF16 working weights, sharded by ZeRO-1 (0: the FP32 parameters are it)
     grad: int  # weight gradients: FP32 (sec 3.3.3: "retained in FP32")
     moments: int  # both AdamW moments together: 2 x optim.moment_dtype
     act: int  # activations cached for backward where FP8 does not apply: BF16 or FP32
@@ -77,12 +78,15 @@ class Precision:
 
 
 def precision(cfg: Config, device: str = "cuda") -> Precision:
-    """``train.dtype``: bfloat16, or auto on a GPU -> BF16 weights and activations (the report's mixed
-    precision, FP32 master in the optimizer); float32, or auto on a CPU -> FP32."""
+    """``train.dtype``: bfloat16, or auto on a GPU -> BF16 activations; float32, or auto on a CPU -> FP32.
+    ``train.param_dtype`` bfloat16, or auto under BF16: BF16 working weights with ZeRO-1-sharded FP32 masters
+    (the report's mixed precision, train/precision.py); float32: the FP32 parameters are the masters."""
     low = cfg.train.dtype == "bfloat16" or (cfg.train.dtype == "auto" and device == "cuda")
     width = 2 if low else 4
+    bf16_weights = cfg.train.param_dtype == "bfloat16" or (cfg.train.param_dtype == "auto" and low)
     moment = 2 if cfg.optim.moment_dtype == "bfloat16" else 4
-    return Precision(weight=4, grad=4, moments=2 * moment, act=width, fp8=cfg.fp8.enabled,
+    return Precision(weight=2 if bf16_weights else 4, master=4 if bf16_weights else 0, grad=4, moments=2 * moment,
+                     act=width, fp8=cfg.fp8.enabled,
                      fp8_dispatch=cfg.fp8.enabled and cfg.fp8.dispatch, recompute=cfg.memory.recompute)
 
 

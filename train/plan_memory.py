@@ -16,7 +16,7 @@ from train.plan_stages import (
     micro_batches_per_step, shifted_boundaries, stage_plans, weighted_peaks,
 )
 
-MEMORY_TERMS = ("weights", "casts", "gradients", "moments", "activations", "buffers", "reserve")
+MEMORY_TERMS = ("weights", "masters", "casts", "gradients", "moments", "activations", "buffers", "reserve")
 
 
 @dataclass
@@ -69,9 +69,11 @@ def rank_memory(cfg: Config, cluster: Cluster, layout: Any, p: Precision,
             buffers += tokens * m.vocab_size * p.act
         buffers += max(s.recompute_bytes for s in mine)  # full recompute: one block rebuilt at a time
         casts = sum(s.cast_dense for s in mine) + sum(s.cast_expert for s in mine) / layout.ep
+        kept = sum(s.fp32_params for s in mine)  # norms and gates: FP32 parameters, their own masters
         terms = {
-            "weights": params * p.weight,  # FP32, on every data-parallel rank: the master copy itself
-            "casts": casts * p.act,  # one BF16 copy of the weights BF16 GEMMs read, for the step
+            "weights": kept * 4 + (params - kept) * p.weight,  # on every data-parallel rank
+            "masters": p.master * ((dense - kept) / layout.dp + expert / layout.edp),  # ZeRO-1, of BF16 weights
+            "casts": casts * p.act,  # one BF16 copy of the weights BF16 GEMMs read, for the step (FP32 weights)
             "gradients": params * p.grad,
             "moments": p.moments * (dense / layout.dp + expert / layout.edp),  # ZeRO-1
             "activations": peaks[r][0],

@@ -18,7 +18,8 @@ RECOMPUTE_TEXT = {"none": "nothing recomputed", "selective": "RMSNorms, MLA proj
                   "full": "whole blocks recomputed"}
 
 TERM_NAMES = {
-    "weights": "FP32 weights (the master)", "casts": "BF16 weight casts (per step)", "gradients": "gradients",
+    "weights": "weights", "masters": "FP32 masters (ZeRO-1)", "casts": "BF16 weight casts (per step)",
+    "gradients": "gradients",
     "moments": "AdamW moments (ZeRO-1)", "activations": "activations", "buffers": "all-to-all and logits buffers",
     "reserve": "reserve",
 }
@@ -65,8 +66,12 @@ def format_plan(pl: Plan, title: str = "") -> str:
                "memory-balanced": "the planner's, balancing memory: the first and last stage share rank 0",
                "forward-balanced": "the planner's, balancing the forward cost per stage"}[pl.boundaries_source]
         lines.append(f"stages       cut before layers {pl.boundaries} ({why}); the pipeline runs with these cuts")
-    casts = f" (cast to BF16 once per step for the {'head and eh_proj' if p.fp8 else 'GEMMs'})" if p.act < 4 else ""
-    lines.append(f"precision    weights FP32{casts}, gradients FP32, AdamW moments "
+    if p.weight == 2:
+        weights = "weights BF16 (norms and gates FP32), FP32 masters (ZeRO-1)"
+    else:
+        what = "head and eh_proj" if p.fp8 else "GEMMs"
+        weights = "weights FP32, the masters" + (f" (cast to BF16 once per step for the {what})" if p.act < 4 else "")
+    lines.append(f"precision    {weights}, gradients FP32, AdamW moments "
                  f"{'BF16' if p.moments == 4 else 'FP32'} (ZeRO-1); activations {p.name}"
                  f"{' with FP8 GEMM inputs (E5M6 after attention)' if p.fp8 else ''}; memory.recompute="
                  f"{p.recompute} ({RECOMPUTE_TEXT[p.recompute]}{'; MoE SwiGLU outputs' if p.fp8 else ''})")

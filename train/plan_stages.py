@@ -82,6 +82,7 @@ class StagePlan:
     index: int
     layers: tuple[int, int]  # [lo, hi) of the main model's blocks
     dense_params: int  # replicated over the data-parallel ranks (embedding, head, MTP, norms included)
+    fp32_params: int  # of dense_params: the RMSNorm and gate weights, FP32 whatever train.param_dtype
     expert_params: int  # routed experts of the whole stage (a rank holds 1/ep of them)
     embed_params: int  # the embedding (stage 0; the last stage's copy for MTP): counted once per rank
     moe_layers: int  # MoE blocks, MTP included (all-to-alls per micro-batch and direction)
@@ -104,10 +105,11 @@ def stage_plans(cfg: Config, n_stages: int, p: Precision, boundaries: list[int] 
         act = working = 0.0
         flops = dict.fromkeys(("fp8", "bf16", "attention", "recompute_fp8", "recompute_bf16"), 0.0)
         ids = list(range(lo, hi)) + ([m.n_layers + k for k in range(m.mtp_depth)] if last else [])
-        cast_dense = cast_expert = 0
+        cast_dense = cast_expert = kept = 0
         for layer in ids:
             d, e = layer_params(m, layer)
             dense, expert = dense + d, expert + e
+            kept += gemm_free_params(m, layer)
             if not p.fp8:  # the block's GEMM weights (not its norms or its FP32 gate): FP8 reads the FP32 ones
                 cast_dense += d - gemm_free_params(m, layer)
                 cast_expert += e
@@ -124,14 +126,15 @@ def stage_plans(cfg: Config, n_stages: int, p: Precision, boundaries: list[int] 
             act += 8  # the token ids, int64, kept by the embedding
         if last:
             dense += m.dim + m.vocab_size * m.dim + m.mtp_depth * (3 * m.dim + 2 * m.dim * m.dim)
+            kept += m.dim + m.mtp_depth * 3 * m.dim  # the final norm, each MTP module's three
             cast_dense += m.vocab_size * m.dim + m.mtp_depth * 2 * m.dim * m.dim  # head and eh_proj stay BF16
             act += tail_activation_bytes(m, p, t.seq_len, holds_embedding=first)
             head = 2.0 * m.dim * m.vocab_size  # the head and MTP's eh_proj stay in BF16 (sec 3.3.1)
             flops["bf16"] += head + sum((head + 2.0 * 2 * m.dim * m.dim) * (t.seq_len - k) / t.seq_len
                                         for k in range(1, m.mtp_depth + 1))
-        if p.act == 4:  # FP32: no autocast, no casts
+        if p.act == 4 or p.weight == 2:  # FP32: no autocast, no casts; BF16 weights: they are the casts
             cast_dense = cast_expert = 0
-        plans.append(StagePlan(index, (lo, hi), dense, expert, embed, moe, act * tokens,
+        plans.append(StagePlan(index, (lo, hi), dense, kept, expert, embed, moe, act * tokens,
                                {k: v * tokens for k, v in flops.items()}, last, working * tokens,
                                cast_dense, cast_expert))
     return plans

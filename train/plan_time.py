@@ -66,12 +66,12 @@ def step_time(cfg: Config, layout: Any, split: Split, cluster: Cluster, a2a: All
     hop_bw = (cluster.ib_gbps if layout.dp >= layout.ranks_per_node else cluster.nvlink_gbps) * 1e9
     p2p = cfg.train.micro_batch_size * cfg.train.seq_len * cfg.model.dim * p.act / hop_bw
     pipeline, bubble = pipeline_time(cfg, split, costs, m, p2p, overlap=sched in ("dualpipe", "dualpipev"))
-    # ZeRO-1: reduce-scatter FP32 gradients and all-gather the updated parameters (ring), not overlapped;
-    # the dp and edp groups leave the node when the dp ranks of a stage fill more than one node
+    # ZeRO-1: reduce-scatter FP32 gradients and all-gather the updated parameters in their dtype (ring), not
+    # overlapped; the dp and edp groups leave the node when the dp ranks of a stage fill more than one node
     dp_bw = (cluster.ib_gbps if layout.dp > layout.ranks_per_node else cluster.nvlink_gbps) * 1e9
 
     def ring(numel: float, ranks: int) -> float:
-        return 2 * numel * 4 * (ranks - 1) / ranks / dp_bw
+        return numel * (p.grad + p.weight) * (ranks - 1) / ranks / dp_bw
 
     dp_comm = ring(params_dense, layout.dp) + ring(params_expert, layout.edp)
     typical = max(range(len(costs)), key=lambda s: (split.stages[s].moe_layers, -s))  # most MoE blocks

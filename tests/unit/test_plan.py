@@ -136,9 +136,9 @@ def small_cfg(*overrides: str, world: int = 1) -> Config:
 
 
 def test_memory_terms_by_hand_one_gpu():
-    """+conf=small on one GPU (BF16 weights and activations, selective recompute, no pipeline, no EP):
+    """+conf=small on one GPU (FP32 weights, BF16 activations, selective recompute, no pipeline, no EP):
     the arithmetic of docs/planner.md written out."""
-    cfg = small_cfg()
+    cfg = small_cfg("train.param_dtype=float32")
     m = cfg.model
     assert (m.dim, m.inter_dim, m.moe_inter_dim, m.n_layers, m.n_dense_layers, m.n_heads) == (512, 1536, 256, 8, 1, 8)
     assert (m.q_lora_rank, m.kv_lora_rank, m.qk_nope_head_dim, m.qk_rope_head_dim) == (192, 128, 64, 32)
@@ -191,10 +191,37 @@ def test_memory_terms_by_hand_one_gpu():
     assert pl.fits
 
 
+@pytest.mark.parametrize("world, ep", [(1, 1), (8, 4)])
+def test_bf16_working_weights_by_hand(world, ep):
+    """train.param_dtype=auto on a GPU (BF16 compute): BF16 weights but the RMSNorm and gate weights, their
+    FP32 masters sharded by ZeRO-1 (dense over dp, experts over edp), no per-step casts; everything else as
+    with FP32 weights."""
+    args = (f"parallel.ep={ep}", "train.batch_size_start=64")
+    ours, fp32 = plan(small_cfg(*args, world=world), Cluster(gpus=world)), plan(
+        small_cfg(*args, "train.param_dtype=float32", world=world), Cluster(gpus=world))
+    m = small_cfg().model
+    norms = 9 * (2 * 512 + 128 + 192) + 512 + 3 * 512  # 8 blocks + the MTP block; final, enorm/hnorm/norm
+    gates = 8 * 32 * 512  # 7 MoE blocks + the MTP block
+    kept = norms + gates
+    c = count_parameters(m)
+    experts = 8 * m.n_routed_experts * 3 * m.dim * m.moe_inter_dim  # 7 MoE blocks + the MTP block
+    dense = c.total + c.mtp_unique - experts
+    held = dense + experts / ep
+    assert ours.memory["weights"] == pytest.approx(4 * kept + 2 * (held - kept))
+    assert ours.memory["masters"] == pytest.approx(4 * ((dense - kept) / world + experts / ep / (world // ep)))
+    assert ours.memory["casts"] == 0 and fp32.memory["masters"] == 0 and fp32.memory["casts"] > 0
+    for term in ("gradients", "moments", "activations", "buffers", "reserve"):
+        assert ours.memory[term] == pytest.approx(fp32.memory[term]), term
+    # one GPU: 2 + 4 bytes per weight against 4 + the step's 2-byte cast, and the uncast embedding's 2 more;
+    # over data-parallel ranks the masters shrink
+    assert (ours.memory_total < fp32.memory_total) == (world > 1)
+
+
 def test_memory_terms_by_hand_zero1_expert_parallel_and_fp8():
     """8 GPUs, ep 4: routed experts split 4 ways and their optimizer state over edp = 2; everything else
     replicated, its optimizer state over dp = 8. FP8 caches GEMM inputs in 1 byte + a 4-byte scale per 128."""
-    cfg = small_cfg("parallel.ep=4", "fp8.enabled=true", "train.batch_size_start=64", world=8)
+    cfg = small_cfg("parallel.ep=4", "fp8.enabled=true", "train.batch_size_start=64", "train.param_dtype=float32",
+                    world=8)
     m = cfg.model
     pl = plan(cfg, Cluster(gpus=8))
     assert (pl.dp, pl.ep, pl.edp) == (8, 4, 2)
