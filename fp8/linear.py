@@ -155,7 +155,8 @@ def fp8_linear(x: Tensor, weight: Tensor, backend: GemmBackend, cache: str = "e4
 
 class Fp8Linear(nn.Linear):
     """nn.Linear whose forward is ``fp8_linear``: same ``weight`` (and ``bias``) parameters, so names,
-    checkpoints and optimizer state are unchanged; the weight stays the FP32 master."""
+    checkpoints and optimizer state are unchanged; the weight is the FP32 master or its BF16 working copy
+    (train/precision.py), quantized per 128x128 block in forward; Wgrad comes out in FP32 either way."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, device=None, dtype=None, *,
                  backend: GemmBackend, cache: str = "e4m3"):
@@ -302,7 +303,8 @@ def fp8_expert_ffn(x_sorted: Tensor, counts: Tensor | list[int], w1: Tensor, w2:
     rows' gate ``weights`` [T] (fp32; None: ones).
 
     x_sorted [T, D] sorted by expert, ``counts`` [E] rows per expert; w1 (gate) [E, I, D], w3 (up)
-    [E, I, D], w2 (down) [E, D, I], FP32 masters with fp32 gradients (zero for experts without rows).
+    [E, I, D], w2 (down) [E, D, I]: FP32 masters or BF16 working copies, with FP32 gradients (zero for
+    experts without rows).
     Returns [T, D] in the autocast dtype (else x's). The signature of ``RoutedExperts.fp8_ffn`` after
     ``functools.partial(fp8_expert_ffn, backend=...)``.
     """

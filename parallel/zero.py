@@ -354,13 +354,12 @@ class ZeroAdamW:
         adds 1/k of its squares on each). The same all-reduce sums ``has_grad``
         (1 per parameter with a gradient here): the shards of parameters with none anywhere lose .grad."""
         squares = torch.zeros((), dtype=torch.float64, device=self.device)
-        for bucket, segment in zip(self.buckets, segments):
-            if not any(shard.name in self.copies for shard in bucket.shards):
-                squares += sum_of_squares(segment)  # the padding is zero
-                continue
-            for shard in bucket.shards:  # parameters held by several pipeline ranks count once
-                chunk = segment[shard.offset:shard.offset + shard.chunk_numel]
-                squares += sum_of_squares(chunk) / self.copies.get(shard.name, 1)
+        segment_of = {id(shard): segment for bucket, segment in zip(self.buckets, segments) for shard in bucket.shards}
+        # per parameter in the model's order (the padding is zero), so that neither the sum nor its order depends
+        # on how buckets group the parameters; parameters held by several pipeline ranks count once
+        for shard in self.shards.values():
+            chunk = segment_of[id(shard)][shard.offset:shard.offset + shard.chunk_numel]
+            squares += sum_of_squares(chunk) / self.copies.get(shard.name, 1)
         summed = torch.cat([squares.view(1), has_grad.to(self.device)])
         if self.dp > 1:
             dist.all_reduce(summed, group=self.groups.dp)

@@ -25,6 +25,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 from parallel.mesh import Layout, ProcessGroups, build_process_groups
 from parallel.zero import ZeroAdamW
 from parallel.local_ranks import run_ranks
+from train import checkpoint
 from train.config import ModelConfig, OptimConfig
 from train.model import RoutedExperts, Transformer
 from train.optim import build_optimizer
@@ -181,6 +182,43 @@ def test_fp32_parameters_are_their_own_masters_lower_precision_ones_get_fp32_cop
             for name, p in model.named_parameters():
                 assert params[name].dtype == p.dtype and torch.equal(params[name], p.detach()), (world, name)
         assert_state_equal(results[0][1], opt, model)
+
+
+def _working_run(rank: int, world: int, path: str):
+    model = Toy()
+    groups = make_groups(rank, world)
+    zero = ZeroAdamW(model, groups, CFG, working_dtype=torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 and p.grad_dtype == torch.float32 for p in model.parameters())
+    assert all(b.dtype == torch.bfloat16 and b.masters.numel() == b.numel for b in zero.buckets)
+    first = {n: t.full_tensor().clone() for n, t in zero.master_tensors().items()}
+    for step, lr in enumerate(LRS):
+        for i, (name, p) in enumerate(model.named_parameters()):
+            p.grad = dyadic(p.shape, rank, step, i) * (1 + step % 3)  # FP32, as grad_dtype makes autograd's
+        zero.step(lr, 0.0)
+    dcp.save({"model": checkpoint.model_state(model, groups, masters=zero.master_tensors())}, checkpoint_id=path)
+    masters = {n: t.full_tensor().clone() for n, t in zero.master_tensors().items()}
+    return first, masters, {n: p.detach().clone() for n, p in model.named_parameters()}, full_state(zero)
+
+
+def test_bf16_working_weights_keep_fp32_masters(tmp_path):
+    """working_dtype=bfloat16: the parameters become BF16 with FP32 gradients; the masters start from their
+    FP32 values (not the rounding), follow one-process FP32 AdamW bitwise, the parameters are their BF16
+    rounding, and a checkpoint of ``master_tensors`` loads whole into an FP32 model."""
+    for world in (1, 2, 4):
+        path = str(tmp_path / f"working_{world}")
+        results = run_ranks(_working_run, world, path)
+        init = dict(Toy().named_parameters())
+        model, opt, _, _ = _dense_expected(world, 0.0)
+        for first, masters, params, state in results:
+            for name, p in model.named_parameters():
+                assert torch.equal(first[name], init[name].detach()), (world, name)
+                assert torch.equal(masters[name], p.detach()), (world, name)
+                assert params[name].dtype == torch.bfloat16 and torch.equal(params[name], p.detach().bfloat16())
+            assert_state_equal(state, opt, model)
+        loaded = Toy(seed=1)
+        dcp.load({"model": checkpoint.model_state(loaded)}, checkpoint_id=path, no_dist=True)
+        for name, p in model.named_parameters():
+            assert torch.equal(dict(loaded.named_parameters())[name].detach(), p.detach()), (world, name)
 
 
 def test_clipping_uses_the_global_norm():
