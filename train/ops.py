@@ -75,7 +75,8 @@ def embedding(tokens: Tensor, weight: Tensor) -> Tensor:
     """``F.embedding(tokens, weight)``; for a BF16 table (train/precision.py) the gradient rows of a token that
     occurs many times are summed in FP32, as for an FP32 table (a BF16 sum of thousands of rows loses the
     small ones); the parameter's ``grad_dtype`` (FP32) keeps that sum unrounded."""
-    if weight.dtype == torch.float32 or not (weight.requires_grad and torch.is_grad_enabled()):
+    wide = torch.promote_types(weight.dtype, torch.float32) == weight.dtype  # FP32 or FP64: the plain op
+    if wide or not (weight.requires_grad and torch.is_grad_enabled()):
         return F.embedding(tokens, weight)
     return _EmbeddingFp32Grad.apply(tokens, weight)
 

@@ -14,7 +14,7 @@ from fp8.backend import BACKEND_NAMES, EmulateBackend, get_backend
 from fp8.convert import convert_to_fp8, is_fp8
 from fp8.linear import Fp8Linear
 from train.losses import compute_losses
-from train.model import MLA, MLP, Gate, RMSNorm, RoutedExperts, Transformer
+from train.model import MLA, MLP, Embedding, Gate, RMSNorm, RoutedExperts, Transformer
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -52,7 +52,7 @@ def test_converts_exactly_the_listed_modules(tiny_cfg, random_model, q_lora_rank
     assert report.experts == routed and len(routed) == 3
     assert all(model.get_submodule(name).fp8_ffn is not None for name in routed)
     # high precision: exact original types, untouched
-    assert type(model.embed) is nn.Embedding and type(model.head) is nn.Linear
+    assert type(model.embed) is Embedding and type(model.head) is nn.Linear
     assert all(type(m.eh_proj) is nn.Linear for m in model.mtp)
     for name, module in model.named_modules():
         if isinstance(module, (Gate, RMSNorm)):
