@@ -409,46 +409,63 @@ def set_global_grads(model: nn.Module, layout: Layout, step: int) -> None:
         p.grad = local_rows(layout, g) * layout.ep if layout.ep > 1 and is_expert(model, name) else g
 
 
-def _save_run(rank: int, world: int, ep: int, path: str):
+def weights(model: nn.Module, groups: ProcessGroups, zero: ZeroAdamW) -> dict[str, Tensor]:
+    """What a checkpoint holds of the model: the parameters, or the FP32 masters of BF16 working weights
+    (the trainer's ``train.checkpoint.model_state(..., masters=...)``)."""
+    masters = zero.master_tensors()
+    return checkpoint.model_state(model, groups, masters=masters) if masters else model_state(model, groups)
+
+
+def full_masters(zero: ZeroAdamW) -> dict[str, Tensor]:
+    return {name: t.full_tensor().clone() for name, t in zero.master_tensors().items()}
+
+
+def _save_run(rank: int, world: int, ep: int, path: str, working: torch.dtype = torch.float32):
     """Two steps, save, then one more step: what continuing at this layout gives."""
     groups = make_groups(rank, world, ep)
     model = build_model(groups.layout)
-    zero = ZeroAdamW(model, groups, CFG)
+    zero = ZeroAdamW(model, groups, CFG, working_dtype=working)
     for step in range(2):
         set_global_grads(model, groups.layout, step)
         zero.step(LRS[step], 0.0)
-    dcp.save({"model": model_state(model, groups), "optim": zero.state_dict()}, checkpoint_id=path)
+    dcp.save({"model": weights(model, groups, zero), "optim": zero.state_dict()}, checkpoint_id=path)
     saved = full_state(zero)
     set_global_grads(model, groups.layout, 2)
     zero.step(LRS[2], 0.0)
-    return saved, full_params(model, groups), full_state(zero)
+    return saved, full_params(model, groups), full_state(zero), full_masters(zero)
 
 
-def _load_run(rank: int, world: int, ep: int, path: str):
+def _load_run(rank: int, world: int, ep: int, path: str, working: torch.dtype = torch.float32):
     """Load into a model initialised differently and a fresh optimizer, then take the third step."""
     groups = make_groups(rank, world, ep)
     model = build_model(groups.layout, seed=1)
-    zero = ZeroAdamW(model, groups, CFG)
-    state = {"model": model_state(model, groups), "optim": zero.state_dict()}
+    zero = ZeroAdamW(model, groups, CFG, working_dtype=working)
+    state = {"model": weights(model, groups, zero), "optim": zero.state_dict()}
     dcp.load(state, checkpoint_id=path)
     zero.load_state_dict(state["optim"])
+    zero.params_from_masters()  # BF16 working weights from the masters just loaded (FP32: nothing changes)
     loaded = full_state(zero)
     set_global_grads(model, groups.layout, 2)
     zero.step(LRS[2], 0.0)
-    return loaded, full_params(model, groups), full_state(zero)
+    return loaded, full_params(model, groups), full_state(zero), full_masters(zero)
 
 
-def check_reshard(tmp_path, save: tuple[int, int], loads: list[tuple[int, int]]) -> None:
+def check_reshard(tmp_path, save: tuple[int, int], loads: list[tuple[int, int]],
+                  working: torch.dtype = torch.float32) -> None:
     path = str(tmp_path / f"ckpt_{save[0]}_{save[1]}")
-    saved, params, state = run_ranks(_save_run, *save, path)[0]
+    saved, params, state, masters = run_ranks(_save_run, *save, path, working)[0]
     assert all(entry["step"].item() == 2 for entry in saved.values())
+    assert bool(masters) == (working != torch.float32)
     for world, ep in loads:
-        loaded, got_params, got_state = run_ranks(_load_run, world, ep, path)[0]
+        loaded, got_params, got_state, got_masters = run_ranks(_load_run, world, ep, path, working)[0]
         for name in saved:
             for key in ("exp_avg", "exp_avg_sq", "step"):
                 assert torch.equal(loaded[name][key], saved[name][key]), (save, world, ep, name, key)
                 assert torch.equal(got_state[name][key], state[name][key]), (save, world, ep, name, key)
             assert torch.equal(got_params[name], params[name]), (save, world, ep, name)
+        assert got_masters.keys() == masters.keys()
+        for name, master in masters.items():
+            assert torch.equal(got_masters[name], master), (save, world, ep, name)
 
 
 def test_checkpoint_from_ep2_edp2_reshards(tmp_path):
@@ -461,3 +478,9 @@ def test_checkpoint_from_dp4_reshards(tmp_path):
 
 def test_checkpoint_from_one_rank_into_four(tmp_path):
     check_reshard(tmp_path, (1, 1), [(4, 2)])
+
+
+def test_bf16_working_weights_checkpoint_reshards(tmp_path):
+    """The FP32 masters of BF16 working weights, saved sharded like the moments (experts over ep and edp),
+    load under other layouts and continue bitwise; the working weights are their rounding."""
+    check_reshard(tmp_path, (4, 2), [(2, 1), (1, 1)], working=torch.bfloat16)
