@@ -5,7 +5,10 @@ Runs ``launch/pretrain.py`` twice per preset, with ``fp8.enabled=false`` (the ba
 from the same seed and data, and reads RUN_DIR/metrics.jsonl: median tokens/s and MFU over the steps
 after the warm-up (``train/mfu.py``: the planner's model FLOPs over the device's dense BF16 peak, for
 both precisions). Checked in the same run: the FP8 run's mean loss over the steps is within
-``--loss-tolerance`` of the BF16 run's (a wrong FP8 path shows up as a different loss at once).
+``--loss-tolerance`` of the BF16 run's (a wrong FP8 path shows up as a different loss at once). Each run's
+peak memory (the trainer's ``memory_gib``) is printed next to the planner's estimate for it without the
+planner's fixed reserve: on a GPU a check of the planner (BF16 working weights and FP32 masters included);
+on a CPU the resident set also holds the Python and torch runtime.
 
     python bench/mfu.py --device cuda                         # +conf=small on one GPU
     python bench/mfu.py --device cuda --preset small --set train.micro_batch_size=16
@@ -32,6 +35,8 @@ class RunResult:
     tokens_per_s: float  # median over the measured steps
     mfu: float | None  # median, None where the peak is unknown
     mean_loss: float  # over all steps
+    memory_gib: float  # the largest step peak (GPU: allocated; CPU: the process's resident set)
+    planned_gib: float  # the planner's total for the same config, less its reserve (CUDA context, fragmentation)
 
 
 def run_trainer(preset: str, fp8: bool, device: str, steps: int, warmup: int, peak: float, extra: list[str],
@@ -50,7 +55,20 @@ def run_trainer(preset: str, fp8: bool, device: str, steps: int, warmup: int, pe
     mfus = [r["mfu"] for r in measured if "mfu" in r]
     return RunResult(tokens_per_s=statistics.median(r["tokens_per_s"] for r in measured),
                      mfu=statistics.median(mfus) if mfus else None,
-                     mean_loss=statistics.fmean(r["loss"] for r in records))
+                     mean_loss=statistics.fmean(r["loss"] for r in records),
+                     memory_gib=max(r.get("memory_gib", 0.0) for r in records),
+                     planned_gib=planned_memory_gib(preset, fp8, device, extra))
+
+
+def planned_memory_gib(preset: str, fp8: bool, device: str, extra: list[str]) -> float:
+    """``launch/plan.py``'s memory for this run on one device, without its fixed reserve."""
+    from train.config import load_config
+    from train.plan import plan
+    from train.plan_cluster import Cluster
+
+    cfg = load_config([f"+conf={preset}", f"fp8.enabled={str(fp8).lower()}", *extra])
+    memory = plan(cfg, Cluster(gpus=1, device=device), suggest=False).memory
+    return sum(v for k, v in memory.items() if k != "reserve") / 2**30
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -70,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"+conf={args.preset} on {args.device}, {args.steps} steps ({args.warmup} warm-up), overrides {args.set}")
     for name, r in (("no FP8", bf16), ("FP8", fp8)):  # no FP8: BF16 autocast on a GPU, FP32 on a CPU
         mfu = f"{r.mfu:.1%}" if r.mfu is not None else "- (peak unknown: --peak-tflops)"
-        print(f"  {name:<7} {r.tokens_per_s:>12,.0f} tokens/s   MFU {mfu:<8}   mean loss {r.mean_loss:.4f}")
+        print(f"  {name:<7} {r.tokens_per_s:>12,.0f} tokens/s   MFU {mfu:<8}   mean loss {r.mean_loss:.4f}   "
+              f"peak memory {r.memory_gib:.2f} GiB (planned {r.planned_gib:.2f})")
     print(f"  FP8 / BF16 step speed: {fp8.tokens_per_s / bf16.tokens_per_s:.2f}x")
     diff = abs(fp8.mean_loss - bf16.mean_loss) / bf16.mean_loss
     ok = diff <= args.loss_tolerance

@@ -23,7 +23,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from train.config import Config
 
 REQUIRED_KEYS = ("step", "tokens", "loss", "lm_loss", "mtp_loss", "balance_loss", "lr", "grad_norm",
-                 "tokens_per_s", "max_vio")
+                 "tokens_per_s", "max_vio", "memory_gib")
 
 
 class MetricsLogger:
@@ -72,7 +72,8 @@ class MetricsLogger:
         line = (f"step {record['step']:>6} | loss {record['loss']:.4f} | lm {record['lm_loss']:.4f} | "
                 f"mtp {record['mtp_loss']:.4f} | lr {record['lr']:.2e} | bs {record['batch_size']} | "
                 f"gnorm {record['grad_norm']:.2f} | maxvio {record['max_vio']:.2f} | "
-                f"{record['tokens_per_s']:,.0f} tok/s" + (f" | mfu {record['mfu']:.1%}" if "mfu" in record else ""))
+                f"{record['tokens_per_s']:,.0f} tok/s" + (f" | mfu {record['mfu']:.1%}" if "mfu" in record else "")
+                + (f" | mem {record['memory_gib']:.1f} GiB" if "memory_gib" in record else ""))
         if self.progress is not None:
             self.progress.update(self.task, completed=record["step"], description=(
                 f"loss {record['loss']:.4f} | {record['tokens_per_s']:,.0f} tok/s | maxvio {record['max_vio']:.2f}"))

@@ -150,6 +150,27 @@ def all_reduce_sum(*tensors: torch.Tensor, group: dist.ProcessGroup) -> None:
         dist.all_reduce(t, group=group)
 
 
+def peak_memory_gib(device: torch.device) -> float:
+    """This process's peak memory, GiB: on a GPU the most bytes the caching allocator handed out since the last
+    call (the step's peak; the counter is reset), on a CPU the process's peak resident set so far."""
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        return peak / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30  # Linux reports KiB
+
+
+def all_reduce_max(value: float, device: torch.device) -> float:
+    """The largest of ``value`` over every rank (the fullest pipeline rank's memory)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item()
+
+
 def rng_states() -> dict[str, Any]:
     states = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():

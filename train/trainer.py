@@ -37,9 +37,9 @@ from train.model import Transformer, count_parameters, set_recompute
 from train.observe import DeadExpertMonitor, moe_layer_ids, moe_layer_ids_from_names, moe_metrics
 from train.plan import check_plan
 from train.preempt import StopRequest
-from train.runtime import (Runtime, all_reduce_sum, autocast, available_memory_bytes, choose_device,
-                           one_weight_cast_per_step, release_process_groups, rng_states, set_rng_states,
-                           setup_runtime)
+from train.runtime import (Runtime, all_reduce_max, all_reduce_sum, autocast, available_memory_bytes,
+                           choose_device, one_weight_cast_per_step, peak_memory_gib, release_process_groups,
+                           rng_states, set_rng_states, setup_runtime)
 from train.step_stats import (gather_stages, max_violation_over_stages, merged_monitor_state, traffic_totals,
                               verdict_line)
 
@@ -275,6 +275,7 @@ def _train(cfg: Config, runtime: Runtime, model: Transformer, log: MetricsLogger
                 state.step += 1
                 state.tokens += batch * cfg.train.seq_len
                 vio_mean, vio_worst = max_violation_over_stages(load, groups)
+                memory = all_reduce_max(peak_memory_gib(runtime.device), runtime.device)
                 elapsed = time.perf_counter() - t0
                 record = {
                     "step": state.step, "tokens": state.tokens, "loss": means[0], "lm_loss": means[1],
@@ -283,7 +284,7 @@ def _train(cfg: Config, runtime: Runtime, model: Transformer, log: MetricsLogger
                     "max_vio_worst": vio_worst, "batch_size": batch, "mtp_weight": lam,
                     "bias_update_speed": gamma, "step_time_s": elapsed, "loss_zscore": verdict.zscore,
                     "skipped": verdict.reason if verdict.skip else "", "nonfinite_steps": state.guard.nonfinite_steps,
-                    "spikes": state.guard.spikes, "rollbacks": state.rollbacks,
+                    "spikes": state.guard.spikes, "rollbacks": state.rollbacks, "memory_gib": memory,
                 }
                 if peak is not None:
                     record["mfu"] = model_flops_utilization(cfg.model, cfg.train.seq_len, record["tokens_per_s"],

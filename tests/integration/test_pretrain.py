@@ -44,7 +44,10 @@ def test_tiny_run_learns_and_writes_its_outputs(tmp_path, data_cache):
     assert config["model"]["dim"] == 128 and config["train"]["steps"] == 40
     assert [p.name for p in checkpoint.list_checkpoints(run_dir)] == ["step_00000020", "step_00000040"]
     assert list((run_dir / "wandb").glob("offline-run-*")), "wandb offline run missing"
-    assert "step     40" in result.stdout and "| mfu " in result.stdout
+    assert "step     40" in result.stdout and "| mfu " in result.stdout and " GiB" in result.stdout
+    # on a CPU the process's peak resident set: more than the weights and data, never falling
+    peaks = [m["memory_gib"] for m in metrics]
+    assert 0.05 < peaks[0] < 16 and peaks == sorted(peaks), peaks
 
 
 def test_kill_and_resume_gives_identical_losses(tmp_path, data_cache):
