@@ -35,8 +35,8 @@ def fp32_parameter_ids(model: nn.Module) -> set[int]:
 
 def cast_working_weights(model: nn.Module, dtype: torch.dtype) -> int:
     """Make ``model``'s parameters (except ``KEEP_FP32``'s) ``dtype`` in place, keeping each Parameter object,
-    with FP32 gradients; returns how many elements were cast. Call it after the weights are initialised
-    (or loaded) in FP32 and before the optimizer is built (it copies its FP32 masters from them)."""
+    with FP32 gradients; returns how many elements were cast. ``ZeroAdamW(..., working_dtype=...)`` calls it
+    once the weights are initialised (or loaded) in FP32, after keeping its slices' FP32 values as the masters."""
     if dtype == torch.float32:
         return 0
     if not hasattr(torch.Tensor, "grad_dtype"):
