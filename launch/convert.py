@@ -78,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "export":
             stats = hf_io.export_hf(args.ckpt, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size,
                                     progress=show, force=args.force)
-            print(stats.summary(f"exported {args.ckpt} -> {args.out} ({args.dtype})"))
+            source = hf_io.DcpCheckpoint(args.ckpt).path  # a run directory: its newest checkpoint
+            print(stats.summary(f"exported {source} -> {args.out} ({args.dtype})"))
         else:
             print(f"{args.dir}: {hf_io.verify_manifest(args.dir)} files match {args.dir}/manifest.json")
     except UserError as err:

@@ -94,11 +94,17 @@ class DcpCheckpoint:
     chunk are read once)."""
 
     def __init__(self, path: str | Path) -> None:
-        from train.checkpoint import read_meta, read_metadata
+        from train.checkpoint import latest_checkpoint, read_meta, read_metadata
 
         self.path = Path(path)
         if not self.path.is_dir():
             raise ConvertError(f"{self.path}: checkpoint directory not found")
+        if not (self.path / META_FILE).is_file():  # a run directory: its newest complete checkpoint
+            latest = latest_checkpoint(self.path)
+            if latest is None:
+                raise ConvertError(f"{self.path}: no complete checkpoint there (pass a checkpoint directory with "
+                                   f"{META_FILE}, or a run directory with checkpoints/)")
+            self.path = latest
         self.meta = read_meta(self.path)
         names = {f.name for f in dataclasses.fields(ModelConfig)}
         saved = self.meta.get("model")

@@ -264,6 +264,20 @@ def trainer_checkpoint(tmp_path: Path, model: Transformer) -> Path:
                            trainer_state={"loader": {"position": 1}}, keep=1)
 
 
+def test_export_takes_a_run_directorys_newest_checkpoint(tmp_path, tiny_cfg, random_model):
+    model = random_model(tiny_cfg())
+    ckpt = trainer_checkpoint(tmp_path, model)
+    assert DcpCheckpoint(tmp_path / "run").path == ckpt
+    export_hf(tmp_path / "run", tmp_path / "hf", dtype="fp32")
+    export_hf(ckpt, tmp_path / "hf_direct", dtype="fp32")
+    assert read_all(tmp_path / "hf").keys() == read_all(tmp_path / "hf_direct").keys()
+    assert all(torch.equal(a, b) for a, b in zip(read_all(tmp_path / "hf").values(),
+                                                 read_all(tmp_path / "hf_direct").values()))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConvertError, match="no complete checkpoint there"):
+        DcpCheckpoint(tmp_path / "empty")
+
+
 def test_export_fp32_and_bf16_load_in_transformers(tmp_path, tiny_cfg, random_model):
     cfg = tiny_cfg(mtp_depth=2, q_lora_rank=48, n_routed_experts=16, n_activated_experts=4, n_expert_groups=4,
                    topk_groups=2)
@@ -489,7 +503,7 @@ def test_bad_inputs_one_line_each(tmp_path, capsys, good_hf_dir):
     assert not out.exists() and not any(p.name.startswith(".tmp-") for p in tmp_path.iterdir())
 
     # export side
-    assert "no meta.json" in run_cli(capsys, "export", tmp_path / "empty", tmp_path / "exp")
+    assert "no complete checkpoint there" in run_cli(capsys, "export", tmp_path / "empty", tmp_path / "exp")
     assert convert_main(["import", str(good), str(out)]) == 0
     assert "already exists" in run_cli(capsys, "import", good, out)
     line = run_cli(capsys, "export", out, tmp_path / "exp", "--max-shard-size", "lots")
