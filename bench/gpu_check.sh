@@ -2,14 +2,15 @@
 # Every GPU-only check of the open FP8 and performance work, in two parts that each fit one device
 # call with time left to rerun (a session has 15 minutes of device time, the machine's start included):
 #   run(command="bash bench/gpu_check.sh fp8", carry=[".whl"], timeout_s=420)    # about 6 minutes
-#   run(command="bash bench/gpu_check.sh perf", carry=[".whl"], timeout_s=300)   # about 4 minutes
-# `bash bench/gpu_check.sh` (no part) runs both, about 10 minutes.
+#   run(command="bash bench/gpu_check.sh perf", carry=[".whl"], timeout_s=360)   # about 5 minutes
+# `bash bench/gpu_check.sh` (no part) runs both, about 11 minutes.
 # fp8:  1. the Triton FP8 kernels against the reference (tests that skip without CUDA)
 #       2. FP8 GEMM TFLOPS against BF16 torch.matmul at the report's shapes (goal >= 1.4x)
 #       3. training MFU of +conf=small, BF16 and FP8, and the FP8 / BF16 step ratio (goals 40%, 1.3x)
 # perf: 4. a training step against HF transformers, ours eager and with train.compile's treatment
 #       5. the benchmark harness on the GPU: MoE experts, the optimizer
 #       6. the planner's activation table against what autograd keeps with the GPU's attention kernels
+#       7. where a training step makes the host wait for the GPU (BF16 and FP8)
 # Logs under ${OUT:-/tmp/gpu_out}. Needs hydra wheels in .whl/ where hydra is not installed.
 set -uo pipefail
 PART=${1:-all}
@@ -32,4 +33,7 @@ if [ "$PART" != fp8 ]; then
     --hf-experts default,grouped_mm --compile-ours 2>&1 | tail -12 | tee "$OUT/train_vs_hf.txt"
   timeout 60 python3 -m bench --device cuda moe optimizer 2>&1 | tee "$OUT/harness.txt"
   timeout 40 python3 bench/memory.py --plan-only --device cuda --shape small 2>&1 | tee "$OUT/memory_plan.txt"
+  for extra in fp8.enabled=false fp8.enabled=true; do
+    timeout 40 python3 bench/host_syncs.py --device cuda --set "$extra" 2>&1 | tail -25
+  done | tee "$OUT/host_syncs.txt"
 fi

@@ -1,0 +1,116 @@
+"""Where a training step makes the host wait for the GPU (issue 9: "no host syncs in the step"; the expert
+counts are the classic one), found with ``torch.cuda.set_sync_debug_mode``: every synchronising CUDA call
+then warns, and the innermost frame of this repository on the stack names the place.
+
+The step is the trainer's own on one GPU: ``train.trainer.forward_backward`` over the micro-batches (BF16
+autocast, BF16 working weights by default), then ``ZeroAdamW.step``, counted separately, after one warm-up
+step (cuBLAS and Triton set-up synchronise once). The trainer's per-step bookkeeping after that (loss
+guard, metrics) syncs on purpose, once a step, and is not counted here.
+
+    python bench/host_syncs.py --device cuda                  # +conf=small, BF16
+    python bench/host_syncs.py --device cuda --set fp8.enabled=true
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+import warnings
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+OURS = tuple(str(ROOT / part) for part in ("train", "parallel", "fp8", "data"))
+
+
+def innermost_own_frame(stack: traceback.StackSummary) -> str:
+    """``path:line (function)`` of the last frame in this repository's packages, else the last frame."""
+    frames = [f for f in stack if f.filename.startswith(OURS)] or list(stack)
+    frame = frames[-1]
+    return f"{Path(frame.filename).relative_to(ROOT) if frame.filename.startswith(str(ROOT)) else frame.filename}" \
+           f":{frame.lineno} ({frame.name})"
+
+
+def count_syncs(fn: Callable[[], object]) -> Counter[str]:
+    """Run ``fn`` with CUDA's sync debug mode on; how many synchronising calls each place made."""
+    found: Counter[str] = Counter()
+    show = warnings.showwarning
+
+    def record(message, category, filename, lineno, file=None, line=None) -> None:
+        if "synchroniz" in str(message):
+            found[innermost_own_frame(traceback.extract_stack()[:-1])] += 1
+        else:
+            show(message, category, filename, lineno, file, line)
+
+    with warnings.catch_warnings():  # restores warnings.showwarning on exit
+        warnings.simplefilter("always")
+        warnings.showwarning = record
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+            torch.cuda.set_sync_debug_mode(0)
+            torch.cuda.synchronize()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    return found
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--preset", default="small")
+    ap.add_argument("--device", default="cuda", choices=["cuda"])
+    ap.add_argument("--micro-batches", type=int, default=2)
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra config override")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench/host_syncs.py needs a CUDA GPU (torch.cuda.set_sync_debug_mode); nothing measured")
+        return 0
+    os.environ.setdefault("WORLD_SIZE", "1")
+    from train.config import load_config
+    from train.runtime import release_process_groups, setup_runtime
+    from train.trainer import build_meta_model, forward_backward, materialize
+    from parallel.zero import ZeroAdamW
+
+    cfg = load_config([f"+conf={args.preset}", "train.device=cuda", *args.set])
+    device = torch.device("cuda", 0)
+    runtime = setup_runtime(cfg, device)
+    try:
+        model = build_meta_model(cfg)
+        if cfg.fp8.enabled:
+            from fp8.convert import convert_to_fp8
+
+            convert_to_fp8(model, cfg.fp8.backend, device)
+        model = materialize(model, cfg, runtime)
+        optimizer = ZeroAdamW(model, runtime.groups, cfg.optim, working_dtype=runtime.param_dtype)
+        gen = torch.Generator().manual_seed(0)
+        windows = [torch.randint(0, cfg.model.vocab_size, (cfg.train.micro_batch_size, cfg.train.seq_len + 1),
+                                 generator=gen).to(device) for _ in range(args.micro_batches)]
+
+        def forward_and_backward() -> None:
+            forward_backward(model, windows, cfg.train.mtp_weight, cfg.train.balance_alpha, runtime)
+
+        def optimizer_step() -> None:
+            optimizer.step(1e-4, cfg.optim.grad_clip)
+
+        forward_and_backward()  # warm-up: library set-up synchronises once
+        optimizer_step()
+        parts = {"forward + backward": count_syncs(forward_and_backward), "optimizer step": count_syncs(optimizer_step)}
+        print(f"+conf={args.preset} on {torch.cuda.get_device_name(device)}, {args.micro_batches} micro-batches of "
+              f"{cfg.train.micro_batch_size} x {cfg.train.seq_len} tokens, weights {runtime.param_dtype}, "
+              f"fp8 {cfg.fp8.enabled}, overrides {args.set}")
+        for part, found in parts.items():
+            print(f"{part}: {sum(found.values())} host syncs")
+            for place, n in found.most_common():
+                print(f"  {n:>5}  {place}")
+    finally:
+        release_process_groups()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
