@@ -109,9 +109,10 @@ def stage_plans(cfg: Config, n_stages: int, p: Precision, boundaries: list[int] 
         for layer in ids:
             d, e = layer_params(m, layer)
             dense, expert = dense + d, expert + e
-            kept += gemm_free_params(m, layer)
+            free = gemm_free_params(m, layer)  # the norms and the gate: FP32 parameters that no GEMM reads
+            kept += free
             if not p.fp8:  # the block's GEMM weights (not its norms or its FP32 gate): FP8 reads the FP32 ones
-                cast_dense += d - gemm_free_params(m, layer)
+                cast_dense += d - free
                 cast_expert += e
             moe += not is_dense(m, layer)
             length = t.seq_len if layer < m.n_layers else t.seq_len - (layer - m.n_layers + 1)
