@@ -145,6 +145,19 @@ def sum_of_squares(x: Tensor, row: int = 256) -> Tensor:
     return rows + x[whole:].double().square().sum()
 
 
+def parameter_squares(chunks: list[Tensor], device_type: str) -> Tensor:
+    """[len(chunks)] FP64 sums of squares of flat FP32 tensors, each from its own elements only (so a sum does
+    not depend on how buckets group the parameters). On a GPU one multi-tensor norm kernel for all of them
+    (``torch._foreach_norm``, as clip_grad_norm_: GPU reductions are tree-shaped, accurate in FP32), not ten
+    small kernels per parameter; elsewhere ``sum_of_squares`` per tensor (a CPU's FP32 norm of a long tensor
+    is not accurate enough)."""
+    if not chunks:
+        return torch.zeros(0, dtype=torch.float64)
+    if device_type == "cuda":
+        return torch.stack(torch._foreach_norm(chunks)).double().square()
+    return torch.stack([sum_of_squares(chunk) for chunk in chunks])
+
+
 class ZeroAdamW:
     """AdamW (``train.optim.AdamW``: FP32 master, BF16 moments) with its state sharded over data parallelism.
 
@@ -353,13 +366,12 @@ class ZeroAdamW:
         summed over the dp group, and over the pipeline stages (a parameter on k pipeline ranks, ``copies``,
         adds 1/k of its squares on each). The same all-reduce sums ``has_grad``
         (1 per parameter with a gradient here): the shards of parameters with none anywhere lose .grad."""
-        squares = torch.zeros((), dtype=torch.float64, device=self.device)
         segment_of = {id(shard): segment for bucket, segment in zip(self.buckets, segments) for shard in bucket.shards}
-        # per parameter in the model's order (the padding is zero), so that neither the sum nor its order depends
-        # on how buckets group the parameters; parameters held by several pipeline ranks count once
-        for shard in self.shards.values():
-            chunk = segment_of[id(shard)][shard.offset:shard.offset + shard.chunk_numel]
-            squares += sum_of_squares(chunk) / self.copies.get(shard.name, 1)
+        # per parameter in the model's order (the padding is zero), so that neither the sums nor their order
+        # depend on how buckets group the parameters; parameters held by several pipeline ranks count once
+        chunks = [segment_of[id(s)][s.offset:s.offset + s.chunk_numel] for s in self.shards.values()]
+        once = torch.tensor([1.0 / self.copies.get(name, 1) for name in self.shards], dtype=torch.float64)
+        squares = (parameter_squares(chunks, self.device.type).to(self.device) * once.to(self.device)).sum()
         summed = torch.cat([squares.view(1), has_grad.to(self.device)])
         if self.dp > 1:
             dist.all_reduce(summed, group=self.groups.dp)

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from parallel.mesh import Layout, ProcessGroups, build_process_groups
-from parallel.zero import ZeroAdamW
+from parallel.zero import ZeroAdamW, parameter_squares
 from parallel.local_ranks import run_ranks
 from train import checkpoint
 from train.config import ModelConfig, OptimConfig
@@ -219,6 +219,21 @@ def test_bf16_working_weights_keep_fp32_masters(tmp_path):
         dcp.load({"model": checkpoint.model_state(loaded)}, checkpoint_id=path, no_dist=True)
         for name, p in model.named_parameters():
             assert torch.equal(dict(loaded.named_parameters())[name].detach(), p.detach()), (world, name)
+
+
+def test_parameter_squares_one_kernel_path_agrees_with_the_row_sums():
+    """The GPU path (one ``_foreach_norm`` over all parameters) run on the CPU against the CPU's row sums: the
+    same per-parameter sums up to FP32 rounding (a CPU's long FP32 norm is off by up to ~1e-5 relative), each
+    independent of the other tensors."""
+    gen = torch.Generator().manual_seed(0)
+    chunks = [torch.randn(n, generator=gen) * scale for n, scale in ((7, 1.0), (256, 3.0), (70_001, 1e-3), (1, 5.0))]
+    rows, one_kernel = parameter_squares(chunks, "cpu"), parameter_squares(chunks, "cuda")
+    exact = torch.stack([c.double().square().sum() for c in chunks])
+    assert rows.dtype == one_kernel.dtype == torch.float64 and rows.shape == (4,)
+    torch.testing.assert_close(rows, exact, rtol=1e-7, atol=0)
+    torch.testing.assert_close(one_kernel, exact, rtol=1e-5, atol=0)
+    assert torch.equal(parameter_squares(chunks[2:3], "cpu"), rows[2:3])  # its own elements only
+    assert parameter_squares([], "cpu").numel() == 0
 
 
 def test_clipping_uses_the_global_norm():
