@@ -223,6 +223,9 @@ class ZeroAdamW:
         self.copy_masters_from_params()
         for name, fp32 in exact.items():  # the masters of the cast weights: their FP32 values, not the rounding
             self.shards[name].master.copy_(fp32)
+        # each parameter's weight in the global norm: 1 / the pipeline ranks holding it (model order)
+        self.norm_weights = torch.tensor([1.0 / self.copies.get(name, 1) for name in self.shards],
+                                         dtype=torch.float64, device=self.device)
 
     # ----- construction
     def _placement(self, expert: bool) -> tuple[DeviceMesh, list[Placement], dist.ProcessGroup, int]:
@@ -370,8 +373,7 @@ class ZeroAdamW:
         # per parameter in the model's order (the padding is zero), so that neither the sums nor their order
         # depend on how buckets group the parameters; parameters held by several pipeline ranks count once
         chunks = [segment_of[id(s)][s.offset:s.offset + s.chunk_numel] for s in self.shards.values()]
-        once = torch.tensor([1.0 / self.copies.get(name, 1) for name in self.shards], dtype=torch.float64)
-        squares = (parameter_squares(chunks, self.device.type).to(self.device) * once.to(self.device)).sum()
+        squares = (parameter_squares(chunks, self.device.type).to(self.device) * self.norm_weights).sum()
         summed = torch.cat([squares.view(1), has_grad.to(self.device)])
         if self.dp > 1:
             dist.all_reduce(summed, group=self.groups.dp)
@@ -430,29 +432,24 @@ class ZeroAdamW:
         """
         out: dict[str, dict[str, Tensor]] = {}
         for name, shard in self.shards.items():
-            mesh, placements, _, _ = self._placement(shard.expert)
-            shape = self.global_shape(shard)
             state = self.inner.state[shard.master]
-            entry: dict[str, Tensor] = {"step": state["step"]}
-            for key in MOMENT_KEYS:
-                entry[key] = DTensor.from_local(state[key], mesh, placements, run_check=False, shape=shape,
-                                                stride=torch.empty(shape, device="meta").stride())
-            out[name] = entry
+            out[name] = {"step": state["step"], **{key: self._global(shard, state[key]) for key in MOMENT_KEYS}}
         return out
+
+    def _global(self, shard: ParamShard, local: Tensor) -> DTensor:
+        """``local`` (this rank's slice of ``shard``'s parameter, or of its state) as a DTensor of the global shape."""
+        mesh, placements, _, _ = self._placement(shard.expert)
+        shape = self.global_shape(shard)
+        return DTensor.from_local(local, mesh, placements, run_check=False, shape=shape,
+                                  stride=torch.empty(shape, device="meta").stride())
 
     def master_tensors(self) -> dict[str, DTensor]:
         """{name: FP32 master DTensor of the global shape, placed as the moments} of every lower-precision
         parameter, aliasing the masters: a checkpoint holds these in those parameters' place (so it keeps
         FP32 weights whatever the compute precision), and loading one fills them in place; then call
         ``params_from_masters``. Empty when every parameter is FP32 (each is its own master)."""
-        out: dict[str, DTensor] = {}
-        for name, shard in self.shards.items():
-            if not shard.master_is_param:
-                mesh, placements, _, _ = self._placement(shard.expert)
-                shape = self.global_shape(shard)
-                out[name] = DTensor.from_local(shard.master, mesh, placements, run_check=False, shape=shape,
-                                               stride=torch.empty(shape, device="meta").stride())
-        return out
+        return {name: self._global(shard, shard.master) for name, shard in self.shards.items()
+                if not shard.master_is_param}
 
     @torch.no_grad()
     def load_state_dict(self, state: dict[str, dict[str, Tensor]]) -> None:
