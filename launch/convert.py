@@ -4,6 +4,8 @@
     python launch/convert.py export OUR_CKPT_DIR HF_OUT_DIR [--dtype bf16|fp32|fp8] [--max-shard-size 5GB]
     python launch/convert.py verify DIR            # sha256 of every file against DIR/manifest.json
 
+``import-hf`` and ``export-hf`` are the same commands under the names of design.md's contract.
+
 ``import`` reads config.json and the safetensors shards (FP8 weights with their 128x128 weight_scale_inv are
 dequantized to fp32; the MTP layers stored as layer num_hidden_layers + k become our mtp.k) and writes a DCP
 checkpoint marked ``"weights_only": true`` at step 0: start a run from it with ``train.hf_io.load_weights``
@@ -34,14 +36,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                           help="torch intra-op threads (default 1: the work is per-tensor casts and copies, where "
                                "OpenMP threads mostly wait for each other; use --threads for parallel shards)")
 
-    imp = sub.add_parser("import", parents=[progress], help="DeepSeek-V3 / HF safetensors directory -> our checkpoint")
+    imp = sub.add_parser("import", aliases=["import-hf"], parents=[progress],
+                         help="DeepSeek-V3 / HF safetensors directory -> our checkpoint")
     imp.add_argument("hf_dir", type=Path)
     imp.add_argument("out", type=Path)
     imp.add_argument("--drop-mtp", action="store_true",
                      help="import without the MTP layers (mtp_depth=0), e.g. a transformers save_pretrained output")
     imp.add_argument("--threads", type=int, default=1, help="DCP writer threads, one source shard each (default 1)")
 
-    exp = sub.add_parser("export", parents=[progress], help="our checkpoint -> DeepSeek-V3 / HF safetensors directory")
+    exp = sub.add_parser("export", aliases=["export-hf"], parents=[progress],
+                         help="our checkpoint -> DeepSeek-V3 / HF safetensors directory")
     exp.add_argument("ckpt", type=Path)
     exp.add_argument("out", type=Path)
     exp.add_argument("--dtype", choices=["bf16", "fp32", "fp8"], default="bf16",
@@ -50,7 +54,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
     ver = sub.add_parser("verify", help="check DIR's files against its manifest.json")
     ver.add_argument("dir", type=Path)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.command = args.command.removesuffix("-hf")  # an alias names the same command
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:

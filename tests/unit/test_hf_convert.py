@@ -529,6 +529,21 @@ def test_cli_subprocess_exit_status_and_summary(tmp_path, good_hf_dir):
     assert "imported" in ok.stdout and "GB/s" in ok.stdout
 
 
+def test_cli_contract_names_import_hf_and_export_hf(tmp_path, good_hf_dir, capsys):
+    """design.md's contract names the commands import-hf and export-hf: they are import and export."""
+    _, hf_sd, good = good_hf_dir
+    assert convert_main(["import-hf", str(good), str(tmp_path / "ours")]) == 0
+    assert convert_main(["export-hf", str(tmp_path / "ours"), str(tmp_path / "hf"), "--dtype", "fp32"]) == 0
+    assert "imported" in capsys.readouterr().out
+    from safetensors.torch import load_file
+
+    exported = {}
+    for shard in sorted((tmp_path / "hf").glob("*.safetensors")):
+        exported.update(load_file(shard))
+    assert exported.keys() == hf_sd.keys()
+    assert all(torch.equal(exported[k], hf_sd[k]) for k in hf_sd)
+
+
 def test_imported_checkpoint_loads_as_init_from_not_as_resume(tmp_path, good_hf_dir, random_model):
     """What the trainer calls for checkpoint.init_from: load_model_weights fills the model (step 0 in the
     meta); resuming an import (load_checkpoint, with optimizer state) is refused with one line."""
