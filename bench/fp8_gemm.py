@@ -44,7 +44,7 @@ import torch
 from torch import Tensor
 
 from fp8.gemm import gemm_reference, grouped_gemm_reference
-from fp8.quant import BLOCK, Quantized, quantize
+from fp8.quant import BLOCK, Quantized, dequantize_2d, quantize
 
 EXPERTS, TOP_K = 256, 8
 DENSE_K, DENSE_N = 7168, (2048, 1536, 7168)
@@ -120,17 +120,13 @@ def available_backends(device: torch.device, wanted: list[str], sweep: bool,
     return backends, missing
 
 
-def _dequantize_2d(q: Quantized) -> Tensor:
-    return q.payload() * q.expanded_scale()
-
-
 def _emulate_gemm(a: Quantized, b: Quantized) -> Tensor:
-    return _dequantize_2d(a) @ _dequantize_2d(b).t()
+    return dequantize_2d(a) @ dequantize_2d(b).t()
 
 
 def _emulate_grouped(a: Quantized, b: Quantized, counts: list[int]) -> Tensor:
     n = b.shape[0] // len(counts)
-    x, w = _dequantize_2d(a), _dequantize_2d(b).view(len(counts), n, -1)
+    x, w = dequantize_2d(a), dequantize_2d(b).view(len(counts), n, -1)
     return torch.cat([rows @ w[e].t() for e, rows in enumerate(x.split(counts)) if rows.shape[0]])
 
 

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from fp8.gemm import gemm_reference, grouped_gemm_reference
-from fp8.quant import BLOCK, Quantized
+from fp8.quant import BLOCK, Quantized, dequantize_2d
 
 BACKEND_NAMES = ("auto", "emulate", "reference", "triton", "torch", "te")
 GPU_EXTRA_HINT = "install the GPU extra on a CUDA machine (pip install -e '.[gpu]'), or use backend 'emulate'"
@@ -55,11 +55,6 @@ class GemmBackend(Protocol):
     def gemm(self, a: Quantized, b: Quantized) -> Tensor: ...
 
     def grouped_gemm(self, a: Quantized, b: Quantized, counts: list[int]) -> Tensor: ...
-
-
-def dequantize_2d(q: Quantized) -> Tensor:
-    """decode(payload) * scale as fp32 [R, K] (ignores ``orig_shape``): one fp32 rounding per element."""
-    return q.payload() * q.expanded_scale()
 
 
 def _check_pair(a: Quantized, b: Quantized) -> None:

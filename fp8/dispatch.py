@@ -27,7 +27,7 @@ class Fp8DispatchQuantizer:
         self.dtype = dtype
 
     def encode(self, x: Tensor) -> tuple[Tensor, ...]:
-        q = quantize_act(x.float(), pow2=True)
+        q = quantize_act(x.float(), pow2=True, check_finite=False)  # no host sync; NaN reaches the loss
         return q.data, q.scale
 
     def decode(self, payload: tuple[Tensor, ...]) -> Tensor:

@@ -24,6 +24,7 @@ the bf16 rounding of GEMM outputs inside fused kernels (outputs here are fp32, t
 
 from __future__ import annotations
 
+import functools
 from contextlib import nullcontext
 
 import torch
@@ -35,6 +36,13 @@ from fp8.wgrad import WeightGradBox, WeightSpec, no_weight_grad, weight_entry
 from train.ops import step_memo
 
 CACHE_FORMATS = ("e4m3", "e5m6")
+
+# The training path quantizes without checking for NaN/inf, which would wait for the GPU at every call: a
+# non-finite value gives its tile a non-finite scale, reaches the loss, and the trainer's guard skips the
+# step (fp8/quant.py, ``check_finite``).
+_quantize = functools.partial(quantize, check_finite=False)
+_quantize_t = functools.partial(quantize_act_transposed, check_finite=False)
+_quantize_weight = functools.partial(quantize_weight, check_finite=False)
 
 
 def _output_dtype(x: Tensor) -> torch.dtype:
@@ -80,7 +88,7 @@ def _quantized_input(x: Tensor, x2d: Tensor) -> tuple[Quantized, Quantized]:
     hit = memo.get(x) if memo is not None else None
     if hit is not None and hit[0] == x._version and hit[1].data.shape[0] == x2d.shape[0]:
         return hit[1], hit[2]
-    quantized = quantize(x2d, 1), quantize_act_transposed(x2d)
+    quantized = _quantize(x2d, 1), _quantize_t(x2d)
     if memo is not None:
         memo[x] = (x._version, *quantized)
     return quantized
@@ -99,9 +107,9 @@ class _Fp8Linear(torch.autograd.Function):
             if cache == "e4m3":  # Fprop operand (1x128 tiles) and Wgrad operand x^T [K, T] (128x1 tiles of x)
                 q_rows, saved = _quantized_input(x, x2d)
             else:
-                q_rows = quantize(x2d, 1)
-                saved = quantize(x2d, 1, "e5m6", pow2=True)  # 1x128 tiles, re-tiled in backward
-            y = backend.gemm(q_rows, quantize_weight(weight))
+                q_rows = _quantize(x2d, 1)
+                saved = _quantize(x2d, 1, "e5m6", pow2=True)  # 1x128 tiles, re-tiled in backward
+            y = backend.gemm(q_rows, _quantize_weight(weight))
         ctx.save_for_backward(saved.data, saved.scale, weight)
         ctx.x_shape, ctx.x_dtype, ctx.cache, ctx.backend, ctx.box = x.shape, x.dtype, cache, backend, box
         ctx.weight_spec = WeightSpec.of(weight)
@@ -119,8 +127,8 @@ class _Fp8Linear(torch.autograd.Function):
         with _no_autocast(dy):
             dy2d = dy.reshape(-1, n)
             if ctx.needs_input_grad[0]:  # Dgrad: K of this GEMM is N
-                wt = transpose_blocks(quantize_weight(weight))  # [K, N]
-                dx = backend.gemm(quantize(dy2d, 1), wt).to(ctx.x_dtype).reshape(ctx.x_shape)
+                wt = transpose_blocks(_quantize_weight(weight))  # [K, N]
+                dx = backend.gemm(_quantize(dy2d, 1), wt).to(ctx.x_dtype).reshape(ctx.x_shape)
         if not ctx.needs_input_grad[1]:
             return dx, None, None, None, None
         cache = ctx.cache
@@ -131,7 +139,7 @@ class _Fp8Linear(torch.autograd.Function):
                     x_t = _rebuild(data, scale, 1, "e4m3", False)
                 else:
                     x_t = convert_tiles(_rebuild(data, scale, 1, "e5m6", True))  # 1x128 -> 128x1, exact
-                return (backend.gemm(quantize_act_transposed(dy.reshape(-1, n)), x_t).to(wgrad_dtype(weight)),)
+                return (backend.gemm(_quantize_t(dy.reshape(-1, n)), x_t).to(wgrad_dtype(weight)),)
 
         box.defer(dy, wgrad)
         return dx, no_weight_grad(ctx.weight_spec), None, None, None
@@ -196,7 +204,7 @@ def quantize_experts(w: Tensor) -> Quantized:
     padded = -(-n // BLOCK) * BLOCK
     if padded != n:
         w = torch.cat([w, w.new_zeros(e, padded - n, k)], dim=1)
-    return quantize(w.reshape(e * padded, k), BLOCK)
+    return _quantize(w.reshape(e * padded, k), BLOCK)
 
 
 def expert_gemm(backend: GemmBackend, a: Quantized, w: Tensor, counts: list[int]) -> Tensor:
@@ -230,15 +238,15 @@ class _Fp8ExpertFFN(torch.autograd.Function):
                 box: WeightGradBox, weights: Tensor) -> Tensor:
         out_dtype = _output_dtype(x)
         with _no_autocast(x):
-            qx = quantize(x, 1)
+            qx = _quantize(x, 1)
             gate = expert_gemm(backend, qx, w1, counts)  # [T, I] fp32
             up = expert_gemm(backend, qx, w3, counts)
             hidden = _swiglu_parts(gate, up)[2] * weights.float()[:, None]
-            out = expert_gemm(backend, quantize(hidden, 1), w2, counts)  # [T, D]
+            out = expert_gemm(backend, _quantize(hidden, 1), w2, counts)  # [T, D]
             # Cache: the SwiGLU inputs in FP8 1x128 tiles, and x as per-expert 128x1 tiles for Wgrad
             # (token tiles must not straddle experts); the SwiGLU output is recomputed in backward.
-            q_gate, q_up = quantize(gate, 1), quantize(up, 1)
-            x_t = [quantize_act_transposed(rows) for rows in x.split(counts)]
+            q_gate, q_up = _quantize(gate, 1), _quantize(up, 1)
+            x_t = [_quantize_t(rows) for rows in x.split(counts)]
         ctx.save_for_backward(q_gate.data, q_gate.scale, q_up.data, q_up.scale, w1, w2, w3, weights,
                               *[q.data for q in x_t], *[q.scale for q in x_t])
         ctx.counts, ctx.backend, ctx.x_dtype, ctx.box = counts, backend, x.dtype, box
@@ -264,23 +272,22 @@ class _Fp8ExpertFFN(torch.autograd.Function):
             hidden = unweighted * row_weights
 
             # down projection: Dgrad dh = dout W2 (K = D); then through the gate weights
-            dweighted = expert_gemm(backend, quantize(dout32, 1), w2.transpose(1, 2), counts)
+            dweighted = expert_gemm(backend, _quantize(dout32, 1), w2.transpose(1, 2), counts)
             dweights = (dweighted * unweighted).sum(-1).to(weights.dtype) if ctx.needs_input_grad[7] else None
             dhidden = dweighted * row_weights
             dgate = dhidden * up * sig * (1 + gate * (1 - sig))
             dup = dhidden * act
             dx = None
             if ctx.needs_input_grad[0]:  # Dgrad of gate and up: K = I
-                dx = (expert_gemm(backend, quantize(dgate, 1), w1.transpose(1, 2), counts)
-                      + expert_gemm(backend, quantize(dup, 1), w3.transpose(1, 2), counts))
+                dx = (expert_gemm(backend, _quantize(dgate, 1), w1.transpose(1, 2), counts)
+                      + expert_gemm(backend, _quantize(dup, 1), w3.transpose(1, 2), counts))
                 dx = dx.to(ctx.x_dtype)
             if not any(ctx.needs_input_grad[1:4]):
                 return dx, None, None, None, None, None, None, dweights
 
             # Wgrad operands (K = the expert's tokens), quantized now: a split backward keeps them,
             # in FP8, until its W pass instead of fp32 dout, h, dgate and dup
-            rows = [(e, quantize_act_transposed(dout_e), quantize_act_transposed(h_e), quantize_act_transposed(dg_e),
-                     quantize_act_transposed(du_e))
+            rows = [(e, _quantize_t(dout_e), _quantize_t(h_e), _quantize_t(dg_e), _quantize_t(du_e))
                     for e, (dout_e, h_e, dg_e, du_e) in enumerate(zip(dout32.split(counts), hidden.split(counts),
                                                                       dgate.split(counts), dup.split(counts)))
                     if counts[e]]  # an expert without rows gets a zero gradient

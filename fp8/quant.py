@@ -91,6 +91,20 @@ def e5m6_decode(bits: Tensor) -> Tensor:
     return half_bits.view(torch.float16).to(torch.float32)
 
 
+# the 256 E4M3 codes as fp32 (both NaN codes included), decoded once by torch's own cast
+_E4M3_VALUES = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8_e4m3fn).to(torch.float32)
+
+
+def e4m3_decode(data: Tensor) -> Tensor:
+    """float8_e4m3fn -> fp32, exact. On the CPU a lookup in the 256 decoded codes: torch's CPU cast
+    converts one element at a time (9 ms for 2M elements on one core, the lookup 1.8 ms); elsewhere the
+    cast."""
+    if data.device.type != "cpu":
+        return data.to(torch.float32)
+    codes = data.reshape(-1).view(torch.uint8).to(torch.int32)
+    return _E4M3_VALUES.index_select(0, codes).view(data.shape)
+
+
 # --------------------------------------------------------------------------------------------------
 # Quantized tensors
 
@@ -138,7 +152,7 @@ class Quantized:
 
     def payload(self) -> Tensor:
         """Unscaled payload values as fp32 (exact)."""
-        return self.data.to(torch.float32) if self.fmt == "e4m3" else e5m6_decode(self.data)
+        return e4m3_decode(self.data) if self.fmt == "e4m3" else e5m6_decode(self.data)
 
     def expanded_scale(self) -> Tensor:
         """Per-element scale [R, K] (fp32)."""
@@ -170,13 +184,15 @@ def _check_fmt(fmt: str) -> None:
 
 
 def _pow2_ceil(x: Tensor) -> Tensor:
-    """Smallest power of two >= x (x > 0), exactly, via frexp (x = m * 2^e with m in [0.5, 1))."""
+    """Smallest power of two >= x (x > 0), exactly, via frexp (x = m * 2^e with m in [0.5, 1)); inf and
+    NaN are returned as they are (frexp would give 1)."""
     mantissa, exponent = torch.frexp(x)
     exponent = torch.where(mantissa == 0.5, exponent - 1, exponent)
-    return torch.ldexp(torch.ones_like(x), exponent)
+    return torch.where(torch.isfinite(x), torch.ldexp(torch.ones_like(x), exponent), x)  # inf, NaN stay
 
 
-def quantize(x: Tensor, group_rows: int = 1, fmt: str = "e4m3", pow2: bool = False) -> Quantized:
+def quantize(x: Tensor, group_rows: int = 1, fmt: str = "e4m3", pow2: bool = False, *,
+             check_finite: bool = True) -> Quantized:
     """Quantize a 2-D x [R, K] in ``group_rows x 128`` tiles along K (sec 3.3.2, online scaling).
 
     Per tile: ``scale = amax / FORMAT_MAX`` (fp32; floored at 2^-126; 1.0 for an all-zero tile, whose
@@ -185,7 +201,10 @@ def quantize(x: Tensor, group_rows: int = 1, fmt: str = "e4m3", pow2: bool = Fal
     by the elements present only; nothing is padded in the result. ``fmt="e5m6"`` requires ``pow2=True``
     (its only use, the cached attention-output activation, needs exact re-tiling, sec 3.3.3). fp64 input
     is divided in fp64 (so ``quantize(dequantize(q, float64).t())`` with power-of-two scales is exact);
-    other dtypes in fp32. Raises ValueError on non-2-D or non-float input, an unknown format, or NaN/inf.
+    other dtypes in fp32. Raises ValueError on non-2-D or non-float input or an unknown format, and with
+    ``check_finite`` on NaN/inf. The training path passes ``check_finite=False``: the check reads a
+    value back from the device (a host sync per quantization), and a non-finite tile instead gets a
+    non-finite scale, so the NaN reaches the loss and the trainer's guard skips the step.
     """
     _check_fmt(fmt)
     if fmt == "e5m6" and not pow2:
@@ -201,21 +220,31 @@ def quantize(x: Tensor, group_rows: int = 1, fmt: str = "e4m3", pow2: bool = Fal
     rows, cols = work.shape
     tiles = _tiles(work, group_rows)  # [row tiles, group_rows, col tiles, 128], zero-padded
     amax = tiles.abs().amax(dim=(1, 3))
-    if not bool(torch.isfinite(amax).all()):  # NaN and inf reach their tile's max
+    if check_finite and not bool(torch.isfinite(amax).all()):  # NaN and inf reach their tile's max
         bad = int((~torch.isfinite(x)).sum())
         raise ValueError(f"quantize: input has {bad} non-finite value(s) (NaN/inf); "
                          "fp8 scales are computed from the max-abs of each tile and would be meaningless")
-    amax = amax.double()
-
-    scale = (amax / FORMAT_MAX[fmt]).clamp(min=MIN_SCALE)
-    if pow2:
-        scale = _pow2_ceil(scale)
-    scale = torch.where(amax == 0, torch.ones_like(scale), scale).float()
-
-    scaled = _untile(tiles / scale.to(work.dtype)[:, None, :, None], rows, cols)
-    scaled = scaled.float().clamp(-FORMAT_MAX[fmt], FORMAT_MAX[fmt])
+    scale = tile_scales(amax, fmt, pow2)
+    scaled = _untile(tiles / scale.to(work.dtype).view(scale.shape[0], 1, scale.shape[1], 1), rows, cols)
+    scaled = scaled.float().clamp_(-FORMAT_MAX[fmt], FORMAT_MAX[fmt])
     data = scaled.to(torch.float8_e4m3fn) if fmt == "e4m3" else e5m6_encode(scaled)
     return Quantized(data, scale, group_rows, fmt, pow2)
+
+
+def tile_scales(amax: Tensor, fmt: str, pow2: bool) -> Tensor:
+    """fp32 scales from the tiles' max-abs: ``amax / FORMAT_MAX`` floored at 2^-126, 1.0 where amax is 0.
+
+    For an fp32 amax the fp32 quotient is the quotient rounded once (a quotient of two floats rounds the
+    same directly and through fp64: 53 >= 2 x 24 + 2 bits). Power-of-two scales (and fp64 input) are
+    computed in fp64 and rounded at the end: an fp32 quotient rounded first could fall onto the power of
+    two below, and the tile would then clip. A NaN or inf amax gives a NaN or inf scale.
+    """
+    if amax.dtype == torch.float32 and not pow2:
+        return (amax / FORMAT_MAX[fmt]).clamp_(min=MIN_SCALE).masked_fill_(amax == 0, 1.0)
+    scale = (amax.double() / FORMAT_MAX[fmt]).clamp_(min=MIN_SCALE)
+    if pow2:
+        scale = _pow2_ceil(scale)
+    return scale.float().masked_fill_(amax == 0, 1.0)
 
 
 def _tiles(x: Tensor, group_rows: int) -> Tensor:
@@ -241,35 +270,41 @@ def dequantize(q: Quantized, dtype: torch.dtype = torch.float32) -> Tensor:
 
     Returns ``q.orig_shape`` if set (``quantize_act``), else [R, K].
     """
-    work = torch.float64 if dtype == torch.float64 else torch.float32
-    rows, cols = q.data.shape
-    tiles = _tiles(q.payload().to(work), q.group_rows) * q.scale.to(work)[:, None, :, None]
-    out = _untile(tiles, rows, cols).to(dtype)
+    out = dequantize_2d(q, torch.float64 if dtype == torch.float64 else torch.float32).to(dtype)
     return out.reshape(q.orig_shape) if q.orig_shape is not None else out
 
 
-def quantize_act(x: Tensor, fmt: str = "e4m3", pow2: bool = False) -> Quantized:
+def dequantize_2d(q: Quantized, work: torch.dtype = torch.float32) -> Tensor:
+    """decode(data) * scale as [R, K] in ``work`` (fp32 or fp64), ignoring ``orig_shape``: each scale
+    broadcast over its tile, one rounding per element in fp32, exact in fp64."""
+    rows, cols = q.data.shape
+    tiles = _tiles(q.payload().to(work), q.group_rows) * q.scale.to(work)[:, None, :, None]
+    return _untile(tiles, rows, cols)
+
+
+def quantize_act(x: Tensor, fmt: str = "e4m3", pow2: bool = False, *, check_finite: bool = True) -> Quantized:
     """Activation x [..., K] in 1x128 tiles (per token, per 128 channels). Leading dims are flattened in
     ``data`` [prod(...), K] and restored by ``dequantize``."""
     if x.dim() < 1:
         raise ValueError("quantize_act expects a tensor [..., K]")
-    q = quantize(x.reshape(-1, x.shape[-1]), 1, fmt, pow2)
+    q = quantize(x.reshape(-1, x.shape[-1]), 1, fmt, pow2, check_finite=check_finite)
     q.orig_shape = tuple(x.shape)
     return q
 
 
-def quantize_weight(w: Tensor, fmt: str = "e4m3", pow2: bool = False) -> Quantized:
+def quantize_weight(w: Tensor, fmt: str = "e4m3", pow2: bool = False, *, check_finite: bool = True) -> Quantized:
     """Weight w [out, in] in 128x128 blocks (per 128 output channels, per 128 input channels)."""
     if w.dim() != 2:
         raise ValueError(f"quantize_weight expects a 2-D weight [out, in], got shape {tuple(w.shape)}")
-    return quantize(w, BLOCK, fmt, pow2)
+    return quantize(w, BLOCK, fmt, pow2, check_finite=check_finite)
 
 
-def quantize_act_transposed(x: Tensor, fmt: str = "e4m3", pow2: bool = False) -> Quantized:
+def quantize_act_transposed(x: Tensor, fmt: str = "e4m3", pow2: bool = False, *,
+                            check_finite: bool = True) -> Quantized:
     """x [..., K] (flattened to [T, K]) quantized in 128x1 tiles (per channel, per 128 tokens), returned
     as the Quantized of x.T [K, T] with 1x128 tiles: the token dim is the reduction dim of Wgrad
     (dW = dY^T X), so every GEMM operand is "tiles of 128 along the reduction dim"."""
-    return quantize(x.reshape(-1, x.shape[-1]).t().contiguous(), 1, fmt, pow2)
+    return quantize(x.reshape(-1, x.shape[-1]).t().contiguous(), 1, fmt, pow2, check_finite=check_finite)
 
 
 def convert_tiles(q: Quantized) -> Quantized:
@@ -285,5 +320,5 @@ def convert_tiles(q: Quantized) -> Quantized:
     most half the subnormal step: 2^-21 resp. 2^-10 times the new scale). With non-power-of-two scales
     the conversion re-rounds, adding up to half an ULP of quantization error per element.
     """
-    x = q.payload().double() * q.expanded_scale().double()  # exact: <= 7 x 24 significant bits
-    return quantize(x.t().contiguous(), 1, q.fmt, q.pow2)
+    x = dequantize_2d(q, torch.float64)  # exact: <= 7 x 24 significant bits
+    return quantize(x.t().contiguous(), 1, q.fmt, q.pow2, check_finite=False)  # non-finite q: see quantize

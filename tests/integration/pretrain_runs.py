@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -23,6 +24,18 @@ def run_pretrain(run_dir: Path, data_cache: Path, *overrides: str, timeout: floa
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true"}
     return subprocess.run(pretrain_command(run_dir, data_cache, *overrides), cwd=REPO, env=env, capture_output=True,
                            text=True, timeout=timeout)
+
+
+def run_pretrains_side_by_side(runs: dict[str, tuple[Path, list[str]]], data_cache: Path, timeout: float = 900
+                               ) -> dict[str, subprocess.CompletedProcess]:
+    """Independent one-thread runs (name -> run dir, overrides), as many at a time as this process may use
+    CPU cores; list the longest first. Each run's numbers are its own: one thread, a deterministic
+    order of operations."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    with ThreadPoolExecutor(max_workers=max(1, min(cores, len(runs)))) as pool:
+        futures = {name: pool.submit(run_pretrain, run_dir, data_cache, *overrides, timeout=timeout)
+                   for name, (run_dir, overrides) in runs.items()}
+        return {name: future.result() for name, future in futures.items()}
 
 
 def torchrun_command(nproc: int, run_dir: Path, data_cache: Path, *overrides: str,

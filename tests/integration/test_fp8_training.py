@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.distributed.checkpoint import FileSystemReader
 
-from tests.integration.pretrain_runs import failure_report, run_pretrain
+from tests.integration.pretrain_runs import failure_report, run_pretrain, run_pretrains_side_by_side
 from train import checkpoint
 from train.trainer import read_metrics
 
@@ -67,18 +67,25 @@ CONVERGENCE = ["train.steps=300", "train.seq_len=64", "train.batch_size_start=8"
                "checkpoint.every=0", "optim.lr_hold_tokens=60e3", "optim.lr_decay_tokens=80e3", "train.dtype=float32"]
 
 
+def prepared_tiny_data(data_cache):
+    """The runs' config and prepared data (prepared here if the cache does not hold it yet)."""
+    from data.prepare import prepare_data
+    from tests.integration.pretrain_runs import TINY_DATA
+    from train.config import load_config
+
+    cfg = load_config(["+conf=tiny", f"data.cache_dir={data_cache}", *TINY_DATA])
+    return cfg, prepare_data(cfg.data, vocab_size=cfg.model.vocab_size, seed=cfg.train.seed)
+
+
 def evaluation_loss(run_dir, data_cache, n: int = 128, seq: int = 64) -> float:
     import numpy as np
     import torch.distributed.checkpoint as dcp
 
-    from data.prepare import TOKEN_DTYPE, prepare_data
-    from tests.integration.pretrain_runs import TINY_DATA
-    from train.config import load_config
+    from data.prepare import TOKEN_DTYPE
     from train.losses import compute_losses
     from train.model import Transformer
 
-    cfg = load_config(["+conf=tiny", f"data.cache_dir={data_cache}", *TINY_DATA])
-    prepared = prepare_data(cfg.data, vocab_size=cfg.model.vocab_size, seed=cfg.train.seed)
+    cfg, prepared = prepared_tiny_data(data_cache)
     tokens = np.fromfile(prepared.tokens_path, dtype=TOKEN_DTYPE)
     start = len(tokens) - n * (seq + 1)
     windows = torch.from_numpy(tokens[start:].astype(np.int64)).view(n, seq + 1)
@@ -92,12 +99,14 @@ def evaluation_loss(run_dir, data_cache, n: int = 128, seq: int = 64) -> float:
 
 
 def test_fp8_training_converges_like_full_precision(tmp_path, data_cache):
-    runs = {"full": [], "full, other rounding": ["optim.update=foreach"], "fp8": FP8}
+    extras = {"fp8": FP8, "full": [], "full, other rounding": ["optim.update=foreach"]}  # the longest first
+    runs = {name: (tmp_path / name.replace(", ", "_").replace(" ", "_"), [*CONVERGENCE, *extra])
+            for name, extra in extras.items()}
+    prepared_tiny_data(data_cache)  # once, before the runs read it side by side
+    results = run_pretrains_side_by_side(runs, data_cache, timeout=1800)
     losses = {}
-    for name, extra in runs.items():
-        run_dir = tmp_path / name.replace(", ", "_").replace(" ", "_")
-        result = run_pretrain(run_dir, data_cache, *CONVERGENCE, *extra, timeout=1800)
-        assert result.returncode == 0, failure_report(result)
+    for name, (run_dir, _) in runs.items():
+        assert results[name].returncode == 0, failure_report(results[name])
         losses[name] = evaluation_loss(run_dir, data_cache)
         curve = read_metrics(run_dir)
         assert curve[-1]["lm_loss"] < curve[0]["lm_loss"] - 2.5  # each learned (7.6 -> ~4)

@@ -18,16 +18,18 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fp8.backend import EmulateBackend, ReferenceBackend, dequantize_2d
+from fp8.backend import EmulateBackend, ReferenceBackend
 from fp8.gemm import gemm_reference
 from fp8.linear import Fp8Linear, expert_gemm, fp8_expert_ffn, fp8_linear, quantize_experts, transpose_blocks
-from fp8.quant import BLOCK, E4M3_MAX, Quantized, quantize, quantize_act_transposed, quantize_weight
+from fp8.quant import BLOCK, E4M3_MAX, Quantized, dequantize_2d, quantize, quantize_act_transposed, quantize_weight
+from tests.host_reads import HostReads
 from train.model import expert_ffn_loop
 from train.memory import saved_activation_bytes
 from train.ops import shared_weight_casts
@@ -469,6 +471,34 @@ def test_fp8_expert_ffn_no_rows_and_autocast():
     assert rel(out, reference) < 0.10
     with pytest.raises(ValueError, match="counts"):
         fp8_expert_ffn(xb, torch.tensor([7, 0, 8]), *ws, backend=EMULATE)
+
+
+def test_fp8_training_path_reads_nothing_back_and_carries_nan():
+    """Forward and backward of the FP8 linear (E4M3 and E5M6 caches) and the experts' SwiGLU read no value
+    back to the host (no .item() or bool(): each would make a GPU step wait, issue 9); a NaN in the input
+    comes out as NaN in the output and the gradients instead of raising, so the trainer's guard skips the
+    step as it does without FP8. (The experts' row counts, ``counts.tolist()``, are the known read.)"""
+    torch.manual_seed(0)
+    w = torch.randn(96, 200, requires_grad=True)
+    counts = [5, 0, 11]
+    x_e, w1, w2, w3, dout = expert_inputs(counts, 64, 32)
+    ws = [t.float().requires_grad_() for t in (w1, w2, w3)]
+    for bad in (False, True):
+        x = torch.randn(6, 200)
+        xs = x_e.float()
+        if bad:
+            x[3, 7] = xs[2, 1] = math.nan
+        x.requires_grad_()
+        with HostReads() as reads:
+            y = sum(fp8_linear(x, w, EMULATE, cache) for cache in ("e4m3", "e5m6"))
+            y.square().sum().backward()
+            out = fp8_expert_ffn(xs, counts, *ws, backend=EMULATE)
+            out.backward(dout.float())
+        assert reads.count == 0
+        grads = [x.grad, w.grad, *(t.grad for t in ws)]
+        assert all(t.isnan().any() == bad for t in (y, out, *grads))
+        for t in (x, w, *ws):
+            t.grad = None
 
 
 def test_expert_swiglu_output_not_cached():

@@ -20,8 +20,10 @@ import math
 import pytest
 import torch
 
-from fp8.quant import (BLOCK, E4M3_MAX, E5M6_MAX, Quantized, convert_tiles, dequantize, e5m6_decode, e5m6_encode,
-                       quantize, quantize_act, quantize_act_transposed, quantize_weight)
+from fp8.quant import (BLOCK, E4M3_MAX, E5M6_MAX, FORMAT_MAX, MIN_SCALE, Quantized, convert_tiles, dequantize, e4m3_decode, e5m6_decode,
+                       e5m6_encode, quantize, quantize_act, quantize_act_transposed, quantize_weight,
+                       tile_scales)
+from tests.host_reads import HostReads
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -329,3 +331,50 @@ def test_bad_inputs_raise_clear_errors():
             quantize_act(x.reshape(2, 2, 128))
     with pytest.raises(ValueError, match="scale shape"):
         Quantized(torch.zeros(4, 128, dtype=torch.float8_e4m3fn), torch.ones(4, 2), 1, "e4m3")
+
+
+def test_e4m3_decode_is_torch_cast():
+    """The CPU's lookup decode gives what torch's cast gives, for every code (signed zeros and the two NaN
+    codes included) and for a non-contiguous payload."""
+    codes = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8_e4m3fn)
+    decoded, cast = e4m3_decode(codes), codes.to(torch.float32)
+    assert torch.equal(decoded.isnan(), cast.isnan()) and cast.isnan().sum() == 2
+    assert torch.equal(decoded.nan_to_num(), cast.nan_to_num())
+    assert torch.equal(decoded.signbit(), cast.signbit())
+    data = quantize(torch.randn(300, 256) * 100).data.t()
+    assert not data.is_contiguous()
+    assert torch.equal(e4m3_decode(data), data.to(torch.float32)) and e4m3_decode(data).shape == (256, 300)
+
+
+@pytest.mark.parametrize("fmt,pow2", [("e4m3", False), ("e4m3", True), ("e5m6", True)])
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_unchecked_quantize_keeps_a_non_finite_value_in_its_tile(fmt, pow2, bad):
+    """``check_finite=False`` (the training path): no error and no read back to the host; the tile holding
+    the bad value gets a non-finite scale and dequantizes to NaN throughout, so the NaN reaches the loss;
+    every other tile is exactly what it is without the bad value."""
+    x = torch.randn(4, 256)
+    clean = quantize(x, 1, fmt, pow2)
+    x[2, 5] = bad
+    with HostReads() as reads:
+        q = quantize(x, 1, fmt, pow2, check_finite=False)
+    assert reads.count == 0
+    assert not torch.isfinite(q.scale[2, 0])
+    out, expected = dequantize(q), dequantize(clean)
+    assert out[2, :BLOCK].isnan().all()
+    others = torch.ones_like(out, dtype=torch.bool)
+    others[2, :BLOCK] = False
+    assert torch.equal(out[others], expected[others])
+    with pytest.raises(ValueError, match="non-finite"):
+        quantize(x, 1, fmt, pow2)  # the default still checks
+
+
+@pytest.mark.parametrize("fmt", ["e4m3", "e5m6"])
+def test_fp32_scales_equal_the_fp64_quotient_rounded_once(fmt):
+    """tile_scales divides an fp32 amax in fp32: the same scales as the quotient in fp64 rounded to fp32,
+    over the whole fp32 range (subnormal amax, the floor, the largest float, zeros)."""
+    g = torch.Generator().manual_seed(0)
+    amax = torch.randn(1 << 18, generator=g).abs() * torch.exp2(torch.randint(-150, 120, (1 << 18,), generator=g).float())
+    amax = torch.cat([amax, torch.tensor([0.0, E4M3_MAX, E5M6_MAX, 448 * 2.0**-126, 448 * 2.0**-127, 3.4e38, 1e-45])])
+    amax = amax[torch.isfinite(amax)]
+    expected = (amax.double() / FORMAT_MAX[fmt]).clamp(min=MIN_SCALE).float().masked_fill(amax == 0, 1.0)
+    assert torch.equal(tile_scales(amax, fmt, False), expected)
