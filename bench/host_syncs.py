@@ -1,6 +1,9 @@
 """Where a training step makes the host wait for the GPU (issue 9: "no host syncs in the step"; the expert
 counts are the classic one), found with ``torch.cuda.set_sync_debug_mode``: every synchronising CUDA call
-then warns, and the innermost frame of this repository on the stack names the place.
+then warns, and the innermost frame of this repository on the stack names the place. ``--device cpu``
+shows what the CPU can: the reads of a value that pass the dispatcher (``HostReads``: ``.item()``,
+``bool()``, ``int()`` of a tensor; not ``.tolist()``, not a copy to the host), each of which is a sync
+on a GPU.
 
 The step is the trainer's own on one GPU: ``train.trainer.forward_backward`` over the micro-batches (BF16
 autocast, BF16 working weights by default), then ``ZeroAdamW.step``, counted separately, after one warm-up
@@ -9,6 +12,7 @@ guard, metrics) syncs on purpose, once a step, and is not counted here.
 
     python bench/host_syncs.py --device cuda                  # +conf=small, BF16
     python bench/host_syncs.py --device cuda --set fp8.enabled=true
+    python bench/host_syncs.py --device cpu --preset tiny     # the dispatcher's view, no GPU needed
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 ROOT = Path(__file__).resolve().parents[1]
 OURS = tuple(str(ROOT / part) for part in ("train", "parallel", "fp8", "data"))
@@ -36,8 +41,35 @@ def innermost_own_frame(stack: traceback.StackSummary) -> str:
            f":{frame.lineno} ({frame.name})"
 
 
-def count_syncs(fn: Callable[[], object]) -> Counter[str]:
-    """Run ``fn`` with CUDA's sync debug mode on; how many synchronising calls each place made."""
+class HostReads(TorchDispatchMode):
+    """Counts the reads of a tensor's value back to the host that pass the dispatcher
+    (``aten._local_scalar_dense``: ``.item()``, ``bool(t)``, ``int(t)``), by the innermost place in this
+    repository: ``with HostReads() as reads: ...``, then ``reads.count``, ``reads.places`` and
+    ``reads.seen`` (every operation the mode saw). ``.tolist()`` does not pass the dispatcher on the CPU."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.places: Counter[str] = Counter()
+        self.seen = 0
+
+    @property
+    def count(self) -> int:
+        return sum(self.places.values())
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.seen += 1
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.places[innermost_own_frame(traceback.extract_stack()[:-1])] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_syncs(fn: Callable[[], object], device: torch.device) -> Counter[str]:
+    """Run ``fn``; how many synchronising calls each place made (CUDA: the sync debug mode; CPU: the
+    dispatcher's reads, ``HostReads``)."""
+    if device.type != "cuda":
+        with HostReads() as reads:
+            fn()
+        return reads.places
     found: Counter[str] = Counter()
     show = warnings.showwarning
 
@@ -63,12 +95,13 @@ def count_syncs(fn: Callable[[], object]) -> Counter[str]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", default="small")
-    ap.add_argument("--device", default="cuda", choices=["cuda"])
+    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     ap.add_argument("--micro-batches", type=int, default=2)
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra config override")
     args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("bench/host_syncs.py needs a CUDA GPU (torch.cuda.set_sync_debug_mode); nothing measured")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("bench/host_syncs.py --device cuda needs a CUDA GPU (torch.cuda.set_sync_debug_mode); nothing "
+              "measured (--device cpu lists the reads the dispatcher sees)")
         return 0
     os.environ.setdefault("WORLD_SIZE", "1")
     from train.config import load_config
@@ -76,8 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     from train.trainer import build_meta_model, forward_backward, materialize
     from parallel.zero import ZeroAdamW
 
-    cfg = load_config([f"+conf={args.preset}", "train.device=cuda", *args.set])
-    device = torch.device("cuda", 0)
+    cfg = load_config([f"+conf={args.preset}", f"train.device={args.device}", *args.set])
+    device = torch.device("cuda", 0) if args.device == "cuda" else torch.device("cpu")
     runtime = setup_runtime(cfg, device)
     try:
         model = build_meta_model(cfg)
@@ -99,12 +132,14 @@ def main(argv: list[str] | None = None) -> int:
 
         forward_and_backward()  # warm-up: library set-up synchronises once
         optimizer_step()
-        parts = {"forward + backward": count_syncs(forward_and_backward), "optimizer step": count_syncs(optimizer_step)}
-        print(f"+conf={args.preset} on {torch.cuda.get_device_name(device)}, {args.micro_batches} micro-batches of "
+        parts = {"forward + backward": count_syncs(forward_and_backward, device),
+                 "optimizer step": count_syncs(optimizer_step, device)}
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (reads the dispatcher sees)"
+        print(f"+conf={args.preset} on {name}, {args.micro_batches} micro-batches of "
               f"{cfg.train.micro_batch_size} x {cfg.train.seq_len} tokens, weights {runtime.param_dtype}, "
               f"fp8 {cfg.fp8.enabled}, overrides {args.set}")
         for part, found in parts.items():
-            print(f"{part}: {sum(found.values())} host syncs")
+            print(f"{part}: {sum(found.values())} host {'syncs' if device.type == 'cuda' else 'reads'}")
             for place, n in found.most_common():
                 print(f"  {n:>5}  {place}")
     finally:

@@ -29,7 +29,7 @@ from fp8.backend import EmulateBackend, ReferenceBackend
 from fp8.gemm import gemm_reference
 from fp8.linear import Fp8Linear, expert_gemm, fp8_expert_ffn, fp8_linear, quantize_experts, transpose_blocks
 from fp8.quant import BLOCK, E4M3_MAX, Quantized, dequantize_2d, quantize, quantize_act_transposed, quantize_weight
-from tests.host_reads import HostReads
+from bench.host_syncs import HostReads
 from train.model import expert_ffn_loop
 from train.memory import saved_activation_bytes
 from train.ops import shared_weight_casts

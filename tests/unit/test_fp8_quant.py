@@ -23,7 +23,7 @@ import torch
 from fp8.quant import (BLOCK, E4M3_MAX, E5M6_MAX, FORMAT_MAX, MIN_SCALE, Quantized, convert_tiles, dequantize, e4m3_decode, e5m6_decode,
                        e5m6_encode, quantize, quantize_act, quantize_act_transposed, quantize_weight,
                        tile_scales)
-from tests.host_reads import HostReads
+from bench.host_syncs import HostReads
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
