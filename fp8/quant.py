@@ -24,6 +24,7 @@ it) and only the payload is stored in the narrow format.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -204,7 +205,8 @@ def quantize(x: Tensor, group_rows: int = 1, fmt: str = "e4m3", pow2: bool = Fal
     other dtypes in fp32. Raises ValueError on non-2-D or non-float input or an unknown format, and with
     ``check_finite`` on NaN/inf. The training path passes ``check_finite=False``: the check reads a
     value back from the device (a host sync per quantization), and a non-finite tile instead gets a
-    non-finite scale, so the NaN reaches the loss and the trainer's guard skips the step.
+    non-finite scale, so the NaN reaches the loss and the trainer's guard skips the step. On that path
+    a CUDA tensor in E4M3 goes through one fused Triton kernel (``fp8.triton_quant``, same numbers).
     """
     _check_fmt(fmt)
     if fmt == "e5m6" and not pow2:
@@ -216,6 +218,18 @@ def quantize(x: Tensor, group_rows: int = 1, fmt: str = "e4m3", pow2: bool = Fal
         raise ValueError(f"quantize expects a floating-point tensor, got {x.dtype}")
     if not isinstance(group_rows, int) or group_rows < 1:
         raise ValueError(f"group_rows must be a positive int, got {group_rows!r}")
+    fused = None if check_finite else _fused_kernels(x, fmt)
+    if fused is not None and group_rows in (1, BLOCK):
+        try:
+            return fused.quantize_rows(x, pow2) if group_rows == 1 else fused.quantize_blocks(x, pow2)
+        except Exception as exc:  # a kernel that cannot build or run on this GPU: the PyTorch ops below
+            _fused_failed(exc)
+    return quantize_with_torch_ops(x, group_rows, fmt, pow2, check_finite)
+
+
+def quantize_with_torch_ops(x: Tensor, group_rows: int, fmt: str, pow2: bool, check_finite: bool) -> Quantized:
+    """``quantize`` as PyTorch operations (any device, format and dtype; the reference of the fused
+    kernel). Arguments as ``quantize``'s, already validated."""
     work = x.double() if x.dtype == torch.float64 else x.float()
     rows, cols = work.shape
     tiles = _tiles(work, group_rows)  # [row tiles, group_rows, col tiles, 128], zero-padded
@@ -229,6 +243,27 @@ def quantize(x: Tensor, group_rows: int = 1, fmt: str = "e4m3", pow2: bool = Fal
     scaled = scaled.float().clamp_(-FORMAT_MAX[fmt], FORMAT_MAX[fmt])
     data = scaled.to(torch.float8_e4m3fn) if fmt == "e4m3" else e5m6_encode(scaled)
     return Quantized(data, scale, group_rows, fmt, pow2)
+
+
+def _fused_kernels(x: Tensor, fmt: str):
+    """``fp8.triton_quant`` where it takes x (E4M3 from fp32/bf16/fp16 on a GPU, Triton installed, no
+    earlier failure), else None. Its results are this module's, bit for bit (tests/unit/test_fp8_triton_quant.py)."""
+    if not x.is_cuda or fmt != "e4m3" or _FUSED_FAILURES:
+        return None
+    try:
+        from fp8 import triton_quant
+    except ImportError:
+        return None
+    return triton_quant if triton_quant.supports(x, fmt) else None
+
+
+_FUSED_FAILURES: list[str] = []  # the fused kernel's first failure in this process, if any: not tried again
+
+
+def _fused_failed(exc: Exception) -> None:
+    _FUSED_FAILURES.append(f"{type(exc).__name__}: {exc}")
+    warnings.warn(f"fp8: the fused Triton quantization failed ({_FUSED_FAILURES[0][:300]}); quantizing with "
+                  "PyTorch operations from now on (slower, same numbers)", RuntimeWarning, stacklevel=3)
 
 
 def tile_scales(amax: Tensor, fmt: str, pow2: bool) -> Tensor:
@@ -304,7 +339,14 @@ def quantize_act_transposed(x: Tensor, fmt: str = "e4m3", pow2: bool = False, *,
     """x [..., K] (flattened to [T, K]) quantized in 128x1 tiles (per channel, per 128 tokens), returned
     as the Quantized of x.T [K, T] with 1x128 tiles: the token dim is the reduction dim of Wgrad
     (dW = dY^T X), so every GEMM operand is "tiles of 128 along the reduction dim"."""
-    return quantize(x.reshape(-1, x.shape[-1]).t().contiguous(), 1, fmt, pow2, check_finite=check_finite)
+    x2d = x.reshape(-1, x.shape[-1])
+    fused = None if check_finite else _fused_kernels(x2d, fmt)
+    if fused is not None:
+        try:
+            return fused.quantize_columns(x2d, pow2)  # the transposition inside the kernel
+        except Exception as exc:
+            _fused_failed(exc)
+    return quantize(x2d.t().contiguous(), 1, fmt, pow2, check_finite=check_finite)
 
 
 def convert_tiles(q: Quantized) -> Quantized:

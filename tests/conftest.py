@@ -65,3 +65,13 @@ def random_model():
 def data_cache(tmp_path_factory):
     """One prepared-data cache for all end-to-end runs of a test session (the first run prepares it)."""
     return tmp_path_factory.mktemp("data_cache")
+
+
+@pytest.fixture
+def compiled_mode(monkeypatch):
+    """Triton in compiled mode with its NVIDIA backend (compiling a kernel for a GPU needs none)."""
+    triton_gemm = pytest.importorskip("fp8.triton_gemm", reason="Triton is not installed (the gpu extra)")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    if triton_gemm.interpret_mode():
+        pytest.skip("triton.knobs.runtime.interpret is set in code")
+    pytest.importorskip("triton.backends.nvidia.compiler", reason="Triton has no NVIDIA backend")

@@ -82,3 +82,14 @@ def test_scaling_model_reproduces_the_planner_and_overlap_helps():
     bound = predict(cfg, cluster, Scenario(cluster.mfu, overlap=True, all_to_all=False))
     assert bound.step_s < on.step_s < off.step_s
     assert on.gpu_hours_per_trillion == pytest.approx(1e12 / on.tokens_per_gpu_s / 3600)
+
+
+def test_fp8_quant_bench_times_the_pytorch_operations_on_the_cpu(capsys):
+    """bench/fp8_quant.py on the CPU: every case timed through the PyTorch operations (the fused kernel
+    and the bit comparison need a GPU: bash bench/gpu_check.sh fp8)."""
+    from bench.fp8_quant import main
+
+    assert main(["--device", "cpu", "--quick", "--repeats", "1", "--warmup", "0"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len([line for line in lines if line.startswith(("activation", "weight"))]) == 4
+    assert any(line.startswith("activation 256 x 512, 128x1 (transposed)") for line in lines)

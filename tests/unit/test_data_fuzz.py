@@ -11,7 +11,6 @@ import random
 import signal
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 
 import datasets
 import pytest

@@ -295,18 +295,22 @@ _TYPES = {torch.float8_e4m3fn: "fp8e4nv", torch.float16: "fp16", torch.float32: 
 
 
 def _compile_for_sm90(launch: tg.Launch):
-    """Compile the kernel as a launch with these arguments would on an H100/H800, following Triton's
-    specialization rules: ints equal to 1 become constants, pointers and ints divisible by 16 get a
-    divisibility hint."""
+    return compile_for_sm90(tg._fp8_gemm_kernel, launch.args, launch.constexprs, launch.options)
+
+
+def compile_for_sm90(kernel, args: tuple, constexprs: dict, options: dict):
+    """Compile ``kernel`` (a plain function) as a launch with these arguments would on an H100/H800,
+    following Triton's specialization rules: ints equal to 1 become constants, pointers and ints
+    divisible by 16 get a divisibility hint."""
     from triton.backends.compiler import GPUTarget
 
-    fn = triton.jit(tg._fp8_gemm_kernel)
-    signature, constants, attrs = {}, dict(launch.constexprs), {}
+    fn = triton.jit(kernel)
+    signature, constants, attrs = {}, dict(constexprs), {}
     for index, name in enumerate(fn.arg_names):
-        if name in launch.constexprs:
+        if name in constexprs:
             signature[name] = "constexpr"
             continue
-        value = launch.args[index]
+        value = args[index]
         if isinstance(value, torch.Tensor):
             signature[name] = "*" + _TYPES[value.dtype]
             aligned = value.data_ptr() % 16 == 0
@@ -322,10 +326,10 @@ def _compile_for_sm90(launch: tg.Launch):
         src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constants, attrs=attrs)
     except TypeError as exc:  # written against Triton 3.9's compiler API
         pytest.skip(f"Triton {triton.__version__}'s ASTSource differs ({exc})")
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=launch.options)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
 
 
-def _stack_bytes(cubin: bytes, tmp_path) -> int | None:
+def stack_bytes(cubin: bytes, tmp_path) -> int | None:
     """Per-thread stack (register spills) from cuobjdump, or None if the tool is not available."""
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     if not os.path.exists(tool):
@@ -335,14 +339,6 @@ def _stack_bytes(cubin: bytes, tmp_path) -> int | None:
     usage = subprocess.run([tool, "--dump-resource-usage", str(path)], capture_output=True, text=True).stdout
     match = re.search(r"STACK:(\d+)", usage)
     return int(match.group(1)) if match else None
-
-
-@pytest.fixture
-def compiled_mode(monkeypatch):
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    if tg.interpret_mode():
-        pytest.skip("triton.knobs.runtime.interpret is set in code")
-    pytest.importorskip("triton.backends.nvidia.compiler", reason="Triton has no NVIDIA backend")
 
 
 @pytest.mark.usefixtures("compiled_mode")
@@ -371,7 +367,7 @@ class TestCompiledForHopper:
         assert len(re.findall(r"wgmma\.mma_async", ptx)) == BLOCK // 32
         # Promotion: one FMA per accumulator element per K block (acc += partial * (scale_a * scale_b)).
         assert ptx.count("fma.rn.f32") >= cfg.block_m * cfg.block_n // (32 * cfg.num_warps)
-        stack = _stack_bytes(kernel.asm["cubin"], tmp_path)
+        stack = stack_bytes(kernel.asm["cubin"], tmp_path)
         if stack is not None:
             assert stack == 0, f"register spills: {stack} bytes of stack per thread"
 

@@ -1,0 +1,151 @@
+"""Fused E4M3 quantization in Triton: one kernel per tensor instead of about ten PyTorch operations (report
+sec 3.3.2; DeepSeek's own ``act_quant`` kernel is the model).
+
+Each program loads a tile, takes its max-abs, computes the scale, divides, clamps and stores the FP8
+payload and the scale: the numbers of ``fp8.quant.quantize`` (tested equal bit for bit), in one read and
+one write of the tensor. Three layouts:
+
+* 1x128 tiles of x [R, K] (activations, gradients): ``quantize_rows``;
+* 128x128 blocks of W [N, K] (weights): ``quantize_blocks``;
+* 128x1 tiles of x [T, K], written as the 1x128 tiles of x^T [K, T] (the Wgrad operands):
+  ``quantize_columns``; the transposition happens inside the kernel (no FP32 copy of x^T).
+
+Only E4M3, from fp32/bf16/fp16, without the NaN check (the training path's ``check_finite=False``); E5M6
+and fp64 stay in ``fp8.quant``. ``fp8.quant.quantize`` calls these kernels itself for CUDA tensors on
+that path. Divisions are ``div_rn`` (IEEE, as torch's; Triton's ``/`` on fp32 is approximate).
+Power-of-two scales: the fp32 quotient ``amax / 448`` is rounded up to a power of two; for an fp32 amax
+that quotient cannot sit within rounding of a power of two without being one (448 = 7 x 64; tested next
+to every power of two), so this equals ``fp8.quant``'s fp64 rule. NaN: the tile's max ignores it (the
+GPU's ``max``), the element itself stays NaN through the clamp and the cast, so it still reaches the GEMM
+output and the loss.
+
+CPU: with ``TRITON_INTERPRET=1`` set before ``triton`` is imported (the kernel uses ``tl.max``, a Triton
+library function bound to the mode of that import), the kernel runs in Triton's interpreter on CPU
+tensors; it then stores fp32 and torch casts to E4M3 (the interpreter's cast rounds differently).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError as exc:  # pragma: no cover - exercised only without triton
+    raise ImportError("fp8.triton_quant needs Triton: pip install -e '.[gpu]' (or: pip install triton)",
+                      name="triton") from exc
+
+from fp8.quant import BLOCK, E4M3_MAX, MIN_SCALE, Quantized
+from fp8.triton_gemm import interpret_mode
+
+INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+ROWS_PER_PROGRAM = 32  # 1x128 tiles: 32 rows x 128 columns per program
+
+
+def _quantize_kernel(
+    x_ptr, q_ptr, s_ptr, rows, cols,
+    stride_xr, stride_xc, stride_qr, stride_qc, stride_sr, stride_sc,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, PER_ROW: tl.constexpr, POW2: tl.constexpr,
+    FORMAT_MAX: tl.constexpr, SMALLEST_SCALE: tl.constexpr,
+):
+    """Tiles of ``BLOCK_R x BLOCK_C`` of the matrix seen through (stride_xr, stride_xc), reduced along
+    its columns: one scale per row of the tile (PER_ROW, 1x128 tiles) or one per tile (128x128 blocks).
+    Payload q [rows, cols] and scales s [row tiles or rows, col tiles] are written through their strides."""
+    pid_r = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_r = offs_r < rows
+    mask = mask_r[:, None] & (offs_c[None, :] < cols)
+    x_ptrs = x_ptr + offs_r.to(tl.int64)[:, None] * stride_xr + offs_c.to(tl.int64)[None, :] * stride_xc
+    x = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
+    if PER_ROW:
+        amax = tl.max(tl.abs(x), axis=1)  # [BLOCK_R]
+    else:
+        amax = tl.max(tl.max(tl.abs(x), axis=1), axis=0)  # one 128x128 block
+    scale = tl.maximum(tl.math.div_rn(amax, FORMAT_MAX), SMALLEST_SCALE)  # IEEE division, as torch's (`/` is not)
+    if POW2:  # up to a power of two: a normal fp32 with mantissa bits set moves to the next exponent
+        bits = scale.to(tl.int32, bitcast=True)
+        bits = (bits & 0x7F800000) + tl.where((bits & 0x7FFFFF) != 0, 0x800000, 0)
+        scale = tl.where(scale == scale, bits.to(tl.float32, bitcast=True), scale)  # NaN stays NaN
+    scale = tl.where(amax == 0, 1.0, scale)
+    if PER_ROW:
+        y = tl.math.div_rn(x, scale[:, None])
+        tl.store(s_ptr + offs_r * stride_sr + pid_c * stride_sc, scale, mask=mask_r)
+    else:
+        y = tl.math.div_rn(x, scale)
+        tl.store(s_ptr + pid_r * stride_sr + pid_c * stride_sc, scale)
+    y = tl.clamp(y, -FORMAT_MAX, FORMAT_MAX, propagate_nan=tl.PropagateNan.ALL)  # a NaN stays NaN
+    q_ptrs = q_ptr + offs_r.to(tl.int64)[:, None] * stride_qr + offs_c.to(tl.int64)[None, :] * stride_qc
+    tl.store(q_ptrs, y.to(q_ptr.dtype.element_ty), mask=mask)
+
+
+_JITTED: dict[bool, object] = {}
+
+
+def _kernel():
+    mode = interpret_mode()
+    if mode not in _JITTED:
+        _JITTED[mode] = triton.jit(_quantize_kernel)
+    return _JITTED[mode]
+
+
+def supports(x: Tensor, fmt: str) -> bool:
+    """Whether the fused kernel takes this input: E4M3 from fp32/bf16/fp16 on a GPU (or in the
+    interpreter), as a 2-D tensor."""
+    return (fmt == "e4m3" and x.dtype in INPUT_DTYPES and x.dim() == 2
+            and (x.is_cuda or (interpret_mode() and x.device.type == "cpu")))
+
+
+@dataclass
+class Plan:
+    """One launch: the output buffers, the grid, the kernel's arguments, constexprs and options."""
+
+    payload: Tensor
+    scale: Tensor
+    grid: tuple[int, int]
+    args: tuple
+    constexprs: dict
+    options: dict
+
+
+def plan(view: Tensor, rows: int, cols: int, per_row: bool, pow2: bool, block_r: int,
+         payload_dtype: torch.dtype = torch.float8_e4m3fn) -> Plan:
+    """The launch that quantizes the matrix ``view`` [rows, cols] (any strides) in tiles of (1 or 128) x 128
+    along cols."""
+    payload = torch.empty(rows, cols, device=view.device, dtype=payload_dtype)
+    row_tiles, col_tiles = -(-rows // block_r), -(-cols // BLOCK)
+    scale = torch.empty(rows if per_row else row_tiles, col_tiles, device=view.device, dtype=torch.float32)
+    args = (view, payload, scale, rows, cols, view.stride(0), view.stride(1), payload.stride(0), payload.stride(1),
+            scale.stride(0), scale.stride(1))
+    constexprs = dict(BLOCK_R=block_r, BLOCK_C=BLOCK, PER_ROW=per_row, POW2=pow2, FORMAT_MAX=E4M3_MAX,
+                      SMALLEST_SCALE=MIN_SCALE)
+    return Plan(payload, scale, (row_tiles, col_tiles), args, constexprs, dict(num_warps=4 if per_row else 8))
+
+
+def _launch(view: Tensor, rows: int, cols: int, per_row: bool, pow2: bool, block_r: int) -> Quantized:
+    interpreted = view.device.type == "cpu"  # the interpreter: store fp32, let torch round to E4M3
+    p = plan(view, rows, cols, per_row, pow2, block_r, torch.float32 if interpreted else torch.float8_e4m3fn)
+    if rows and cols:
+        _kernel()[p.grid](*p.args, **p.constexprs, **p.options)
+    payload = p.payload.to(torch.float8_e4m3fn) if interpreted else p.payload
+    return Quantized(payload, p.scale, 1 if per_row else BLOCK, "e4m3", pow2)
+
+
+def quantize_rows(x: Tensor, pow2: bool = False) -> Quantized:
+    """x [R, K] in 1x128 tiles: ``fp8.quant.quantize(x, 1, "e4m3", pow2, check_finite=False)``."""
+    return _launch(x, x.shape[0], x.shape[1], True, pow2, ROWS_PER_PROGRAM)
+
+
+def quantize_blocks(w: Tensor, pow2: bool = False) -> Quantized:
+    """w [N, K] in 128x128 blocks: ``fp8.quant.quantize(w, 128, "e4m3", pow2, check_finite=False)``."""
+    return _launch(w, w.shape[0], w.shape[1], False, pow2, BLOCK)
+
+
+def quantize_columns(x: Tensor, pow2: bool = False) -> Quantized:
+    """x [T, K] in 128x1 tiles, as the Quantized of x^T [K, T] in 1x128 tiles:
+    ``fp8.quant.quantize_act_transposed(x, "e4m3", pow2, check_finite=False)``."""
+    return _launch(x.t(), x.shape[1], x.shape[0], True, pow2, ROWS_PER_PROGRAM)
