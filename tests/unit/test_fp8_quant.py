@@ -378,3 +378,30 @@ def test_fp32_scales_equal_the_fp64_quotient_rounded_once(fmt):
     amax = amax[torch.isfinite(amax)]
     expected = (amax.double() / FORMAT_MAX[fmt]).clamp(min=MIN_SCALE).float().masked_fill(amax == 0, 1.0)
     assert torch.equal(tile_scales(amax, fmt, False), expected)
+
+
+def test_a_failing_fused_kernel_warns_once_and_falls_back(monkeypatch):
+    """Where the fused Triton kernel cannot build or run (a GPU or Triton it was not made for), the training
+    path warns and quantizes with the PyTorch operations: the same numbers, and the kernel is not tried
+    again in the process."""
+    from fp8 import quant
+
+    calls = []
+
+    class Broken:
+        def quantize_rows(self, x, pow2):
+            calls.append("rows")
+            raise RuntimeError("PTX for sm_42 not supported")
+
+        quantize_blocks = quantize_columns = quantize_rows
+
+    monkeypatch.setattr(quant, "_FUSED_FAILURES", [])
+    monkeypatch.setattr(quant, "_fused_kernels", lambda x, fmt: None if quant._FUSED_FAILURES else Broken())
+    x = torch.randn(40, 300)
+    with pytest.warns(RuntimeWarning, match="fused Triton quantization failed.*sm_42"):
+        q = quantize(x, 1, check_finite=False)
+    expected = quantize(x, 1)
+    assert torch.equal(q.scale, expected.scale) and torch.equal(q.data.view(torch.uint8), expected.data.view(torch.uint8))
+    q_t = quantize_act_transposed(x, check_finite=False)
+    assert torch.equal(q_t.data.view(torch.uint8), quantize_act_transposed(x).data.view(torch.uint8))
+    assert calls == ["rows"] and len(quant._FUSED_FAILURES) == 1
