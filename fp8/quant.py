@@ -218,13 +218,9 @@ def quantize(x: Tensor, group_rows: int = 1, fmt: str = "e4m3", pow2: bool = Fal
         raise ValueError(f"quantize expects a floating-point tensor, got {x.dtype}")
     if not isinstance(group_rows, int) or group_rows < 1:
         raise ValueError(f"group_rows must be a positive int, got {group_rows!r}")
-    fused = None if check_finite else _fused_kernels(x, fmt)
-    if fused is not None and group_rows in (1, BLOCK):
-        try:
-            return fused.quantize_rows(x, pow2) if group_rows == 1 else fused.quantize_blocks(x, pow2)
-        except Exception as exc:  # a kernel that cannot build or run on this GPU: the PyTorch ops below
-            _fused_failed(exc)
-    return quantize_with_torch_ops(x, group_rows, fmt, pow2, check_finite)
+    layout = {1: "rows", BLOCK: "blocks"}.get(group_rows)
+    fused = None if check_finite or layout is None else _quantize_fused(layout, x, fmt, pow2)
+    return fused if fused is not None else quantize_with_torch_ops(x, group_rows, fmt, pow2, check_finite)
 
 
 def quantize_with_torch_ops(x: Tensor, group_rows: int, fmt: str, pow2: bool, check_finite: bool) -> Quantized:
@@ -255,6 +251,19 @@ def _fused_kernels(x: Tensor, fmt: str):
     except ImportError:
         return None
     return triton_quant if triton_quant.supports(x, fmt) else None
+
+
+def _quantize_fused(layout: str, x: Tensor, fmt: str, pow2: bool) -> Quantized | None:
+    """The fused kernel's ``quantize_<layout>`` of x where it takes x, else None (the caller then uses the
+    PyTorch operations; so does every later call once the kernel failed to build or run)."""
+    kernels = _fused_kernels(x, fmt)
+    if kernels is None:
+        return None
+    try:
+        return getattr(kernels, f"quantize_{layout}")(x, pow2)
+    except Exception as exc:  # a kernel that cannot build or run on this GPU
+        _fused_failed(exc)
+        return None
 
 
 _FUSED_FAILURES: list[str] = []  # the fused kernel's first failure in this process, if any: not tried again
@@ -340,13 +349,8 @@ def quantize_act_transposed(x: Tensor, fmt: str = "e4m3", pow2: bool = False, *,
     as the Quantized of x.T [K, T] with 1x128 tiles: the token dim is the reduction dim of Wgrad
     (dW = dY^T X), so every GEMM operand is "tiles of 128 along the reduction dim"."""
     x2d = x.reshape(-1, x.shape[-1])
-    fused = None if check_finite else _fused_kernels(x2d, fmt)
-    if fused is not None:
-        try:
-            return fused.quantize_columns(x2d, pow2)  # the transposition inside the kernel
-        except Exception as exc:
-            _fused_failed(exc)
-    return quantize(x2d.t().contiguous(), 1, fmt, pow2, check_finite=check_finite)
+    fused = None if check_finite else _quantize_fused("columns", x2d, fmt, pow2)  # transposes in the kernel
+    return fused if fused is not None else quantize(x2d.t().contiguous(), 1, fmt, pow2, check_finite=check_finite)
 
 
 def convert_tiles(q: Quantized) -> Quantized:
