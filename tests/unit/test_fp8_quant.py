@@ -20,9 +20,9 @@ import math
 import pytest
 import torch
 
-from fp8.quant import (BLOCK, E4M3_MAX, E5M6_MAX, FORMAT_MAX, MIN_SCALE, Quantized, convert_tiles, dequantize, e4m3_decode, e5m6_decode,
-                       e5m6_encode, quantize, quantize_act, quantize_act_transposed, quantize_weight,
-                       tile_scales)
+from fp8.quant import (BLOCK, E4M3_MAX, E5M6_MAX, FORMAT_MAX, MIN_SCALE, Quantized, convert_tiles, dequantize,
+                       e4m3_decode, e5m6_decode, e5m6_encode, quantize, quantize_act, quantize_act_transposed,
+                       quantize_weight, tile_scales)
 from bench.host_syncs import HostReads
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -373,7 +373,8 @@ def test_fp32_scales_equal_the_fp64_quotient_rounded_once(fmt):
     """tile_scales divides an fp32 amax in fp32: the same scales as the quotient in fp64 rounded to fp32,
     over the whole fp32 range (subnormal amax, the floor, the largest float, zeros)."""
     g = torch.Generator().manual_seed(0)
-    amax = torch.randn(1 << 18, generator=g).abs() * torch.exp2(torch.randint(-150, 120, (1 << 18,), generator=g).float())
+    exponents = torch.randint(-150, 120, (1 << 18,), generator=g).float()
+    amax = torch.randn(1 << 18, generator=g).abs() * torch.exp2(exponents)
     amax = torch.cat([amax, torch.tensor([0.0, E4M3_MAX, E5M6_MAX, 448 * 2.0**-126, 448 * 2.0**-127, 3.4e38, 1e-45])])
     amax = amax[torch.isfinite(amax)]
     expected = (amax.double() / FORMAT_MAX[fmt]).clamp(min=MIN_SCALE).float().masked_fill(amax == 0, 1.0)
@@ -401,7 +402,8 @@ def test_a_failing_fused_kernel_warns_once_and_falls_back(monkeypatch):
     with pytest.warns(RuntimeWarning, match="fused Triton quantization failed.*sm_42"):
         q = quantize(x, 1, check_finite=False)
     expected = quantize(x, 1)
-    assert torch.equal(q.scale, expected.scale) and torch.equal(q.data.view(torch.uint8), expected.data.view(torch.uint8))
+    assert torch.equal(q.scale, expected.scale)
+    assert torch.equal(q.data.view(torch.uint8), expected.data.view(torch.uint8))
     q_t = quantize_act_transposed(x, check_finite=False)
     assert torch.equal(q_t.data.view(torch.uint8), quantize_act_transposed(x).data.view(torch.uint8))
     assert calls == ["rows"] and len(quant._FUSED_FAILURES) == 1
