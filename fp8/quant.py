@@ -250,7 +250,7 @@ def _fused_kernels(x: Tensor, fmt: str):
         from fp8 import triton_quant
     except ImportError:
         return None
-    return triton_quant if triton_quant.supports(x, fmt) else None
+    return triton_quant if triton_quant.supports(x) else None
 
 
 def _quantize_fused(layout: str, x: Tensor, fmt: str, pow2: bool) -> Quantized | None:
