@@ -31,7 +31,7 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
-from fp8.gemm import gemm_reference, grouped_gemm_reference
+from fp8.gemm import expert_offsets, gemm_reference, grouped_gemm_reference, k_grouped_gemm_reference
 from fp8.quant import BLOCK, Quantized, dequantize_2d
 
 BACKEND_NAMES = ("auto", "emulate", "reference", "triton", "torch", "te")
@@ -46,6 +46,11 @@ class GemmBackend(Protocol):
     ``grouped_gemm(a, b, counts)``: rows of a [T, K] sorted by expert, ``counts[e]`` rows for expert e;
     b the stacked expert weights [E * N, K] in 128x128 blocks, N a multiple of 128 (``fp8.linear.
     quantize_experts`` pads each expert with zero rows) -> fp32 [T, N], expert e's rows times ``W_e.T``.
+    ``counts`` may be a tensor (the router's, on the device): a backend that needs them on the host reads
+    them; the Triton one builds its tile table on the device (no host sync).
+    ``k_grouped_gemm(a, b, offsets)``: the experts' Wgrad in one call (K-grouped, K = tokens): a [M, Kp],
+    b [N, Kp] in 1x128 tiles along K, expert e's tokens in columns ``offsets[e]:offsets[e + 1]`` (multiples
+    of 128, so no tile straddles two experts) -> fp32 [E, M, N] (zeros for an expert without tokens).
     Operands are E4M3, except the cached attention-output activation (E5M6, power-of-two scales) that
     enters the Wgrad of MLA's ``wo`` (sec 3.3.3); a backend without an E5M6 path dequantizes it.
     """
@@ -54,7 +59,9 @@ class GemmBackend(Protocol):
 
     def gemm(self, a: Quantized, b: Quantized) -> Tensor: ...
 
-    def grouped_gemm(self, a: Quantized, b: Quantized, counts: list[int]) -> Tensor: ...
+    def grouped_gemm(self, a: Quantized, b: Quantized, counts: list[int] | Tensor) -> Tensor: ...
+
+    def k_grouped_gemm(self, a: Quantized, b: Quantized, offsets: list[int] | Tensor) -> Tensor: ...
 
 
 def _check_pair(a: Quantized, b: Quantized) -> None:
@@ -74,9 +81,9 @@ def _check_counts(a: Quantized, b: Quantized, counts: list[int]) -> int:
     return n
 
 
-def _expert_loop(gemm, a: Quantized, b: Quantized, counts: list[int]) -> Tensor:
+def _expert_loop(gemm, a: Quantized, b: Quantized, counts: list[int] | Tensor) -> Tensor:
     """Grouped GEMM as one ``gemm`` per expert with rows (1x128 activation tiles: any cut is allowed)."""
-    counts = [int(c) for c in counts]
+    counts = _host_counts(counts)
     n = _check_counts(a, b, counts)
     if a.group_rows != 1:
         raise ValueError("grouped gemm expects 1x128 activation tiles (group_rows 1)")
@@ -88,6 +95,21 @@ def _expert_loop(gemm, a: Quantized, b: Quantized, counts: list[int]) -> Tensor:
     return torch.cat(outputs) if outputs else torch.zeros(0, n, device=a.data.device)
 
 
+def _k_grouped_loop(gemm, a: Quantized, b: Quantized, offsets: list[int] | Tensor) -> Tensor:
+    """K-grouped GEMM as one ``gemm`` per expert with tokens (``GemmBackend.k_grouped_gemm``)."""
+    _check_pair(a, b)
+    offsets = expert_offsets(offsets, a.shape[1])
+    out = torch.zeros(len(offsets) - 1, a.shape[0], b.shape[0], device=a.data.device)
+    for e, (start, stop) in enumerate(zip(offsets, offsets[1:])):
+        if stop > start:
+            out[e] = gemm(a.col_slice(start, stop), b.col_slice(start, stop))
+    return out
+
+
+def _host_counts(counts: list[int] | Tensor) -> list[int]:
+    return [int(c) for c in (counts.tolist() if isinstance(counts, Tensor) else counts)]
+
+
 @dataclass
 class ReferenceBackend:
     """``gemm_reference``: exact FP8 products, fp32 accumulator, promotion every 128 (sec 3.3.2)."""
@@ -97,8 +119,11 @@ class ReferenceBackend:
     def gemm(self, a: Quantized, b: Quantized) -> Tensor:
         return gemm_reference(a, b)
 
-    def grouped_gemm(self, a: Quantized, b: Quantized, counts: list[int]) -> Tensor:
-        return grouped_gemm_reference(a, b, [int(c) for c in counts])
+    def grouped_gemm(self, a: Quantized, b: Quantized, counts: list[int] | Tensor) -> Tensor:
+        return grouped_gemm_reference(a, b, _host_counts(counts))
+
+    def k_grouped_gemm(self, a: Quantized, b: Quantized, offsets: list[int] | Tensor) -> Tensor:
+        return k_grouped_gemm_reference(a, b, offsets)
 
 
 @dataclass
@@ -119,13 +144,24 @@ class EmulateBackend:
         _check_pair(a, b)
         return dequantize_2d(a) @ dequantize_2d(b).t()
 
-    def grouped_gemm(self, a: Quantized, b: Quantized, counts: list[int]) -> Tensor:
-        counts = [int(c) for c in counts]
+    def grouped_gemm(self, a: Quantized, b: Quantized, counts: list[int] | Tensor) -> Tensor:
+        counts = _host_counts(counts)
         _check_pair(a, b)
         n = _check_counts(a, b, counts)
         x, w = dequantize_2d(a), dequantize_2d(b).view(len(counts), n, -1)
         outputs = [rows @ w[e].t() for e, rows in enumerate(x.split(counts)) if rows.shape[0]]
         return torch.cat(outputs) if outputs else x.new_zeros(0, n)
+
+    def k_grouped_gemm(self, a: Quantized, b: Quantized, offsets: list[int] | Tensor) -> Tensor:
+        # Dequantize once; a column slice of the dequantized operand is the dequantized column slice.
+        _check_pair(a, b)
+        offsets = expert_offsets(offsets, a.shape[1])
+        x, y = dequantize_2d(a), dequantize_2d(b)
+        out = x.new_zeros(len(offsets) - 1, x.shape[0], y.shape[0])
+        for e, (start, stop) in enumerate(zip(offsets, offsets[1:])):
+            if stop > start:
+                torch.matmul(x[:, start:stop], y[:, start:stop].t(), out=out[e])
+        return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -191,8 +227,11 @@ class TorchScaledMMBackend:
             return EmulateBackend().gemm(a, b)
         return scaled_mm_blockwise(a, b)
 
-    def grouped_gemm(self, a: Quantized, b: Quantized, counts: list[int]) -> Tensor:
+    def grouped_gemm(self, a: Quantized, b: Quantized, counts: list[int] | Tensor) -> Tensor:
         return _expert_loop(self.gemm, a, b, counts)
+
+    def k_grouped_gemm(self, a: Quantized, b: Quantized, offsets: list[int] | Tensor) -> Tensor:
+        return _k_grouped_loop(self.gemm, a, b, offsets)
 
 
 def probe_scaled_mm(device: torch.device) -> None:
@@ -239,7 +278,10 @@ class TransformerEngineBackend:
     def gemm(self, a: Quantized, b: Quantized) -> Tensor:
         raise NotImplementedError(TE_MESSAGE)
 
-    def grouped_gemm(self, a: Quantized, b: Quantized, counts: list[int]) -> Tensor:
+    def grouped_gemm(self, a: Quantized, b: Quantized, counts: list[int] | Tensor) -> Tensor:
+        raise NotImplementedError(TE_MESSAGE)
+
+    def k_grouped_gemm(self, a: Quantized, b: Quantized, offsets: list[int] | Tensor) -> Tensor:
         raise NotImplementedError(TE_MESSAGE)
 
 

@@ -31,7 +31,8 @@ import torch
 from torch import nn
 
 from fp8.backend import TE_MESSAGE, get_backend
-from fp8.linear import Fp8Linear, fp8_expert_ffn
+from fp8.experts import fp8_expert_ffn
+from fp8.linear import Fp8Linear
 from train.model import MLA, MLP, Gate, RMSNorm, RoutedExperts
 
 ATTENTION_LINEARS = ("wq", "wq_a", "wq_b", "wkv_a", "wkv_b", "wo")

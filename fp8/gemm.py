@@ -163,3 +163,28 @@ def grouped_gemm_reference(a: Quantized, b: list[Quantized] | Quantized, counts:
             outputs.append(gemm_reference(rows, weights[expert], promote_every, accumulator, **kwargs))
         start += count
     return torch.cat(outputs)
+
+
+def expert_offsets(offsets, cols: int) -> list[int]:
+    """Check the K-grouped GEMM's ``offsets`` (E + 1 non-decreasing column offsets from 0, each a
+    multiple of 128, the last <= cols) and return them as a list of ints."""
+    offsets = [int(o) for o in (offsets.tolist() if isinstance(offsets, torch.Tensor) else offsets)]
+    if (len(offsets) < 2 or offsets[0] != 0 or offsets[-1] > cols or any(o % BLOCK for o in offsets)
+            or any(b < a for a, b in zip(offsets, offsets[1:]))):
+        raise ValueError(f"offsets {offsets[:8]}{'...' if len(offsets) > 8 else ''} must run from 0 up to at "
+                         f"most {cols} in non-decreasing multiples of {BLOCK}, one more than the experts")
+    return offsets
+
+
+def k_grouped_gemm_reference(a: Quantized, b: Quantized, offsets, **kwargs) -> Tensor:
+    """The experts' weight gradients in one call: fp32 [E, M, N] with ``out[e] = A[:, o[e]:o[e+1]] @
+    B[:, o[e]:o[e+1]].T`` for a [M, Kp], b [N, Kp] in 1x128 tiles along K, the tokens, each expert's
+    tokens starting on a tile (``offsets``, see ``expert_offsets``); an expert without tokens gets zeros."""
+    offsets = expert_offsets(offsets, a.shape[1])
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"gemm K mismatch: a is {tuple(a.shape)}, b is {tuple(b.shape)} (computes a @ b.T)")
+    out = torch.zeros(len(offsets) - 1, a.shape[0], b.shape[0])
+    for e, (start, stop) in enumerate(zip(offsets, offsets[1:])):
+        if stop > start:
+            out[e] = gemm_reference(a.col_slice(start, stop), b.col_slice(start, stop), **kwargs)
+    return out

@@ -15,8 +15,7 @@ quantized 128x1, not x. ``cache="e5m6"`` (the linear after attention, MLA's ``wo
 power-of-two scales in 1x128 tiles and re-tiles it to 128x1 in backward (``convert_tiles``, exact); that
 Wgrad then multiplies an E4M3 dy by the E5M6 x.
 
-The routed experts (``fp8_expert_ffn``) run the three projections as grouped FP8 GEMMs, cache the SwiGLU
-inputs (gate and up outputs) in FP8 and recompute the SwiGLU output in backward instead of storing it.
+The routed experts' SwiGLU, as grouped FP8 GEMMs, is ``fp8/experts.py``.
 
 Not modelled here: the power-of-two FP8 dispatch / combine of sec 3.3.3 (``parallel/expert.py``), and
 the bf16 rounding of GEMM outputs inside fused kernels (outputs here are fp32, then cast).
@@ -31,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from fp8.backend import GemmBackend
-from fp8.quant import BLOCK, Quantized, convert_tiles, dequantize, quantize, quantize_act_transposed, quantize_weight
+from fp8.quant import BLOCK, Quantized, convert_tiles, quantize, quantize_act_transposed, quantize_weight
 from fp8.wgrad import WeightGradBox, WeightSpec, no_weight_grad, weight_entry
 from train.ops import step_memo
 
@@ -189,138 +188,3 @@ class Fp8Linear(nn.Linear):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, backend={self.backend.name}, cache={self.cache}"
-
-
-# --------------------------------------------------------------------------------------------------
-# Routed experts
-
-
-def quantize_experts(w: Tensor) -> Quantized:
-    """Expert weights [E, N, K] -> the Quantized of the stacked [E * N_pad, K] in 128x128 blocks, where
-    each expert is padded with zero rows to N_pad = N rounded up to 128. Zero rows change no block's
-    max-abs, so every expert's payloads and scales are those of ``quantize_weight(w[e])`` and no block
-    straddles two experts (any N; real configs have N % 128 == 0 and need no padding)."""
-    e, n, k = w.shape
-    padded = -(-n // BLOCK) * BLOCK
-    if padded != n:
-        w = torch.cat([w, w.new_zeros(e, padded - n, k)], dim=1)
-    return _quantize(w.reshape(e * padded, k), BLOCK)
-
-
-def expert_gemm(backend: GemmBackend, a: Quantized, w: Tensor, counts: list[int]) -> Tensor:
-    """fp32 [T, N]: the rows of a [T, K] (1x128 tiles, sorted by expert) times their expert's ``W_e^T``
-    for w [E, N, K], as one grouped GEMM on the padded stack (``quantize_experts``)."""
-    n = w.shape[1]
-    out = backend.grouped_gemm(a, quantize_experts(w), counts)
-    return out if out.shape[1] == n else out[:, :n]
-
-
-def _swiglu_parts(gate: Tensor, up: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """silu(gate), sigmoid(gate) and the SwiGLU output silu(gate) * up (fp32)."""
-    sig = torch.sigmoid(gate)
-    act = gate * sig
-    return act, sig, act * up
-
-
-class _Fp8ExpertFFN(torch.autograd.Function):
-    """Grouped SwiGLU experts: gate/up/down as grouped FP8 GEMMs (sec 3.3.3 for the caching).
-
-    Forward computes the SwiGLU from the fp32 GEMM outputs, times the rows' gate weights (fp32; W2 is
-    linear, so this is the weighted expert output without keeping that output for the weights' gradient);
-    backward recomputes it from their FP8 cache (so the local derivative is taken at the cached point, as
-    recomputation does). Wgrad runs one GEMM
-    per expert with rows, reducing over that expert's tokens in 128x1 tiles, in the weights' entry node
-    (``fp8.wgrad``: deferrable to a W pass).
-    """
-
-    @staticmethod
-    def forward(ctx, x: Tensor, w1: Tensor, w2: Tensor, w3: Tensor, counts: list[int], backend: GemmBackend,
-                box: WeightGradBox, weights: Tensor) -> Tensor:
-        out_dtype = _output_dtype(x)
-        with _no_autocast(x):
-            qx = _quantize(x, 1)
-            gate = expert_gemm(backend, qx, w1, counts)  # [T, I] fp32
-            up = expert_gemm(backend, qx, w3, counts)
-            hidden = _swiglu_parts(gate, up)[2] * weights.float()[:, None]
-            out = expert_gemm(backend, _quantize(hidden, 1), w2, counts)  # [T, D]
-            # Cache: the SwiGLU inputs in FP8 1x128 tiles, and x as per-expert 128x1 tiles for Wgrad
-            # (token tiles must not straddle experts); the SwiGLU output is recomputed in backward.
-            q_gate, q_up = _quantize(gate, 1), _quantize(up, 1)
-            x_t = [_quantize_t(rows) for rows in x.split(counts)]
-        ctx.save_for_backward(q_gate.data, q_gate.scale, q_up.data, q_up.scale, w1, w2, w3, weights,
-                              *[q.data for q in x_t], *[q.scale for q in x_t])
-        ctx.counts, ctx.backend, ctx.x_dtype, ctx.box = counts, backend, x.dtype, box
-        ctx.weight_specs = [WeightSpec.of(w) for w in (w1, w2, w3)]
-        return out.to(out_dtype)
-
-    @staticmethod
-    def backward(ctx, dout: Tensor):
-        box: WeightGradBox = ctx.box
-        no_weight_grads = [no_weight_grad(spec) for spec in ctx.weight_specs]
-        if box.is_replay(dout):  # the W pass of a split backward: only the entry node's Wgrad is left
-            return None, *no_weight_grads, None, None, None, None
-        gate_data, gate_scale, up_data, up_scale, w1, w2, w3, weights, *x_parts = ctx.saved_tensors
-        counts, backend = ctx.counts, ctx.backend
-        n_experts = len(counts)
-        x_t = [_rebuild(d, s, 1, "e4m3", False) for d, s in zip(x_parts[:n_experts], x_parts[n_experts:])]
-        with _no_autocast(dout):
-            dout32 = dout.float()
-            gate = dequantize(_rebuild(gate_data, gate_scale, 1, "e4m3", False))
-            up = dequantize(_rebuild(up_data, up_scale, 1, "e4m3", False))
-            act, sig, unweighted = _swiglu_parts(gate, up)  # recomputed from the FP8 cache
-            row_weights = weights.float()[:, None]
-            hidden = unweighted * row_weights
-
-            # down projection: Dgrad dh = dout W2 (K = D); then through the gate weights
-            dweighted = expert_gemm(backend, _quantize(dout32, 1), w2.transpose(1, 2), counts)
-            dweights = (dweighted * unweighted).sum(-1).to(weights.dtype) if ctx.needs_input_grad[7] else None
-            dhidden = dweighted * row_weights
-            dgate = dhidden * up * sig * (1 + gate * (1 - sig))
-            dup = dhidden * act
-            dx = None
-            if ctx.needs_input_grad[0]:  # Dgrad of gate and up: K = I
-                dx = (expert_gemm(backend, _quantize(dgate, 1), w1.transpose(1, 2), counts)
-                      + expert_gemm(backend, _quantize(dup, 1), w3.transpose(1, 2), counts))
-                dx = dx.to(ctx.x_dtype)
-            if not any(ctx.needs_input_grad[1:4]):
-                return dx, None, None, None, None, None, None, dweights
-
-            # Wgrad operands (K = the expert's tokens), quantized now: a split backward keeps them,
-            # in FP8, until its W pass instead of fp32 dout, h, dgate and dup
-            rows = [(e, _quantize_t(dout_e), _quantize_t(h_e), _quantize_t(dg_e), _quantize_t(du_e))
-                    for e, (dout_e, h_e, dg_e, du_e) in enumerate(zip(dout32.split(counts), hidden.split(counts),
-                                                                      dgate.split(counts), dup.split(counts)))
-                    if counts[e]]  # an expert without rows gets a zero gradient
-
-        def wgrad() -> tuple[Tensor, Tensor, Tensor]:  # dW2 = dout^T h, dW1 = dgate^T x, dW3 = dup^T x
-            dw1, dw2, dw3 = (torch.zeros_like(w, dtype=wgrad_dtype(w)) for w in (w1, w2, w3))
-            for e, dout_t, h_t, dg_t, du_t in rows:
-                dw2[e] = backend.gemm(dout_t, h_t)
-                dw1[e] = backend.gemm(dg_t, x_t[e])
-                dw3[e] = backend.gemm(du_t, x_t[e])
-            return dw1, dw2, dw3
-
-        box.defer(dout, wgrad)
-        return dx, *no_weight_grads, None, None, None, dweights
-
-
-def fp8_expert_ffn(x_sorted: Tensor, counts: Tensor | list[int], w1: Tensor, w2: Tensor, w3: Tensor,
-                   weights: Tensor | None = None, *, backend: GemmBackend) -> Tensor:
-    """SwiGLU of each routed expert on its rows through grouped FP8 GEMMs (sec 3.3.1, 3.3.3), times the
-    rows' gate ``weights`` [T] (fp32; None: ones).
-
-    x_sorted [T, D] sorted by expert, ``counts`` [E] rows per expert; w1 (gate) [E, I, D], w3 (up)
-    [E, I, D], w2 (down) [E, D, I]: FP32 masters or BF16 working copies, with FP32 gradients (zero for
-    experts without rows).
-    Returns [T, D] in the autocast dtype (else x's). The signature of ``RoutedExperts.fp8_ffn`` after
-    ``functools.partial(fp8_expert_ffn, backend=...)``.
-    """
-    counts = [int(c) for c in (counts.tolist() if isinstance(counts, Tensor) else counts)]
-    if len(counts) != w1.shape[0] or sum(counts) != x_sorted.shape[0]:
-        raise ValueError(f"counts ({len(counts)} experts, {sum(counts)} rows) do not match w1 {tuple(w1.shape)} "
-                         f"and x_sorted {tuple(x_sorted.shape)}")
-    box = WeightGradBox()
-    w1, w2, w3 = weight_entry(box, w1, w2, w3)
-    if weights is None:
-        weights = x_sorted.new_ones(x_sorted.shape[0], dtype=torch.float32)
-    return _Fp8ExpertFFN.apply(x_sorted, w1, w2, w3, counts, backend, box, weights)

@@ -171,6 +171,16 @@ class Quantized:
         g = self.group_rows
         return Quantized(self.data[start:stop], self.scale[start // g:_ceil_div(stop, g)], g, self.fmt, self.pow2)
 
+    def col_slice(self, start: int, stop: int) -> Quantized:
+        """Columns [start, stop) as a Quantized; the cut must fall on 128-column tile boundaries (or the end)."""
+        cols = self.data.shape[1]
+        if not 0 <= start <= stop <= cols:
+            raise ValueError(f"col_slice({start}, {stop}) out of range for {cols} columns")
+        if start % BLOCK or (stop % BLOCK and stop != cols):
+            raise ValueError(f"col_slice({start}, {stop}) splits a tile of {BLOCK} columns")
+        return Quantized(self.data[:, start:stop], self.scale[:, start // BLOCK:_ceil_div(stop, BLOCK)],
+                         self.group_rows, self.fmt, self.pow2)
+
     def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
         return dequantize(self, dtype)
 

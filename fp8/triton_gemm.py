@@ -63,6 +63,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without triton
     raise ImportError("fp8.triton_gemm needs Triton: pip install -e '.[gpu]' (or: pip install triton)",
                       name="triton") from exc
 
+from fp8.gemm import expert_offsets
 from fp8.quant import BLOCK, Quantized, e5m6_decode
 
 BLOCK_K = BLOCK  # one K block per promotion: N_C = 128 (4 WGMMAs of K = 32)
@@ -100,16 +101,20 @@ GROUPED_CONFIG = KernelConfig(block_m=64, block_n=128, num_warps=4, num_stages=4
 def _fp8_gemm_kernel(
     a_ptr, b_ptr, out_ptr, sa_ptr, sb_ptr, tiles_ptr,
     M, N, K,
-    stride_am, stride_ak, stride_bn, stride_bk, stride_om, stride_on,
+    stride_am, stride_ak, stride_bn, stride_bk, stride_oe, stride_om, stride_on,
     stride_sam, stride_sak, stride_sbn, stride_sbk,
     GROUP_A: tl.constexpr, GROUP_B: tl.constexpr,
-    GROUPED: tl.constexpr, EVEN_K: tl.constexpr, B_SCALAR: tl.constexpr,
+    GROUPED: tl.constexpr, K_GROUPED: tl.constexpr, EVEN_K: tl.constexpr, B_SCALAR: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     pid = tl.program_id(0)
     num_pid_n = (N + BLOCK_N - 1) // BLOCK_N  # not tl.cdiv: see the module docstring
+    kb_start = 0
+    kb_end = (K + BLOCK_K - 1) // BLOCK_K
+    out_ptr0 = out_ptr
     if GROUPED:
-        # tiles_ptr: int32 [n_tiles, 3] = (row_start, row_end, expert); N is the per-expert N.
+        # tiles_ptr: int32 [n_tiles, 3] = (row_start, row_end, expert); N is the per-expert N. The table
+        # is sized for the worst case; its unused tail is empty tiles (row_start == row_end): no K loop.
         tile = pid // num_pid_n
         pid_n = pid % num_pid_n
         row_start = tl.load(tiles_ptr + tile * 3)
@@ -118,6 +123,21 @@ def _fp8_gemm_kernel(
         offs_m = row_start + tl.arange(0, BLOCK_M)
         mask_m = offs_m < row_end
         b_row0 = expert * N  # first row of this expert in the stacked weights
+        kb_end = tl.where(row_start < row_end, kb_end, 0)
+    elif K_GROUPED:
+        # tiles_ptr: int32 [E + 1] column offsets (multiples of 128): expert e reduces over its own tokens,
+        # K blocks offsets[e] / 128 .. offsets[e + 1] / 128, into its own [M, N] slice of the output.
+        num_pid_m = (M + BLOCK_M - 1) // BLOCK_M
+        expert = pid // (num_pid_m * num_pid_n)
+        pid_mn = pid % (num_pid_m * num_pid_n)
+        pid_m = pid_mn // num_pid_n
+        pid_n = pid_mn % num_pid_n
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < M
+        b_row0 = 0
+        kb_start = tl.load(tiles_ptr + expert) // BLOCK_K
+        kb_end = tl.load(tiles_ptr + expert + 1) // BLOCK_K
+        out_ptr0 = out_ptr + expert.to(tl.int64) * stride_oe
     else:
         # L2-friendly order: GROUP_M M-tiles share the N-tiles they sweep (Triton matmul tutorial).
         num_pid_m = (M + BLOCK_M - 1) // BLOCK_M
@@ -144,8 +164,10 @@ def _fp8_gemm_kernel(
     else:  # per column of B^T: scale of its tile
         sb_ptrs = sb_ptr + (rows_b // GROUP_B) * stride_sbn
 
+    a_ptrs += kb_start * BLOCK_K * stride_ak
+    b_ptrs += kb_start * BLOCK_K * stride_bk
     acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)  # not tl.zeros (a @triton.jit library function)
-    for kb in range(0, (K + BLOCK_K - 1) // BLOCK_K):
+    for kb in range(kb_start, kb_end):
         if EVEN_K:
             a = tl.load(a_ptrs, mask=mask_m[:, None], other=0.0)
             b = tl.load(b_ptrs, mask=mask_n[None, :], other=0.0)
@@ -166,7 +188,7 @@ def _fp8_gemm_kernel(
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
 
-    out_ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :] * stride_on
+    out_ptrs = out_ptr0 + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :] * stride_on
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
@@ -245,21 +267,27 @@ class Launch:
 
 
 def _plan(a: Quantized, b: Quantized, out: Tensor, tiles: Tensor | None, m: int, n: int,
-          cfg: KernelConfig) -> Launch:
+          cfg: KernelConfig, k_grouped: bool = False) -> Launch:
+    """The launch for out = a @ b.T: dense (``tiles`` None), M-grouped (``tiles`` the M-tile table), or
+    K-grouped (``k_grouped``: ``tiles`` the experts' column offsets, out [E, M, N])."""
     pa, pb = _payloads(a, b)
     sa, sb = a.scale, b.scale
     k = a.shape[1]
-    m_tiles = tiles.shape[0] if tiles is not None else triton.cdiv(m, cfg.block_m)
+    if k_grouped:
+        programs = (tiles.shape[0] - 1) * triton.cdiv(m, cfg.block_m)
+    else:
+        programs = tiles.shape[0] if tiles is not None else triton.cdiv(m, cfg.block_m)
+    stride_oe, stride_om, stride_on = out.stride() if out.dim() == 3 else (0, *out.stride())
     args = (pa, pb, out, sa, sb, tiles if tiles is not None else sa,
             m, n, k,
-            pa.stride(0), pa.stride(1), pb.stride(0), pb.stride(1), out.stride(0), out.stride(1),
+            pa.stride(0), pa.stride(1), pb.stride(0), pb.stride(1), stride_oe, stride_om, stride_on,
             sa.stride(0), sa.stride(1), sb.stride(0), sb.stride(1))
-    constexprs = dict(GROUP_A=a.group_rows, GROUP_B=b.group_rows, GROUPED=tiles is not None,
-                      EVEN_K=k % BLOCK_K == 0, B_SCALAR=b.group_rows % cfg.block_n == 0,
+    constexprs = dict(GROUP_A=a.group_rows, GROUP_B=b.group_rows, GROUPED=tiles is not None and not k_grouped,
+                      K_GROUPED=k_grouped, EVEN_K=k % BLOCK_K == 0, B_SCALAR=b.group_rows % cfg.block_n == 0,
                       BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=BLOCK_K, GROUP_M=cfg.group_m)
     # FP fusion on: the promotion ``acc += partial * scale`` is one FFMA per element (as in DeepGEMM).
     options = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=True)
-    return Launch(m_tiles * triton.cdiv(n, cfg.block_n), args, constexprs, options)
+    return Launch(programs * triton.cdiv(n, cfg.block_n), args, constexprs, options)
 
 
 def _kernel_out_dtype(out_dtype: torch.dtype) -> torch.dtype:
@@ -268,18 +296,27 @@ def _kernel_out_dtype(out_dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if out_dtype == torch.bfloat16 and interpret_mode() else out_dtype
 
 
-def expert_tiles(counts: list[int], block_m: int) -> Tensor:
-    """int32 [n_tiles, 3] rows ``(row_start, row_end, expert)``: each expert's rows (a's rows sorted by
-    expert) cut into tiles of at most ``block_m`` rows; experts with 0 rows get no tile."""
-    c = torch.tensor(counts, dtype=torch.int64)
-    starts = torch.cumsum(c, 0) - c
+def expert_tiles(counts: list[int] | Tensor, block_m: int, rows: int, device: torch.device | None = None) -> Tensor:
+    """int32 [ceil(rows / block_m) + E, 3] rows ``(row_start, row_end, expert)``: each expert's rows (a's
+    ``rows`` rows sorted by expert, ``counts[e]`` of expert e) cut into tiles of at most ``block_m`` rows,
+    then empty tiles (``row_start == row_end == rows``) up to that worst-case length. Computed where
+    ``counts`` lives (a tensor on the GPU stays there: the table needs no host sync); experts with 0 rows
+    get no tile."""
+    c = torch.as_tensor(counts, dtype=torch.int64, device=device if not isinstance(counts, Tensor) else None)
+    if c.dim() != 1 or c.numel() == 0:
+        raise ValueError(f"counts must list the rows of at least one expert, got shape {tuple(c.shape)}")
+    n_tiles = -(-rows // block_m) + c.shape[0]
     per_expert = (c + block_m - 1) // block_m
-    expert = torch.repeat_interleave(torch.arange(len(counts)), per_expert)
-    first_tile = torch.cumsum(per_expert, 0) - per_expert
-    index = torch.arange(int(per_expert.sum())) - first_tile[expert]
-    row_start = starts[expert] + index * block_m
-    row_end = torch.minimum(row_start + block_m, starts[expert] + c[expert])
-    return torch.stack([row_start, row_end, expert], 1).to(torch.int32)
+    tile_end = torch.cumsum(per_expert, 0)  # one past each expert's last tile
+    tile = torch.arange(n_tiles, device=c.device)
+    expert = torch.searchsorted(tile_end, tile, right=True).clamp_(max=c.shape[0] - 1)
+    row0 = torch.cumsum(c, 0) - c
+    row_start = row0[expert] + (tile - (tile_end - per_expert)[expert]) * block_m
+    row_end = torch.minimum(row_start + block_m, row0[expert] + c[expert])
+    used = tile < tile_end[-1:]
+    row_start = torch.where(used, row_start, rows)
+    row_end = torch.where(used, row_end, rows)
+    return torch.stack([row_start, row_end, torch.where(used, expert, 0)], 1).to(torch.int32)
 
 
 class TritonBackend:
@@ -303,12 +340,24 @@ class TritonBackend:
             launch.run()
         return out.to(out_dtype)
 
-    def grouped_gemm(self, a: Quantized, b: Quantized, counts: list[int],
+    def grouped_gemm(self, a: Quantized, b: Quantized, counts: list[int] | Tensor,
                      out_dtype: torch.dtype = torch.float32) -> Tensor:
         """MoE grouped GEMM in one launch: rows of a [T, K] sorted by expert (``counts[e]`` rows for
         expert e), b the stacked expert weights [E * N, K] (tiles of 128 along K, group_rows 1 or 128, no
-        block straddling two experts); returns [T, N] with expert e's rows multiplied by its weight."""
+        block straddling two experts); returns [T, N] with expert e's rows multiplied by its weight.
+        ``counts`` as a tensor on the GPU is not read by the host (no sync): it must then hold E
+        non-negative counts summing to T, which only a host list is checked for."""
         out, launch = self.plan_grouped_gemm(a, b, counts, _kernel_out_dtype(out_dtype))
+        if launch is not None:
+            launch.run()
+        return out.to(out_dtype)
+
+    def k_grouped_gemm(self, a: Quantized, b: Quantized, offsets: list[int] | Tensor,
+                       out_dtype: torch.dtype = torch.float32) -> Tensor:
+        """The experts' Wgrad in one launch (``GemmBackend.k_grouped_gemm``): [E, M, N] with out[e] the
+        product of a's and b's columns ``offsets[e]:offsets[e + 1]`` (their tokens, 128-aligned). A tensor
+        of offsets on the GPU is not read by the host (no sync) and must satisfy ``fp8.gemm.expert_offsets``."""
+        out, launch = self.plan_k_grouped_gemm(a, b, offsets, _kernel_out_dtype(out_dtype))
         if launch is not None:
             launch.run()
         return out.to(out_dtype)
@@ -323,12 +372,16 @@ class TritonBackend:
             return out.zero_(), None
         return out, _plan(a, b, out, None, m, n, self.dense_config)
 
-    def plan_grouped_gemm(self, a: Quantized, b: Quantized, counts: list[int],
+    def plan_grouped_gemm(self, a: Quantized, b: Quantized, counts: list[int] | Tensor,
                           out_dtype: torch.dtype = torch.float32) -> tuple[Tensor, Launch | None]:
         _check_pair(a, b, out_dtype)
-        counts = [int(c) for c in counts]
-        if any(c < 0 for c in counts) or sum(counts) != a.shape[0]:
-            raise ValueError(f"counts {counts} must be non-negative and sum to the {a.shape[0]} rows of a")
+        on_device = isinstance(counts, Tensor) and counts.device.type != "cpu"
+        if not on_device:
+            counts = [int(c) for c in (counts.tolist() if isinstance(counts, Tensor) else counts)]
+            if any(c < 0 for c in counts) or sum(counts) != a.shape[0]:
+                raise ValueError(f"counts {counts} must be non-negative and sum to the {a.shape[0]} rows of a")
+        elif a.group_rows > 1:
+            raise ValueError("grouped gemm with counts on the device needs 1x128 activation tiles (group_rows 1)")
         n_experts = len(counts)
         if n_experts == 0 or b.shape[0] % n_experts:
             raise ValueError(f"stacked weights of {b.shape[0]} rows do not split into {n_experts} experts")
@@ -347,5 +400,23 @@ class TritonBackend:
         if t == 0 or n == 0 or k == 0:
             return out.zero_(), None
         cfg = self.grouped_config
-        tiles = expert_tiles(counts, cfg.block_m).to(a.data.device)
+        tiles = expert_tiles(counts, cfg.block_m, t, a.data.device).to(a.data.device)
         return out, _plan(a, b, out, tiles, t, n, cfg)
+
+    def plan_k_grouped_gemm(self, a: Quantized, b: Quantized, offsets: list[int] | Tensor,
+                            out_dtype: torch.dtype = torch.float32) -> tuple[Tensor, Launch | None]:
+        _check_pair(a, b, out_dtype)
+        if a.group_rows != 1 or b.group_rows != 1:
+            raise ValueError("k-grouped gemm needs both operands in 1x128 tiles along K (group_rows 1)")
+        if a.shape[1] % BLOCK_K:
+            raise ValueError(f"k-grouped gemm needs K padded to a multiple of {BLOCK_K}, got {a.shape[1]}")
+        if not (isinstance(offsets, Tensor) and offsets.device.type != "cpu"):
+            offsets = torch.tensor(expert_offsets(offsets, a.shape[1]))
+        (m, k), n = a.shape, b.shape[0]
+        out = torch.empty(offsets.shape[0] - 1, m, n, dtype=out_dtype, device=a.data.device)
+        if out.numel() == 0:
+            return out, None
+        if k == 0:
+            return out.zero_(), None
+        offsets = offsets.to(device=a.data.device, dtype=torch.int32)
+        return out, _plan(a, b, out, offsets, m, n, self.grouped_config, k_grouped=True)

@@ -26,8 +26,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from fp8.backend import EmulateBackend, ReferenceBackend
+from fp8.experts import expert_gemm, fp8_expert_ffn, quantize_experts
 from fp8.gemm import gemm_reference
-from fp8.linear import Fp8Linear, expert_gemm, fp8_expert_ffn, fp8_linear, quantize_experts, transpose_blocks
+from fp8.linear import Fp8Linear, fp8_linear, transpose_blocks
 from fp8.quant import BLOCK, E4M3_MAX, Quantized, dequantize_2d, quantize, quantize_act_transposed, quantize_weight
 from bench.host_syncs import HostReads
 from train.model import expert_ffn_loop
@@ -477,7 +478,7 @@ def test_fp8_training_path_reads_nothing_back_and_carries_nan():
     """Forward and backward of the FP8 linear (E4M3 and E5M6 caches) and the experts' SwiGLU read no value
     back to the host (no .item() or bool(): each would make a GPU step wait, issue 9); a NaN in the input
     comes out as NaN in the output and the gradients instead of raising, so the trainer's guard skips the
-    step as it does without FP8. (The experts' row counts, ``counts.tolist()``, are the known read.)"""
+    step as it does without FP8."""
     torch.manual_seed(0)
     w = torch.randn(96, 200, requires_grad=True)
     counts = [5, 0, 11]
@@ -503,16 +504,17 @@ def test_fp8_training_path_reads_nothing_back_and_carries_nan():
 
 def test_expert_swiglu_output_not_cached():
     """Sec 3.3.3: what the expert FFN saves for backward is x (FP8, 128x1 per expert), the SwiGLU inputs
-    gate and up (FP8), scales and the rows' FP32 gate weights: T (D + 2 I + 4) bytes + scales, no [T, I]
-    or [T, D] tensor in a wider dtype."""
+    gate and up (FP8), scales and the rows' FP32 gate weights: T (2 I + 4) + T_aligned D bytes + scales,
+    no [T, I] or [T, D] tensor in a wider dtype. x's layout starts each expert on a 128-token tile
+    (fp8/experts.py): on the CPU exactly sum(ceil(count / 128)) * 128 rows, here 128 + 128."""
     counts = [100, 28]
     dim, inter = 128, 256
     x, w1, w2, w3, _ = expert_inputs(counts, dim, inter)
     leaves = [t.float().requires_grad_() for t in (x, w1, w2, w3, gate_weights(counts))]
     total = saved_bytes(lambda: fp8_expert_ffn(leaves[0], counts, *leaves[1:], backend=EMULATE), leaves[1:4])
-    tokens = sum(counts)
+    tokens, aligned = sum(counts), 256
     scales = 4 * (2 * tokens * (inter // BLOCK) + dim * len(counts))  # gate/up 1x128; x 128x1 per expert
-    assert total == tokens * (dim + 2 * inter + 4) + scales
+    assert total == tokens * (2 * inter + 4) + aligned * dim + scales
 
 
 def test_linear_rejects_bad_shapes():

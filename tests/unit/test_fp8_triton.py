@@ -35,7 +35,7 @@ triton = pytest.importorskip("triton", reason="Triton is not installed (pip inst
 tl = pytest.importorskip("triton.language")
 
 from fp8 import triton_gemm as tg  # noqa: E402
-from fp8.gemm import gemm_reference, grouped_gemm_reference  # noqa: E402
+from fp8.gemm import gemm_reference, grouped_gemm_reference, k_grouped_gemm_reference  # noqa: E402
 from fp8.quant import BLOCK, Quantized, dequantize, quantize  # noqa: E402
 from fp8.triton_gemm import KernelConfig, TritonBackend, expert_tiles  # noqa: E402
 
@@ -224,6 +224,33 @@ class TestInterpreted:
         out = TritonBackend().grouped_gemm(a, b, counts)
         assert torch.equal(out, grouped_gemm_reference(a, b, counts))
 
+    @pytest.mark.parametrize("offsets", [[0, 128, 128, 384, 512], [0, 0, 256], [0, 640]])
+    def test_k_grouped_matches_reference(self, offsets):
+        """The experts' Wgrad in one launch: expert e reduces over its own 128-aligned token columns (an
+        expert without tokens gets zeros, columns past the last offset are not read); M and N ragged
+        against 32x16 tiles."""
+        x, w = operands(40, 24, 640, seed=11)
+        a, b = quantize(x, 1), quantize(w, 1)
+        backend = TritonBackend(grouped_config=KernelConfig(block_m=32, block_n=16, num_warps=4))
+        out = backend.k_grouped_gemm(a, b, offsets)
+        ref = k_grouped_gemm_reference(a, b, offsets)
+        assert out.shape == (len(offsets) - 1, 40, 24)
+        for e, (start, stop) in enumerate(zip(offsets, offsets[1:])):
+            if stop == start:
+                assert torch.equal(out[e], torch.zeros(40, 24))
+            else:
+                mag = magnitude(a.col_slice(start, stop), b.col_slice(start, stop))
+                assert_close(out[e], ref[e], mag, INTERPRET_RTOL)
+
+    def test_k_grouped_exact_with_pow2_scales_and_tensor_offsets(self):
+        a = quantize(integer_operand(70, 768, seed=12), 1, pow2=True)
+        b = quantize(integer_operand(90, 768, seed=13), 1, pow2=True)
+        offsets = torch.tensor([0, 256, 256, 384, 768])
+        out = TritonBackend().k_grouped_gemm(a, b, offsets)
+        assert torch.equal(out, k_grouped_gemm_reference(a, b, offsets))
+        out16 = TritonBackend().k_grouped_gemm(a, b, offsets, out_dtype=torch.bfloat16)
+        assert torch.equal(out16, out.to(torch.bfloat16))
+
     def test_empty_operands(self):
         backend = TritonBackend()
         a, b = quantize(torch.randn(0, 64)), quantize(torch.randn(8, 64), 128)
@@ -232,6 +259,8 @@ class TestInterpreted:
         assert torch.equal(backend.gemm(a, quantize(torch.randn(8, 0))), torch.zeros(4, 8))
         a = quantize(torch.randn(0, 64))
         assert backend.grouped_gemm(a, quantize(torch.randn(16, 64)), [0, 0]).shape == (0, 8)
+        a, b = quantize(torch.randn(8, 0)), quantize(torch.randn(4, 0))
+        assert torch.equal(backend.k_grouped_gemm(a, b, [0, 0, 0]), torch.zeros(2, 8, 4))
 
 
 def _starts(counts: list[int]) -> list[int]:
@@ -243,9 +272,21 @@ def _starts(counts: list[int]) -> list[int]:
 
 
 def test_expert_tiles():
-    tiles = expert_tiles([5, 0, 9, 4], 4).tolist()
-    assert tiles == [[0, 4, 0], [4, 5, 0], [5, 9, 2], [9, 13, 2], [13, 14, 2], [14, 18, 3]]
-    assert expert_tiles([0, 0], 64).shape == (0, 3)
+    """Each expert's rows in tiles of at most block_m rows, then empty tiles up to the worst case
+    ceil(T / block_m) + E, computed the same from a list or a tensor (a device tensor stays on the device:
+    the table needs no host read)."""
+    tiles = expert_tiles([5, 0, 9, 4], 4, 18).tolist()
+    used = [[0, 4, 0], [4, 5, 0], [5, 9, 2], [9, 13, 2], [13, 14, 2], [14, 18, 3]]
+    assert tiles == used + [[18, 18, 0]] * 3
+    assert torch.equal(expert_tiles(torch.tensor([5, 0, 9, 4]), 4, 18), expert_tiles([5, 0, 9, 4], 4, 18))
+    assert expert_tiles([0, 0], 64, 0).tolist() == [[0, 0, 0]] * 2
+    for seed in range(20):  # the worst case bounds every routing
+        counts = routed_counts(50, 8, 3, seed)
+        table = expert_tiles(counts, 16, 150)
+        assert sum(-(-c // 16) for c in counts) <= table.shape[0] == 10 + 8
+        assert (table[:, 1] - table[:, 0]).sum() == 150
+    with pytest.raises(ValueError, match="at least one expert"):
+        expert_tiles([], 64, 0)
 
 
 def test_validation_errors(monkeypatch):
@@ -265,6 +306,14 @@ def test_validation_errors(monkeypatch):
         backend.grouped_gemm(a, quantize(torch.randn(192, 256), 128), [4, 4, 0])
     with pytest.raises(ValueError, match="activation tiles"):
         backend.grouped_gemm(quantize(torch.randn(200, 256), 128), b, [100, 100])
+    wgrad_a, wgrad_b = quantize(torch.randn(8, 256)), quantize(torch.randn(4, 256))
+    for offsets in ([0, 100, 256], [0, 256, 128], [128, 256], [0, 384], [0]):
+        with pytest.raises(ValueError, match="multiples of 128"):
+            backend.k_grouped_gemm(wgrad_a, wgrad_b, offsets)
+    with pytest.raises(ValueError, match="group_rows 1"):
+        backend.k_grouped_gemm(wgrad_a, quantize(torch.randn(4, 256), 128), [0, 256])
+    with pytest.raises(ValueError, match="multiple of 128"):
+        backend.k_grouped_gemm(quantize(torch.randn(8, 200)), quantize(torch.randn(4, 200)), [0, 128])
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     if not tg.interpret_mode():
         with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
@@ -343,12 +392,16 @@ def stack_bytes(cubin: bytes, tmp_path) -> int | None:
 
 @pytest.mark.usefixtures("compiled_mode")
 class TestCompiledForHopper:
-    @pytest.mark.parametrize("grouped", [False, True], ids=["dense", "grouped"])
+    @pytest.mark.parametrize("grouped", ["dense", "grouped", "k_grouped"])
     def test_four_fp8_wgmmas_per_k_block_then_promotion(self, grouped, tmp_path):
         m, n, k = REPORT_DENSE
         a = _fp8_zeros(m, k, 1)
         backend = TritonBackend()
-        if grouped:
+        if grouped == "k_grouped":  # Wgrad of 16 experts: dW [N, K] per expert over its 4096 / 16 tokens
+            a, b = _fp8_zeros(n, m, 1), _fp8_zeros(k, m, 1)
+            _, launch = backend.plan_k_grouped_gemm(a, b, torch.arange(0, m + 1, m // 16))
+            cfg = backend.grouped_config
+        elif grouped == "grouped":
             experts = 16
             b = _fp8_zeros(experts * n, k, BLOCK)
             _, launch = backend.plan_grouped_gemm(a, b, routed_counts(m // 8, experts, 8, seed=0))
@@ -440,3 +493,18 @@ class TestCuda:
                          @ dequantize(b.row_slice(e * n, (e + 1) * n), torch.float64).T
                          for e, (s, c) in enumerate(zip(_starts(counts), counts))])
         assert torch.equal(out.double(), ref)
+
+    def test_k_grouped_exact_with_pow2_scales(self):
+        """The experts' Wgrad in one launch at an expert's shape: dW [2048, 7168] of 8 experts over their
+        routed tokens (1024 tokens, top-2), each expert's tokens starting on a 128-column tile."""
+        counts = routed_counts(1024, 8, 2, seed=6)
+        offsets = torch.tensor([0, *[-(-c // BLOCK) * BLOCK for c in counts]]).cumsum(0)
+        tokens = int(offsets[-1])
+        a = quantize(integer_operand(2048, tokens, seed=7, device="cuda"), 1, pow2=True)  # dY^T
+        b = quantize(integer_operand(7168, tokens, seed=8, device="cuda"), 1, pow2=True)  # X^T
+        out = TritonBackend().k_grouped_gemm(a, b, offsets.cuda())
+        assert out.shape == (8, 2048, 7168)
+        da, db = dequantize(a, torch.float64), dequantize(b, torch.float64)
+        for e in (0, 3, 7):
+            start, stop = int(offsets[e]), int(offsets[e + 1])
+            assert torch.equal(out[e].double(), da[:, start:stop] @ db[:, start:stop].T)

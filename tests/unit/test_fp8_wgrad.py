@@ -17,7 +17,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from fp8.backend import EmulateBackend
-from fp8.linear import fp8_expert_ffn, fp8_linear
+from fp8.experts import fp8_expert_ffn
+from fp8.linear import fp8_linear
 from fp8.quant import Quantized
 from parallel.pipeline.overlap import backward_piece
 
@@ -38,9 +39,13 @@ class CountingBackend(EmulateBackend):
         self.calls[self._kind(b)] += 1
         return super().gemm(a, b)
 
-    def grouped_gemm(self, a: Quantized, b: Quantized, counts: list[int]) -> torch.Tensor:
+    def grouped_gemm(self, a: Quantized, b: Quantized, counts) -> torch.Tensor:
         self.calls["grouped"] += 1
         return super().grouped_gemm(a, b, counts)
+
+    def k_grouped_gemm(self, a: Quantized, b: Quantized, offsets) -> torch.Tensor:
+        self.calls["k_grouped"] += 1
+        return super().k_grouped_gemm(a, b, offsets)
 
     def take(self) -> Counter[str]:
         calls, self.calls = self.calls, Counter()
@@ -112,11 +117,11 @@ def test_split_backward_runs_each_gemm_once_with_identical_grads(make, recompute
         assert plain["B"] == Counter(block=2 + 2 * recompute, wgrad=2)
         assert split["B"] == Counter(block=2 + 2 * recompute), split
         assert split["W"] == Counter(wgrad=2), split
-    else:  # grouped: Fprop gate/up/down 3, Dgrad down/gate/up 3; Wgrad 3 per expert with rows (3 of 4)
+    else:  # grouped: Fprop gate/up/down 3, Dgrad down/gate/up 3; Wgrad one K-grouped GEMM per weight
         assert plain["forward"] == Counter(grouped=3)
-        assert plain["B"] == Counter(grouped=3 + 3 * recompute, wgrad=9)
+        assert plain["B"] == Counter(grouped=3 + 3 * recompute, k_grouped=3)
         assert split["B"] == Counter(grouped=3 + 3 * recompute), split
-        assert split["W"] == Counter(wgrad=9), split
+        assert split["W"] == Counter(k_grouped=3), split
 
 
 def test_retained_graph_backward_twice_accumulates():

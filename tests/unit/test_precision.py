@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from fp8.backend import EmulateBackend
-from fp8.linear import fp8_expert_ffn, fp8_linear
+from fp8.experts import fp8_expert_ffn
+from fp8.linear import fp8_linear
 from train.losses import compute_losses
 from train.model import Gate, RMSNorm
 from train.ops import embedding

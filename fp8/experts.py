@@ -1,0 +1,200 @@
+"""The routed experts' SwiGLU through grouped FP8 GEMMs (report sec 3.3.1, 3.3.3).
+
+The rows reach the experts sorted by expert (``counts[e]`` rows for expert e, ``train/model.py``). Per
+projection (gate ``w1``, up ``w3``, down ``w2``):
+
+* Fprop and Dgrad are M-grouped GEMMs (``GemmBackend.grouped_gemm``): each expert's rows times its own
+  weight, in one launch on the Triton backend. Activations in 1x128 tiles, weights in 128x128 blocks.
+* Wgrad reduces over each expert's tokens (``dW_e = dY_e^T X_e``), so its operands are tiled 128x1 per
+  expert: a tile must not straddle two experts. The operands are laid out with each expert's tokens
+  starting on a multiple of 128 (``ExpertRows``: zero rows in between, which change no tile's max-abs,
+  so every tile is the one quantizing that expert alone would give), quantized in one call, and
+  multiplied in one K-grouped GEMM per weight (``GemmBackend.k_grouped_gemm``). DeepGEMM's grouped
+  layouts pad each expert the same way. The cost: at most 127 zero rows per expert in the cached x
+  (on a GPU the layout is sized for the worst case, ``128 (ceil(T / 128) + E)`` rows, since its exact
+  size would have to be read back).
+
+No value goes to the host on a GPU with the Triton backend: ``counts`` stays a device tensor, turned
+into tile tables and offsets on the device (the other backends read it; on the CPU that costs nothing).
+
+Caching (sec 3.3.3): x in FP8 (128x1, the layout above) for Wgrad, the SwiGLU inputs (gate and up) in
+FP8 1x128 tiles; the SwiGLU output is recomputed in backward instead of stored.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from fp8.backend import GemmBackend
+from fp8.linear import _no_autocast, _output_dtype, _quantize, _quantize_t, _rebuild, wgrad_dtype
+from fp8.quant import BLOCK, Quantized, dequantize
+from fp8.wgrad import WeightGradBox, WeightSpec, no_weight_grad, weight_entry
+
+
+@dataclass(frozen=True)
+class ExpertRows:
+    """Where each expert's rows are: ``counts`` [E] (int64, on the rows' device) in the expert-sorted rows,
+    and in the 128-aligned layout of the Wgrad operands: expert e's tokens at rows ``offsets[e]`` on
+    (``offsets`` [E + 1], multiples of 128), ``padded_rows`` rows in all, row i of the sorted rows at
+    ``destination[i]``."""
+
+    counts: Tensor
+    offsets: Tensor
+    destination: Tensor
+    padded_rows: int
+
+    @classmethod
+    def of(cls, counts: Tensor, rows: int) -> ExpertRows:
+        c = counts.to(torch.int64)
+        aligned = (c + BLOCK - 1) // BLOCK * BLOCK
+        offsets = torch.cat([c.new_zeros(1), torch.cumsum(aligned, 0)])
+        if c.is_cuda:  # the worst case: reading the exact size back would wait for the GPU
+            padded_rows = BLOCK * (-(-rows // BLOCK) + c.shape[0])
+        else:
+            padded_rows = sum(aligned.tolist())
+        expert = torch.repeat_interleave(torch.arange(c.shape[0], device=c.device), c, output_size=rows)
+        first_row = torch.cumsum(c, 0) - c
+        destination = offsets[expert] + torch.arange(rows, device=c.device) - first_row[expert]
+        return cls(c, offsets, destination, padded_rows)
+
+    def quantize_tokens(self, x: Tensor) -> Quantized:
+        """x [T, K] (rows sorted by expert) in 128x1 tiles per expert: the Quantized of the aligned
+        layout transposed, [K, padded_rows], with 1x128 tiles along the tokens."""
+        aligned = x.new_zeros(self.padded_rows, x.shape[1]).index_copy_(0, self.destination, x)
+        return _quantize_t(aligned)
+
+
+def quantize_experts(w: Tensor) -> Quantized:
+    """Expert weights [E, N, K] -> the Quantized of the stacked [E * N_pad, K] in 128x128 blocks, where
+    each expert is padded with zero rows to N_pad = N rounded up to 128. Zero rows change no block's
+    max-abs, so every expert's payloads and scales are those of ``quantize_weight(w[e])`` and no block
+    straddles two experts (any N; real configs have N % 128 == 0 and need no padding)."""
+    e, n, k = w.shape
+    padded = -(-n // BLOCK) * BLOCK
+    if padded != n:
+        w = torch.cat([w, w.new_zeros(e, padded - n, k)], dim=1)
+    return _quantize(w.reshape(e * padded, k), BLOCK)
+
+
+def expert_gemm(backend: GemmBackend, a: Quantized, w: Tensor, counts: Tensor | list[int]) -> Tensor:
+    """fp32 [T, N]: the rows of a [T, K] (1x128 tiles, sorted by expert) times their expert's ``W_e^T``
+    for w [E, N, K], as one grouped GEMM on the padded stack (``quantize_experts``)."""
+    n = w.shape[1]
+    out = backend.grouped_gemm(a, quantize_experts(w), counts)
+    return out if out.shape[1] == n else out[:, :n]
+
+
+def expert_wgrad(backend: GemmBackend, dy_t: Quantized, x_t: Quantized, rows: ExpertRows, weight: Tensor) -> Tensor:
+    """[E, N, K] ``dW_e = dY_e^T X_e`` of every expert from the 128x1 token tiles of dY [T, N] and X [T, K]
+    (``ExpertRows.quantize_tokens``), in the weight's gradient dtype; zeros for an expert without rows."""
+    return backend.k_grouped_gemm(dy_t, x_t, rows.offsets).to(wgrad_dtype(weight))
+
+
+def _swiglu_parts(gate: Tensor, up: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """silu(gate), sigmoid(gate) and the SwiGLU output silu(gate) * up (fp32)."""
+    sig = torch.sigmoid(gate)
+    act = gate * sig
+    return act, sig, act * up
+
+
+class _Fp8ExpertFFN(torch.autograd.Function):
+    """Grouped SwiGLU experts: gate/up/down as grouped FP8 GEMMs (sec 3.3.3 for the caching).
+
+    Forward computes the SwiGLU from the fp32 GEMM outputs, times the rows' gate weights (fp32; W2 is
+    linear, so this is the weighted expert output without keeping that output for the weights' gradient);
+    backward recomputes it from their FP8 cache (so the local derivative is taken at the cached point, as
+    recomputation does). Wgrad is one K-grouped GEMM per weight over the experts' 128x1 token tiles, in
+    the weights' entry node (``fp8.wgrad``: deferrable to a W pass).
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, w1: Tensor, w2: Tensor, w3: Tensor, rows: ExpertRows, backend: GemmBackend,
+                box: WeightGradBox, weights: Tensor) -> Tensor:
+        out_dtype = _output_dtype(x)
+        counts = rows.counts
+        with _no_autocast(x):
+            qx = _quantize(x, 1)
+            gate = expert_gemm(backend, qx, w1, counts)  # [T, I] fp32
+            up = expert_gemm(backend, qx, w3, counts)
+            hidden = _swiglu_parts(gate, up)[2] * weights.float()[:, None]
+            out = expert_gemm(backend, _quantize(hidden, 1), w2, counts)  # [T, D]
+            # Cache: the SwiGLU inputs in FP8 1x128 tiles, and x in 128x1 tiles per expert for Wgrad; the
+            # SwiGLU output is recomputed in backward.
+            q_gate, q_up = _quantize(gate, 1), _quantize(up, 1)
+            x_t = rows.quantize_tokens(x)
+        ctx.save_for_backward(q_gate.data, q_gate.scale, q_up.data, q_up.scale, w1, w2, w3, weights,
+                              x_t.data, x_t.scale)
+        ctx.rows, ctx.backend, ctx.x_dtype, ctx.box = rows, backend, x.dtype, box
+        ctx.weight_specs = [WeightSpec.of(w) for w in (w1, w2, w3)]
+        return out.to(out_dtype)
+
+    @staticmethod
+    def backward(ctx, dout: Tensor):
+        box: WeightGradBox = ctx.box
+        no_weight_grads = [no_weight_grad(spec) for spec in ctx.weight_specs]
+        if box.is_replay(dout):  # the W pass of a split backward: only the entry node's Wgrad is left
+            return None, *no_weight_grads, None, None, None, None
+        gate_data, gate_scale, up_data, up_scale, w1, w2, w3, weights, x_data, x_scale = ctx.saved_tensors
+        rows: ExpertRows = ctx.rows
+        backend = ctx.backend
+        x_t = _rebuild(x_data, x_scale, 1, "e4m3", False)
+        with _no_autocast(dout):
+            dout32 = dout.float()
+            gate = dequantize(_rebuild(gate_data, gate_scale, 1, "e4m3", False))
+            up = dequantize(_rebuild(up_data, up_scale, 1, "e4m3", False))
+            act, sig, unweighted = _swiglu_parts(gate, up)  # recomputed from the FP8 cache
+            row_weights = weights.float()[:, None]
+            hidden = unweighted * row_weights
+
+            # down projection: Dgrad dh = dout W2 (K = D); then through the gate weights
+            dweighted = expert_gemm(backend, _quantize(dout32, 1), w2.transpose(1, 2), rows.counts)
+            dweights = (dweighted * unweighted).sum(-1).to(weights.dtype) if ctx.needs_input_grad[7] else None
+            dhidden = dweighted * row_weights
+            dgate = dhidden * up * sig * (1 + gate * (1 - sig))
+            dup = dhidden * act
+            dx = None
+            if ctx.needs_input_grad[0]:  # Dgrad of gate and up: K = I
+                dx = (expert_gemm(backend, _quantize(dgate, 1), w1.transpose(1, 2), rows.counts)
+                      + expert_gemm(backend, _quantize(dup, 1), w3.transpose(1, 2), rows.counts))
+                dx = dx.to(ctx.x_dtype)
+            if not any(ctx.needs_input_grad[1:4]):
+                return dx, None, None, None, None, None, None, dweights
+
+            # Wgrad operands (K = the experts' tokens), quantized now: a split backward keeps them, in FP8,
+            # until its W pass instead of fp32 dout, h, dgate and dup
+            dout_t, h_t, dgate_t, dup_t = (rows.quantize_tokens(t) for t in (dout32, hidden, dgate, dup))
+
+        def wgrad() -> tuple[Tensor, Tensor, Tensor]:  # dW2 = dout^T h, dW1 = dgate^T x, dW3 = dup^T x
+            return (expert_wgrad(backend, dgate_t, x_t, rows, w1), expert_wgrad(backend, dout_t, h_t, rows, w2),
+                    expert_wgrad(backend, dup_t, x_t, rows, w3))
+
+        box.defer(dout, wgrad)
+        return dx, *no_weight_grads, None, None, None, dweights
+
+
+def fp8_expert_ffn(x_sorted: Tensor, counts: Tensor | list[int], w1: Tensor, w2: Tensor, w3: Tensor,
+                   weights: Tensor | None = None, *, backend: GemmBackend) -> Tensor:
+    """SwiGLU of each routed expert on its rows through grouped FP8 GEMMs (sec 3.3.1, 3.3.3), times the
+    rows' gate ``weights`` [T] (fp32; None: ones).
+
+    x_sorted [T, D] sorted by expert, ``counts`` [E] rows per expert (a tensor on x's device: on a GPU it
+    is not read back, and must sum to T); w1 (gate) [E, I, D], w3 (up) [E, I, D], w2 (down) [E, D, I]:
+    FP32 masters or BF16 working copies, with FP32 gradients (zero for experts without rows).
+    Returns [T, D] in the autocast dtype (else x's). The signature of ``RoutedExperts.fp8_ffn`` after
+    ``functools.partial(fp8_expert_ffn, backend=...)``.
+    """
+    counts = torch.as_tensor(counts, device=x_sorted.device)
+    if counts.dim() != 1 or counts.shape[0] != w1.shape[0]:
+        raise ValueError(f"counts of shape {tuple(counts.shape)} do not match the {w1.shape[0]} experts of "
+                         f"w1 {tuple(w1.shape)}")
+    if not counts.is_cuda and sum(counts.tolist()) != x_sorted.shape[0]:
+        raise ValueError(f"counts ({sum(counts.tolist())} rows) do not match x_sorted {tuple(x_sorted.shape)}")
+    box = WeightGradBox()
+    w1, w2, w3 = weight_entry(box, w1, w2, w3)
+    if weights is None:
+        weights = x_sorted.new_ones(x_sorted.shape[0], dtype=torch.float32)
+    return _Fp8ExpertFFN.apply(x_sorted, w1, w2, w3, ExpertRows.of(counts, x_sorted.shape[0]), backend, box,
+                               weights)
