@@ -7,6 +7,11 @@ Shapes of the report's model (hidden 7168, MoE expert projections 2048):
   ~T * 8 / 256 rows, some more, some fewer), expert projection N 2048 x K 7168, stacked weights
   [256 * 2048, 7168]; one grouped GEMM over all 8T rows.
 
+* wgrad (the experts' weight gradients, ``dW_e = dY_e^T X_e``): 8 local experts, top-2 routing of T
+  tokens among them, dW [2048, 7168] each; one K-grouped GEMM (``k_grouped_gemm``) over the experts'
+  128-aligned token tiles, against the per-expert loop of dense GEMMs it replaced (``[loop]``) and BF16
+  (``torch._grouped_mm`` with K offsets where it runs, else a loop of matmuls). First T only.
+
 Backends (each skipped with its reason when it cannot run here):
 
 * ``bf16``: ``torch.matmul`` on bf16 operands (grouped: ``torch._grouped_mm`` in bf16, else a loop of
@@ -22,7 +27,7 @@ kernels consume already-quantized operands, as in training where the quantizatio
 
 Correctness, in the same run, on the first ``--check-rows`` rows: ``err_ref`` is
 ``||out - ref|| / ||ref||`` (Frobenius) against ``fp8.gemm.gemm_reference`` / ``grouped_gemm_reference``
-on the same quantized operands (for bf16: against the fp64 product of its bf16 operands); ``err_fp32``
+(wgrad: ``gemm_reference`` of two experts' token columns) on the same quantized operands (for bf16: against the fp64 product of its bf16 operands); ``err_fp32``
 is the same against the fp64 product of the unquantized operands (FP8's quantization error; fp32
 operands for dense, fp32 activations and the bf16 copy of the weights for grouped).
 
@@ -61,6 +66,7 @@ class Backend:
     name: str
     dense: Callable[[Quantized, Quantized], Tensor]
     grouped: Callable[[Quantized, Quantized, list[int]], Tensor]
+    k_grouped: Callable[[Quantized, Quantized, Tensor], Tensor] | None = None
 
 
 def available_backends(device: torch.device, wanted: list[str], sweep: bool,
@@ -96,7 +102,7 @@ def available_backends(device: torch.device, wanted: list[str], sweep: bool,
                     missing.append("triton: runs with exact fp16 payloads (fp8 tl.dot needs sm_89+)")
                 for name, dense_cfg, grouped_cfg in configs:
                     be = TritonBackend(dense_config=dense_cfg, grouped_config=grouped_cfg)
-                    backends.append(Backend(name, be.gemm, be.grouped_gemm))
+                    backends.append(Backend(name, be.gemm, be.grouped_gemm, be.k_grouped_gemm))
                 d, gr = DENSE_CONFIG, GROUPED_CONFIG
                 print(f"triton tiles: dense {d.block_m}x{d.block_n}x{BLOCK} (warps {d.num_warps}, stages "
                       f"{d.num_stages}), grouped {gr.block_m}x{gr.block_n}x{BLOCK} (warps {gr.num_warps}, "
@@ -110,11 +116,11 @@ def available_backends(device: torch.device, wanted: list[str], sweep: bool,
             except RuntimeError as exc:
                 missing.append(f"torch: {exc}")
             else:
-                backends.append(Backend("torch", be.gemm, be.grouped_gemm))
+                backends.append(Backend("torch", be.gemm, be.grouped_gemm, be.k_grouped_gemm))
     if "emulate" in wanted:
         if fb is not None:
             be = fb.EmulateBackend()
-            backends.append(Backend("emulate", be.gemm, be.grouped_gemm))
+            backends.append(Backend("emulate", be.gemm, be.grouped_gemm, be.k_grouped_gemm))
         else:
             backends.append(Backend("emulate", _emulate_gemm, _emulate_grouped))
     return backends, missing
@@ -320,6 +326,75 @@ def bench_grouped(tokens: int, experts: int, top_k: int, n: int, k: int, backend
     return rows
 
 
+def bf16_k_grouped(dy: Tensor, x: Tensor, offsets: Tensor) -> tuple[Callable[[], Tensor], str]:
+    """BF16 baseline of the experts' Wgrad: ``torch._grouped_mm`` of dY^T [N, Kp] and X [Kp, K] with offsets
+    along K where it runs here, else a loop of matmuls."""
+    bounds = offsets.tolist()
+
+    def loop() -> Tensor:
+        return torch.stack([dy[:, s:e] @ x[s:e] for s, e in zip(bounds, bounds[1:])])
+
+    def grouped() -> Tensor:
+        return torch._grouped_mm(dy, x, offs=offsets[1:].to(torch.int32))
+
+    try:
+        if hasattr(torch, "_grouped_mm") and rel_err(grouped(), loop()) < 1e-2:
+            return grouped, "torch._grouped_mm"
+    except Exception:  # not supported on this device / build
+        pass
+    return loop, "loop of torch.matmul"
+
+
+def bench_wgrad(tokens: int, experts: int, n: int, k: int, backends: list[Backend], device: torch.device,
+                args) -> list[tuple[str, float | None, float, float, str]]:
+    """Time and check the experts' Wgrad: one K-grouped GEMM against the per-expert loop and BF16."""
+    counts = routed_counts(tokens, experts, 2, seed=1)
+    offsets = torch.tensor([0, *[-(-c // BLOCK) * BLOCK for c in counts]]).cumsum(0)
+    padded = int(offsets[-1])
+    g = torch.Generator(device=device).manual_seed(tokens + 1)
+    # dY^T [N, Kp] and X^T [K, Kp], zero in the padding between experts (fp8/experts.py's layout)
+    live = torch.zeros(padded, dtype=torch.bool)
+    for e, c in enumerate(counts):
+        live[int(offsets[e]):int(offsets[e]) + c] = True
+    live = live.to(device)
+    dy = torch.randn(n, padded, generator=g, device=device) * live
+    x = torch.randn(k, padded, generator=g, device=device) * live
+    a, b = quantize(dy, 1), quantize(x, 1)
+    check = [e for e in range(experts) if counts[e]][:2]
+    a_cpu = to_cpu(a.row_slice(0, min(args.check_rows, n)))
+    spans = [(int(offsets[e]), int(offsets[e + 1])) for e in check]
+    b_cpu = to_cpu(b)
+    ref = torch.stack([gemm_reference(a_cpu.col_slice(s, e), b_cpu.col_slice(s, e)) for s, e in spans])
+    exact = torch.stack([dy[: a_cpu.shape[0], s:e].double().cpu() @ x[:, s:e].double().cpu().T for s, e in spans])
+    rows = []
+    dyb, xb = dy.bfloat16(), x.bfloat16().t().contiguous()
+    fn, how = bf16_k_grouped(dyb, xb, offsets.to(device))
+    ms, out, note = run_case(fn, device, args)
+    e_bf16 = rel_err(out[check, : a_cpu.shape[0]], exact) if out is not None else 0.0
+    rows.append((f"bf16 ({how})", ms, e_bf16, e_bf16, note))
+    del dyb, xb, out, fn
+    device_offsets = offsets.to(device)
+    for be in backends:
+        if be.k_grouped is None:
+            continue
+        cases = [(be.name, lambda: be.k_grouped(a, b, device_offsets))]
+        if be.name == "triton":
+            bounds = offsets.tolist()
+            cases.append((f"{be.name} [loop]", lambda: torch.stack([
+                be.dense(a.col_slice(s, e), b.col_slice(s, e)) for s, e in zip(bounds, bounds[1:])])))
+        for name, fn in cases:
+            ms, out, note = run_case(fn, device, args)
+            if out is None:
+                rows.append((name, None, 0.0, 0.0, note))
+                continue
+            got = out[check, : a_cpu.shape[0]]
+            rows.append((name, ms, rel_err(got, ref), rel_err(got, exact), note))
+            del out
+    print_table(f"wgrad  {experts} experts, top-2 of T={tokens}: {sum(counts)} tokens ({padded} aligned), "
+                f"dW [{n}, {k}] each", 2.0 * sum(counts) * n * k, rows)
+    return rows
+
+
 # --------------------------------------------------------------------------------------------------
 
 
@@ -329,7 +404,7 @@ def main() -> None:
     parser.add_argument("--device", default=None, help="cuda (default when available) or cpu")
     parser.add_argument("--tokens", default="4096,8192,16384", help="comma-separated token counts T")
     parser.add_argument("--backends", default="triton,torch,emulate", help="FP8 backends to time")
-    parser.add_argument("--only", choices=["dense", "grouped"], default=None)
+    parser.add_argument("--only", choices=["dense", "grouped", "wgrad"], default=None)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--check-rows", type=int, default=128, help="rows compared with the CPU reference")
@@ -364,13 +439,15 @@ def main() -> None:
         dense_k, dense_n = DENSE_K, DENSE_N
         experts, top_k, expert_n, expert_k = EXPERTS, TOP_K, EXPERT_N, EXPERT_K
 
-    if args.only != "grouped":
+    if args.only in (None, "dense"):
         for t in tokens:
             for n in dense_n:
                 bench_dense(t, n, dense_k, backends, device, args)
-    if args.only != "dense":
+    if args.only in (None, "grouped"):
         for t in tokens:
             bench_grouped(t, experts, top_k, expert_n, expert_k, backends, device, args)
+    if args.only in (None, "wgrad"):
+        bench_wgrad(tokens[0], 8, expert_n, expert_k, backends, device, args)
 
 
 if __name__ == "__main__":

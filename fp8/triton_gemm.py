@@ -2,9 +2,10 @@
 
 ``TritonBackend().gemm(a, b)`` computes ``A @ B.T`` for a [M, K], b [N, K] quantized by ``fp8.quant``
 (tiles of ``group_rows x 128`` along K, group_rows 1 or 128); ``grouped_gemm(a, b, counts)`` does the MoE
-expert GEMM in one launch (b the stacked expert weights [E * N, K], rows of a sorted by expert). The
-numbers are those of ``fp8.gemm.gemm_reference`` / ``grouped_gemm_reference``; it is the same algorithm
-as DeepGEMM and Figure 7b of the report:
+expert GEMM in one launch (b the stacked expert weights [E * N, K], rows of a sorted by expert), and
+``k_grouped_gemm(a, b, offsets)`` every expert's weight gradient in one launch. The numbers are those
+of ``fp8.gemm.gemm_reference`` / ``grouped_gemm_reference`` / ``k_grouped_gemm_reference``; it is the
+same algorithm as DeepGEMM and Figure 7b of the report:
 
 * each program owns a ``BLOCK_M x BLOCK_N`` output tile and walks K in blocks of ``BLOCK_K = 128``, the
   quantization tile width (N_C of the report);
@@ -29,10 +30,20 @@ as DeepGEMM and Figure 7b of the report:
 Scales are loaded per row of the tile (index ``row // group_rows``), so one kernel serves 1x128 and
 128x128 tiles on either side and any ``BLOCK_M`` / ``BLOCK_N``.
 
-Grouped GEMM: the host turns ``counts`` into a table of M-tiles ``(row_start, row_end, expert)``, each
-tile inside one expert (a tile never straddles two experts); the 1-D grid covers (M-tile, N-tile) with
-the N-tile fastest, so consecutive programs share the activation tile; a program reads rows
-``expert * N + n`` of the stacked weights and their 128x128-block scales.
+Grouped GEMM (M-grouped: Fprop and Dgrad of the experts): ``counts`` becomes a table of M-tiles
+``(row_start, row_end, expert)``, each tile inside one expert (a tile never straddles two experts),
+computed with tensor operations where ``counts`` lives: the router's counts stay on the GPU and no value
+is read back. The table, and so the grid, is sized for the worst case, ``ceil(T / BLOCK_M) + E`` tiles;
+the unused tail holds empty tiles, whose programs skip the K loop and store nothing. The 1-D grid covers
+(M-tile, N-tile) with the N-tile fastest, so consecutive programs share the activation tile; a program
+reads rows ``expert * N + n`` of the stacked weights and their 128x128-block scales.
+
+K-grouped GEMM (the experts' Wgrad, ``dW_e = dY_e^T X_e``): both operands are token-major transposes
+[M, Kp], [N, Kp] in 1x128 tiles along the tokens, each expert's tokens in columns ``offsets[e]`` to
+``offsets[e + 1]`` (multiples of 128: ``fp8/experts.py`` lays them out so); program (e, M-tile, N-tile)
+walks only its expert's K blocks into ``out[e]``, an expert without tokens storing zeros. The offsets are
+read by the kernel, not the host. It uses the grouped launch parameters: compiled for sm_90 with
+128 x 128 tiles and per-column scales on both sides the kernel spills registers, with 64 x 128 it does not.
 
 Payloads: e4m3 (``torch.float8_e4m3fn``) goes to ``tl.dot`` as fp8. If either operand is E5M6
 (``fmt="e5m6"``: the top 12 bits of an fp16), both payloads are decoded exactly to fp16 on the host
@@ -90,7 +101,7 @@ class KernelConfig:
 
 DENSE_CONFIG = KernelConfig()
 # Experts get ~T * top_k / E rows each (128 at T = 4096 with 256 experts, top-8): smaller M-tiles waste
-# less on each expert's last, partial tile.
+# less on each expert's last, partial tile. Also the K-grouped Wgrad's (no spills there, unlike 128 x 128).
 GROUPED_CONFIG = KernelConfig(block_m=64, block_n=128, num_warps=4, num_stages=4)
 
 

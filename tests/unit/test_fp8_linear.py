@@ -162,6 +162,10 @@ def test_torch_backend_scale_layouts(monkeypatch):
     grouped = expert_gemm(backend, quantize(xs, 1), ws, counts)
     expected = expert_gemm(EMULATE, quantize(xs, 1), ws, counts)
     assert grouped.shape == (12, 32) and (grouped - expected).abs().max() <= 1e-4 * expected.abs().max()
+    a, b = quantize(torch.randn(40, 384), 1), quantize(torch.randn(24, 384), 1)  # the experts' Wgrad
+    offsets = [0, 256, 256, 384]
+    wgrads, expected = backend.k_grouped_gemm(a, b, offsets), EMULATE.k_grouped_gemm(a, b, offsets)
+    assert wgrads.shape == (3, 40, 24) and (wgrads - expected).abs().max() <= 1e-4 * expected.abs().max()
 
 
 def test_transpose_blocks_and_expert_blocks():
