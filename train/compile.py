@@ -8,7 +8,7 @@ unchanged, unlike wrapping in an ``OptimizedModule``):
   Block.attention calls them inside checkpoints, its ``down`` and ``core``;
 * MLP: the dense FFNs and the shared experts (SwiGLU).
 
-Not compiled: the routing and the routed experts (data-dependent shapes: ``bincount`` of the expert
+Not compiled: the routing and the routed experts (data-dependent shapes: the counts of the expert
 loads, per-expert slices; the graph would break there anyway), the embedding, head and losses.
 Applied last, after the FP8 swap, the pipeline split and the expert sharding (the torchtitan order).
 FP8 layers are not traced (their autograd functions hand weight gradients over through Python

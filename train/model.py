@@ -291,9 +291,17 @@ class RoutedExperts(nn.Module):
         flat_experts = routing.indices.flatten()
         order = flat_experts.argsort(stable=True)
         token_of = order // topk
-        counts = torch.bincount(flat_experts, minlength=self.n_experts)
+        counts = count_per_expert(flat_experts, self.n_experts)
         out = self.ffn(x[token_of], counts, routing.weights.flatten()[order])
         return combine_rows(out, token_of, x.shape[0])
+
+
+def count_per_expert(indices: Tensor, n_experts: int) -> Tensor:
+    """How many of ``indices`` (expert ids < n_experts, any shape) fall on each expert: int64 [n_experts],
+    ``torch.bincount(indices.flatten(), minlength=n_experts)`` without its host read (on a GPU bincount reads
+    the largest id back to size its output: a sync per MoE layer, twice). Integer sums: exact in any order."""
+    flat = indices.flatten().long()
+    return torch.zeros(n_experts, dtype=torch.int64, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
 
 
 def sequence_balance_loss(scores: Tensor, indices: Tensor, batch: int, n_experts: int) -> Tensor:
@@ -342,7 +350,7 @@ class MoE(nn.Module):
         routing = self.gate(flat)
         stats = MoEStats(
             balance_loss=sequence_balance_loss(routing.scores, routing.indices, batch, self.n_experts),
-            expert_load=torch.bincount(routing.indices.flatten(), minlength=self.n_experts),
+            expert_load=count_per_expert(routing.indices, self.n_experts),
         )
         return flat, routing, stats
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from train.model import MoE, Gate, RoutedExperts, Routing, sequence_balance_loss
+from train.model import MoE, Gate, RoutedExperts, Routing, count_per_expert, sequence_balance_loss
 
 # All fp32. Gate weights and expert outputs are sums of a few products: the loop references differ only
 # in summation order, ~1e-7 relative; 1e-5 relative is far below any wrong selection or weighting
@@ -222,6 +222,17 @@ def naive_balance_loss(scores, indices, batch, n_experts):
             loss += f_i * P_i  # (17)
         total += loss
     return total / batch
+
+
+def test_count_per_expert_is_bincount():
+    """The sync-free count (scatter-add) against torch.bincount: random ids, experts never chosen, one
+    expert taking every row, no rows."""
+    g = torch.Generator().manual_seed(0)
+    for ids in (torch.randint(0, 16, (300, 6), generator=g), torch.randint(3, 9, (50, 2), generator=g),
+                torch.full((40, 8), 15), torch.zeros(0, 8, dtype=torch.long)):
+        counts = count_per_expert(ids, 16)
+        assert counts.dtype == torch.int64
+        assert torch.equal(counts, torch.bincount(ids.flatten(), minlength=16))
 
 
 def test_sequence_balance_loss_matches_explicit_loops():
