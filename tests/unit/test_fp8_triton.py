@@ -392,12 +392,15 @@ def stack_bytes(cubin: bytes, tmp_path) -> int | None:
 
 @pytest.mark.usefixtures("compiled_mode")
 class TestCompiledForHopper:
-    @pytest.mark.parametrize("grouped", ["dense", "grouped", "k_grouped"])
+    @pytest.mark.parametrize("grouped", ["dense", "dense_wgrad", "grouped", "k_grouped"])
     def test_four_fp8_wgmmas_per_k_block_then_promotion(self, grouped, tmp_path):
         m, n, k = REPORT_DENSE
         a = _fp8_zeros(m, k, 1)
         backend = TritonBackend()
-        if grouped == "k_grouped":  # Wgrad of 16 experts: dW [N, K] per expert over its 4096 / 16 tokens
+        if grouped == "dense_wgrad":  # dW [N, K] over the 4096 tokens: both operands in 1x128 tiles
+            _, launch = backend.plan_gemm(_fp8_zeros(n, m, 1), _fp8_zeros(k, m, 1))
+            cfg = backend.dense_config
+        elif grouped == "k_grouped":  # Wgrad of 16 experts: dW [N, K] per expert over its 4096 / 16 tokens
             a, b = _fp8_zeros(n, m, 1), _fp8_zeros(k, m, 1)
             _, launch = backend.plan_k_grouped_gemm(a, b, torch.arange(0, m + 1, m // 16))
             cfg = backend.grouped_config
