@@ -43,7 +43,7 @@ from torch import Tensor
 
 from parallel.mesh import ProcessGroups
 from train.config import ModelConfig
-from train.model import RoutedExperts, Routing, Transformer
+from train.model import RoutedExperts, Routing, Transformer, count_per_expert
 from train.ops import cast_weight, combine_rows, swiglu
 
 DISPATCH_MODES = ("flat", "hierarchical")
@@ -548,7 +548,7 @@ class ExpertParallelExperts(RoutedExperts):
         expert = local[row, k]
         order = expert.argsort(stable=True)
         row_of, k_of = row[order], k[order]
-        counts = torch.bincount(expert, minlength=self.n_local_experts)
+        counts = count_per_expert(expert, self.n_local_experts)
         x_sorted, weights = x[row_of], tokens.weights[row_of, k_of]
         if row_of.numel() == 0:
             # no token for any local expert: an empty product still gives every weight a (zero) gradient
