@@ -31,7 +31,7 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
-from fp8.gemm import expert_offsets, gemm_reference, grouped_gemm_reference, k_grouped_gemm_reference
+from fp8.gemm import expert_offsets, gemm_reference, grouped_gemm_reference, k_grouped_gemm_reference, k_grouped_loop
 from fp8.quant import BLOCK, Quantized, dequantize_2d
 
 BACKEND_NAMES = ("auto", "emulate", "reference", "triton", "torch", "te")
@@ -81,6 +81,10 @@ def _check_counts(a: Quantized, b: Quantized, counts: list[int]) -> int:
     return n
 
 
+def _host_counts(counts: list[int] | Tensor) -> list[int]:
+    return [int(c) for c in (counts.tolist() if isinstance(counts, Tensor) else counts)]
+
+
 def _expert_loop(gemm, a: Quantized, b: Quantized, counts: list[int] | Tensor) -> Tensor:
     """Grouped GEMM as one ``gemm`` per expert with rows (1x128 activation tiles: any cut is allowed)."""
     counts = _host_counts(counts)
@@ -93,21 +97,6 @@ def _expert_loop(gemm, a: Quantized, b: Quantized, counts: list[int] | Tensor) -
             outputs.append(gemm(a.row_slice(start, start + count), b.row_slice(expert * n, (expert + 1) * n)))
         start += count
     return torch.cat(outputs) if outputs else torch.zeros(0, n, device=a.data.device)
-
-
-def _k_grouped_loop(gemm, a: Quantized, b: Quantized, offsets: list[int] | Tensor) -> Tensor:
-    """K-grouped GEMM as one ``gemm`` per expert with tokens (``GemmBackend.k_grouped_gemm``)."""
-    _check_pair(a, b)
-    offsets = expert_offsets(offsets, a.shape[1])
-    out = torch.zeros(len(offsets) - 1, a.shape[0], b.shape[0], device=a.data.device)
-    for e, (start, stop) in enumerate(zip(offsets, offsets[1:])):
-        if stop > start:
-            out[e] = gemm(a.col_slice(start, stop), b.col_slice(start, stop))
-    return out
-
-
-def _host_counts(counts: list[int] | Tensor) -> list[int]:
-    return [int(c) for c in (counts.tolist() if isinstance(counts, Tensor) else counts)]
 
 
 @dataclass
@@ -231,7 +220,7 @@ class TorchScaledMMBackend:
         return _expert_loop(self.gemm, a, b, counts)
 
     def k_grouped_gemm(self, a: Quantized, b: Quantized, offsets: list[int] | Tensor) -> Tensor:
-        return _k_grouped_loop(self.gemm, a, b, offsets)
+        return k_grouped_loop(self.gemm, a, b, offsets)
 
 
 def probe_scaled_mm(device: torch.device) -> None:

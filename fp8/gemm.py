@@ -176,15 +176,22 @@ def expert_offsets(offsets, cols: int) -> list[int]:
     return offsets
 
 
-def k_grouped_gemm_reference(a: Quantized, b: Quantized, offsets, **kwargs) -> Tensor:
-    """The experts' weight gradients in one call: fp32 [E, M, N] with ``out[e] = A[:, o[e]:o[e+1]] @
-    B[:, o[e]:o[e+1]].T`` for a [M, Kp], b [N, Kp] in 1x128 tiles along K, the tokens, each expert's
-    tokens starting on a tile (``offsets``, see ``expert_offsets``); an expert without tokens gets zeros."""
-    offsets = expert_offsets(offsets, a.shape[1])
+def k_grouped_loop(gemm, a: Quantized, b: Quantized, offsets) -> Tensor:
+    """The experts' weight gradients as one ``gemm(a_e, b_e)`` per expert with tokens: fp32 [E, M, N] with
+    ``out[e] = A[:, o[e]:o[e+1]] @ B[:, o[e]:o[e+1]].T`` for a [M, Kp], b [N, Kp] in 1x128 tiles along K,
+    the tokens, each expert's tokens starting on a tile (``offsets``, see ``expert_offsets``); an expert
+    without tokens gets zeros."""
     if a.shape[1] != b.shape[1]:
         raise ValueError(f"gemm K mismatch: a is {tuple(a.shape)}, b is {tuple(b.shape)} (computes a @ b.T)")
-    out = torch.zeros(len(offsets) - 1, a.shape[0], b.shape[0])
+    offsets = expert_offsets(offsets, a.shape[1])
+    out = torch.zeros(len(offsets) - 1, a.shape[0], b.shape[0], device=a.data.device)
     for e, (start, stop) in enumerate(zip(offsets, offsets[1:])):
         if stop > start:
-            out[e] = gemm_reference(a.col_slice(start, stop), b.col_slice(start, stop), **kwargs)
+            out[e] = gemm(a.col_slice(start, stop), b.col_slice(start, stop))
     return out
+
+
+def k_grouped_gemm_reference(a: Quantized, b: Quantized, offsets, promote_every: int | None = 128,
+                             accumulator: str = "fp32", **kwargs) -> Tensor:
+    """``k_grouped_loop`` of ``gemm_reference`` (the K-grouped GEMM's numbers)."""
+    return k_grouped_loop(lambda x, y: gemm_reference(x, y, promote_every, accumulator, **kwargs), a, b, offsets)

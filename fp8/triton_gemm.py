@@ -337,8 +337,8 @@ class TritonBackend:
     ``dense_config`` / ``grouped_config``: launch parameters (``KernelConfig``). A dense GEMM whose b is in
     1x128 tiles (Wgrad: per-column scales on both sides, more registers) runs with at most 3 pipeline
     stages: compiled for sm_90, the default 128 x 128 tile spills 8 bytes per thread with 4 and none with 3.
-    ``out_dtype`` of each call: fp32 (default) or bf16. Operands must be CUDA tensors (or CPU tensors with ``TRITON_INTERPRET=1``).
-    Fast path: K a multiple of 16 (16-byte aligned fp8 rows; other K work through unvectorized loads).
+    ``out_dtype`` of each call: fp32 (default) or bf16. Operands must be CUDA tensors (or CPU tensors
+    with ``TRITON_INTERPRET=1``). Fast path: K a multiple of 16 (16-byte aligned fp8 rows; other K work through unvectorized loads).
     """
 
     name = "triton"
