@@ -10,9 +10,10 @@ projection (gate ``w1``, up ``w3``, down ``w2``):
   starting on a multiple of 128 (``ExpertRows``: zero rows in between, which change no tile's max-abs,
   so every tile is the one quantizing that expert alone would give), quantized in one call, and
   multiplied in one K-grouped GEMM per weight (``GemmBackend.k_grouped_gemm``). DeepGEMM's grouped
-  layouts pad each expert the same way. The cost: at most 127 zero rows per expert in the cached x
-  (on a GPU the layout is sized for the worst case, ``128 (ceil(T / 128) + E)`` rows, since its exact
-  size would have to be read back).
+  layouts pad each expert the same way. The layout is sized for the worst case, ``128 (ceil(T / 128) +
+  E)`` rows, on every device: its exact size would have to be read back from a GPU, and one size
+  everywhere makes the memory a CPU run measures the GPU's (``ceil(T / 128)`` whole tiles per token
+  row, as the planner counts them, plus ``128 E`` rows per layer).
 
 No value goes to the host on a GPU with the Triton backend: ``counts`` stays a device tensor, turned
 into tile tables and offsets on the device (the other backends read it; on the CPU that costs nothing).
@@ -51,10 +52,8 @@ class ExpertRows:
         c = counts.to(torch.int64)
         aligned = (c + BLOCK - 1) // BLOCK * BLOCK
         offsets = torch.cat([c.new_zeros(1), torch.cumsum(aligned, 0)])
-        if c.is_cuda:  # the worst case: reading the exact size back would wait for the GPU
-            padded_rows = BLOCK * (-(-rows // BLOCK) + c.shape[0])
-        else:
-            padded_rows = sum(aligned.tolist())
+        # the worst case, on every device: the exact size would have to be read back from a GPU
+        padded_rows = BLOCK * (-(-rows // BLOCK) + c.shape[0])
         expert = torch.repeat_interleave(torch.arange(c.shape[0], device=c.device), c, output_size=rows)
         first_row = torch.cumsum(c, 0) - c
         destination = offsets[expert] + torch.arange(rows, device=c.device) - first_row[expert]

@@ -509,15 +509,15 @@ def test_fp8_training_path_reads_nothing_back_and_carries_nan():
 def test_expert_swiglu_output_not_cached():
     """Sec 3.3.3: what the expert FFN saves for backward is x (FP8, 128x1 per expert), the SwiGLU inputs
     gate and up (FP8), scales and the rows' FP32 gate weights: T (2 I + 4) + T_aligned D bytes + scales,
-    no [T, I] or [T, D] tensor in a wider dtype. x's layout starts each expert on a 128-token tile
-    (fp8/experts.py): on the CPU exactly sum(ceil(count / 128)) * 128 rows, here 128 + 128."""
+    no [T, I] or [T, D] tensor in a wider dtype. x's layout starts each expert on a 128-token tile, sized
+    for the worst case (fp8/experts.py): 128 (ceil(T / 128) + E) rows, here 128 (1 + 2)."""
     counts = [100, 28]
     dim, inter = 128, 256
     x, w1, w2, w3, _ = expert_inputs(counts, dim, inter)
     leaves = [t.float().requires_grad_() for t in (x, w1, w2, w3, gate_weights(counts))]
     total = saved_bytes(lambda: fp8_expert_ffn(leaves[0], counts, *leaves[1:], backend=EMULATE), leaves[1:4])
-    tokens, aligned = sum(counts), 256
-    scales = 4 * (2 * tokens * (inter // BLOCK) + dim * len(counts))  # gate/up 1x128; x 128x1 per expert
+    tokens, aligned = sum(counts), 384
+    scales = 4 * (2 * tokens * (inter // BLOCK) + dim * aligned // BLOCK)  # gate/up 1x128; x 128x1
     assert total == tokens * (2 * inter + 4) + aligned * dim + scales
 
 

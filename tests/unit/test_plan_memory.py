@@ -4,8 +4,9 @@
 the tensors saved for backward; the planner predicts the same quantity from its table
 (``train/plan_activations.py``) without running anything. Every item of the table is an exact byte
 count, so the two agree to within the few per-token scalars the table leaves out (the balance loss's
-sums): 0.2%. Under FP8 the per-expert 128x1 Wgrad tiles are padded to whole tiles, which the table
-does not model: a tiny model's experts see few tokens each, hence 2% there.
+sums): 0.2%. Under FP8 the measurement exceeds the table by 1.0% (no recompute) and 1.4% (selective) on
+the tiny model, 2026-11-28, not itemised (the routed experts' FP8 cache of x matches it exactly: k D bytes
+per token, its worst-case padding being per micro-batch, fp8/experts.py); hence 2% there.
 """
 
 from __future__ import annotations
