@@ -142,10 +142,11 @@ class EmulateBackend:
         return torch.cat(outputs) if outputs else x.new_zeros(0, n)
 
     def k_grouped_gemm(self, a: Quantized, b: Quantized, offsets: list[int] | Tensor) -> Tensor:
-        # Dequantize once; a column slice of the dequantized operand is the dequantized column slice.
+        # Dequantize once (the columns up to the last offset); a column slice of the dequantized operand is
+        # the dequantized column slice.
         _check_pair(a, b)
         offsets = expert_offsets(offsets, a.shape[1])
-        x, y = dequantize_2d(a), dequantize_2d(b)
+        x, y = dequantize_2d(a.col_slice(0, offsets[-1])), dequantize_2d(b.col_slice(0, offsets[-1]))
         out = x.new_zeros(len(offsets) - 1, x.shape[0], y.shape[0])
         for e, (start, stop) in enumerate(zip(offsets, offsets[1:])):
             if stop > start:
