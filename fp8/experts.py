@@ -37,14 +37,14 @@ from fp8.wgrad import WeightGradBox, WeightSpec, no_weight_grad, weight_entry
 
 @dataclass(frozen=True)
 class ExpertRows:
-    """Where each expert's rows are: ``counts`` [E] (int64, on the rows' device) in the expert-sorted rows,
-    and in the 128-aligned layout of the Wgrad operands: expert e's tokens at rows ``offsets[e]`` on
-    (``offsets`` [E + 1], multiples of 128), ``padded_rows`` rows in all, row i of the sorted rows at
-    ``destination[i]``."""
+    """Where each expert's rows are: ``counts`` [E] (int64, on the rows' device) of the ``rows`` expert-sorted
+    rows, and in the 128-aligned layout of the Wgrad operands: expert e's tokens at rows ``offsets[e]`` on
+    (``offsets`` [E + 1], multiples of 128), ``padded_rows`` rows in all. Only E-sized tensors are kept
+    (it lives until backward); each row's place in the layout is recomputed when needed."""
 
     counts: Tensor
     offsets: Tensor
-    destination: Tensor
+    rows: int
     padded_rows: int
 
     @classmethod
@@ -54,16 +54,20 @@ class ExpertRows:
         offsets = torch.cat([c.new_zeros(1), torch.cumsum(aligned, 0)])
         # the worst case, on every device: the exact size would have to be read back from a GPU
         padded_rows = BLOCK * (-(-rows // BLOCK) + c.shape[0])
-        expert = torch.repeat_interleave(torch.arange(c.shape[0], device=c.device), c, output_size=rows)
-        first_row = torch.cumsum(c, 0) - c
-        destination = offsets[expert] + torch.arange(rows, device=c.device) - first_row[expert]
-        return cls(c, offsets, destination, padded_rows)
+        return cls(c, offsets, rows, padded_rows)
 
-    def quantize_tokens(self, x: Tensor) -> Quantized:
-        """x [T, K] (rows sorted by expert) in 128x1 tiles per expert: the Quantized of the aligned
+    def destinations(self) -> Tensor:
+        """int64 [rows]: the row of the aligned layout that each expert-sorted row goes to."""
+        c = self.counts
+        expert = torch.repeat_interleave(torch.arange(c.shape[0], device=c.device), c, output_size=self.rows)
+        first_row = torch.cumsum(c, 0) - c
+        return self.offsets[expert] + torch.arange(self.rows, device=c.device) - first_row[expert]
+
+    def quantize_tokens(self, *xs: Tensor) -> list[Quantized]:
+        """Each x [T, K] (rows sorted by expert) in 128x1 tiles per expert: the Quantized of the aligned
         layout transposed, [K, padded_rows], with 1x128 tiles along the tokens."""
-        aligned = x.new_zeros(self.padded_rows, x.shape[1]).index_copy_(0, self.destination, x)
-        return _quantize_t(aligned)
+        where = self.destinations()
+        return [_quantize_t(x.new_zeros(self.padded_rows, x.shape[1]).index_copy_(0, where, x)) for x in xs]
 
 
 def quantize_experts(w: Tensor) -> Quantized:
@@ -123,7 +127,7 @@ class _Fp8ExpertFFN(torch.autograd.Function):
             # Cache: the SwiGLU inputs in FP8 1x128 tiles, and x in 128x1 tiles per expert for Wgrad; the
             # SwiGLU output is recomputed in backward.
             q_gate, q_up = _quantize(gate, 1), _quantize(up, 1)
-            x_t = rows.quantize_tokens(x)
+            (x_t,) = rows.quantize_tokens(x)
         ctx.save_for_backward(q_gate.data, q_gate.scale, q_up.data, q_up.scale, w1, w2, w3, weights,
                               x_t.data, x_t.scale)
         ctx.rows, ctx.backend, ctx.x_dtype, ctx.box = rows, backend, x.dtype, box
@@ -164,7 +168,7 @@ class _Fp8ExpertFFN(torch.autograd.Function):
 
             # Wgrad operands (K = the experts' tokens), quantized now: a split backward keeps them, in FP8,
             # until its W pass instead of fp32 dout, h, dgate and dup
-            dout_t, h_t, dgate_t, dup_t = (rows.quantize_tokens(t) for t in (dout32, hidden, dgate, dup))
+            dout_t, h_t, dgate_t, dup_t = rows.quantize_tokens(dout32, hidden, dgate, dup)
 
         def wgrad() -> tuple[Tensor, Tensor, Tensor]:  # dW2 = dout^T h, dW1 = dgate^T x, dW3 = dup^T x
             return (expert_wgrad(backend, dgate_t, x_t, rows, w1), expert_wgrad(backend, dout_t, h_t, rows, w2),

@@ -36,13 +36,13 @@ def test_expert_rows_layout():
     assert rows.offsets.tolist() == [0, 128, 128, 384, 512, 768]
     assert rows.padded_rows == 128 * (-(-392 // 128) + 5)  # the worst case: 4 tiles of rows + one per expert
     expected = [*range(0, 5), *range(128, 258), 384, *range(512, 768)]
-    assert rows.destination.tolist() == expected
+    assert rows.destinations().tolist() == expected
 
 
 def test_quantize_tokens_are_each_experts_own_tiles():
     x = sorted_rows(COUNTS, 200, seed=0)
     rows = ExpertRows.of(torch.tensor(COUNTS), x.shape[0])
-    q = rows.quantize_tokens(x)
+    (q,) = rows.quantize_tokens(x)
     assert q.shape == (200, rows.padded_rows) and q.group_rows == 1
     start = 0
     for e, count in enumerate(COUNTS):
@@ -63,7 +63,7 @@ def test_expert_wgrad_equals_the_per_expert_loop_bit_for_bit():
     dy, x = sorted_rows(COUNTS, 96, seed=1), sorted_rows(COUNTS, 160, seed=2)
     rows = ExpertRows.of(torch.tensor(COUNTS), x.shape[0])
     weight = torch.empty(len(COUNTS), 96, 160)
-    dw = expert_wgrad(REFERENCE, rows.quantize_tokens(dy), rows.quantize_tokens(x), rows, weight)
+    dw = expert_wgrad(REFERENCE, *rows.quantize_tokens(dy, x), rows, weight)
     start = 0
     for e, count in enumerate(COUNTS):
         if count:
