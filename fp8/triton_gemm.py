@@ -331,6 +331,13 @@ def expert_tiles(counts: list[int] | Tensor, block_m: int, rows: int, device: to
     return torch.stack([row_start, row_end, torch.where(used, expert, 0)], 1).to(torch.int32)
 
 
+def _run(out: Tensor, launch: Launch | None, out_dtype: torch.dtype) -> Tensor:
+    """Fill ``out`` by its launch (None: nothing to compute) and return it in ``out_dtype``."""
+    if launch is not None:
+        launch.run()
+    return out.to(out_dtype)
+
+
 class TritonBackend:
     """Blockwise-scaled FP8 GEMMs in Triton (``GemmBackend``: ``name``, ``gemm``, ``grouped_gemm``).
 
@@ -338,7 +345,8 @@ class TritonBackend:
     1x128 tiles (Wgrad: per-column scales on both sides, more registers) runs with at most 3 pipeline
     stages: compiled for sm_90, the default 128 x 128 tile spills 8 bytes per thread with 4 and none with 3.
     ``out_dtype`` of each call: fp32 (default) or bf16. Operands must be CUDA tensors (or CPU tensors
-    with ``TRITON_INTERPRET=1``). Fast path: K a multiple of 16 (16-byte aligned fp8 rows; other K work through unvectorized loads).
+    with ``TRITON_INTERPRET=1``). Fast path: K a multiple of 16 (16-byte aligned fp8 rows; other K work
+    through unvectorized loads).
     """
 
     name = "triton"
@@ -349,10 +357,7 @@ class TritonBackend:
 
     def gemm(self, a: Quantized, b: Quantized, out_dtype: torch.dtype = torch.float32) -> Tensor:
         """``A @ B.T`` [M, N] for a [M, K], b [N, K] (tiles of 128 along K, group_rows 1 or 128)."""
-        out, launch = self.plan_gemm(a, b, _kernel_out_dtype(out_dtype))
-        if launch is not None:
-            launch.run()
-        return out.to(out_dtype)
+        return _run(*self.plan_gemm(a, b, _kernel_out_dtype(out_dtype)), out_dtype)
 
     def grouped_gemm(self, a: Quantized, b: Quantized, counts: list[int] | Tensor,
                      out_dtype: torch.dtype = torch.float32) -> Tensor:
@@ -361,20 +366,14 @@ class TritonBackend:
         block straddling two experts); returns [T, N] with expert e's rows multiplied by its weight.
         ``counts`` as a tensor on the GPU is not read by the host (no sync): it must then hold E
         non-negative counts summing to T, which only a host list is checked for."""
-        out, launch = self.plan_grouped_gemm(a, b, counts, _kernel_out_dtype(out_dtype))
-        if launch is not None:
-            launch.run()
-        return out.to(out_dtype)
+        return _run(*self.plan_grouped_gemm(a, b, counts, _kernel_out_dtype(out_dtype)), out_dtype)
 
     def k_grouped_gemm(self, a: Quantized, b: Quantized, offsets: list[int] | Tensor,
                        out_dtype: torch.dtype = torch.float32) -> Tensor:
         """The experts' Wgrad in one launch (``GemmBackend.k_grouped_gemm``): [E, M, N] with out[e] the
         product of a's and b's columns ``offsets[e]:offsets[e + 1]`` (their tokens, 128-aligned). A tensor
         of offsets on the GPU is not read by the host (no sync) and must satisfy ``fp8.gemm.expert_offsets``."""
-        out, launch = self.plan_k_grouped_gemm(a, b, offsets, _kernel_out_dtype(out_dtype))
-        if launch is not None:
-            launch.run()
-        return out.to(out_dtype)
+        return _run(*self.plan_k_grouped_gemm(a, b, offsets, _kernel_out_dtype(out_dtype)), out_dtype)
 
     def plan_gemm(self, a: Quantized, b: Quantized,
                   out_dtype: torch.dtype = torch.float32) -> tuple[Tensor, Launch | None]:
@@ -417,7 +416,7 @@ class TritonBackend:
         if t == 0 or n == 0 or k == 0:
             return out.zero_(), None
         cfg = self.grouped_config
-        tiles = expert_tiles(counts, cfg.block_m, t, a.data.device).to(a.data.device)
+        tiles = expert_tiles(counts, cfg.block_m, t, a.data.device)
         return out, _plan(a, b, out, tiles, t, n, cfg)
 
     def plan_k_grouped_gemm(self, a: Quantized, b: Quantized, offsets: list[int] | Tensor,
