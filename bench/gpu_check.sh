@@ -11,7 +11,7 @@
 # perf: 4. a training step against HF transformers, ours eager and with train.compile's treatment
 #       5. the benchmark harness on the GPU: MoE experts, the optimizer
 #       6. the planner's activation table against what autograd keeps with the GPU's attention kernels
-#       7. where a training step makes the host wait for the GPU (BF16 and FP8)
+#       7. where a training step makes the host wait for the GPU (BF16 and FP8); the EP dispatch's sync-free index lists
 # Logs under ${OUT:-/tmp/gpu_out}. Needs hydra wheels in .whl/ where hydra is not installed.
 set -uo pipefail
 PART=${1:-all}
@@ -35,6 +35,7 @@ if [ "$PART" != fp8 ]; then
     --hf-experts default,grouped_mm --compile-ours 2>&1 | tail -12 | tee "$OUT/train_vs_hf.txt"
   timeout 60 python3 -m bench --device cuda moe optimizer 2>&1 | tee "$OUT/harness.txt"
   timeout 40 python3 bench/memory.py --plan-only --device cuda --shape small 2>&1 | tee "$OUT/memory_plan.txt"
+  timeout 60 python3 -m pytest -q -p no:cacheprovider tests/unit/test_host_reads.py 2>&1 | tail -5 | tee "$OUT/host_reads.txt"
   for extra in fp8.enabled=false fp8.enabled=true; do
     timeout 40 python3 bench/host_syncs.py --device cuda --set "$extra" 2>&1 | tail -25
   done | tee "$OUT/host_syncs.txt"

@@ -1,9 +1,9 @@
 """Where a training step makes the host wait for the GPU (issue 9: "no host syncs in the step"; the expert
 counts are the classic one), found with ``torch.cuda.set_sync_debug_mode``: every synchronising CUDA call
 then warns, and the innermost frame of this repository on the stack names the place. ``--device cpu``
-shows what the CPU can: the reads of a value that pass the dispatcher (``HostReads``: ``.item()``,
-``bool()``, ``int()`` of a tensor; not ``.tolist()``, not a copy to the host), each of which is a sync
-on a GPU.
+shows what the CPU can: what passes the dispatcher and would make a GPU wait (``HostReads``: ``.item()``,
+``bool()``, ``int()`` of a tensor, and operations whose output is sized by values, such as ``nonzero``;
+not ``.tolist()``, not a copy to the host).
 
 The step is the trainer's own on one GPU: ``train.trainer.forward_backward`` over the micro-batches (BF16
 autocast, BF16 working weights by default), then ``ZeroAdamW.step``, counted separately, after one warm-up
@@ -13,6 +13,7 @@ guard, metrics) syncs on purpose, once a step, and is not counted here.
     python bench/host_syncs.py --device cuda                  # +conf=small, BF16
     python bench/host_syncs.py --device cuda --set fp8.enabled=true
     python bench/host_syncs.py --device cpu --preset tiny     # the dispatcher's view, no GPU needed
+    torchrun --nproc-per-node=2 bench/host_syncs.py --device cpu --preset tiny --set parallel.ep=2   # with EP
 """
 
 from __future__ import annotations
@@ -41,11 +42,38 @@ def innermost_own_frame(stack: traceback.StackSummary) -> str:
            f":{frame.lineno} ({frame.name})"
 
 
+ATEN = torch.ops.aten
+# Operations whose output's size depends on the values of their input: on a GPU each makes the host
+# wait for the count (bincount for the largest value). repeat_interleave given its output_size is not one.
+SIZED_BY_VALUES = frozenset({ATEN.nonzero.default, ATEN.nonzero_numpy.default, ATEN.masked_select.default,
+                             ATEN.bincount.default, ATEN.repeat_interleave.Tensor, ATEN._unique2.default,
+                             ATEN.unique_consecutive.default, ATEN.unique_dim.default})
+INDEXING = frozenset({ATEN.index.Tensor, ATEN.index_put.default, ATEN.index_put_.default,
+                      ATEN._index_put_impl_.default})
+
+
+def reads_back(func, args: tuple, kwargs: dict) -> str | None:
+    """What ``func(*args, **kwargs)`` reads back to the host, if anything: ``"value"`` (``.item()``,
+    ``bool()``, ``int()``), the operation's name (an output sized by the input's values: ``nonzero``, a boolean
+    mask as an index, ...), or None."""
+    if func is ATEN._local_scalar_dense.default:
+        return "value"
+    if func is ATEN.repeat_interleave.Tensor and kwargs.get("output_size") is not None:
+        return None
+    if func in SIZED_BY_VALUES:
+        return func.__name__
+    if func in INDEXING and any(i is not None and i.dtype == torch.bool for i in args[1]):
+        return f"{func.__name__} with a boolean mask"
+    return None
+
+
 class HostReads(TorchDispatchMode):
-    """Counts the reads of a tensor's value back to the host that pass the dispatcher
-    (``aten._local_scalar_dense``: ``.item()``, ``bool(t)``, ``int(t)``), by the innermost place in this
-    repository: ``with HostReads() as reads: ...``, then ``reads.count``, ``reads.places`` and
-    ``reads.seen`` (every operation the mode saw). ``.tolist()`` does not pass the dispatcher on the CPU."""
+    """Counts what passes the dispatcher and makes a GPU wait for a value (``reads_back``): reads of a value
+    (``aten._local_scalar_dense``: ``.item()``, ``bool(t)``, ``int(t)``) and operations whose output is sized
+    by the input's values (``nonzero``, boolean-mask indexing, ...), by the innermost place in this
+    repository (suffixed by the operation for the latter): ``with HostReads() as reads: ...``, then
+    ``reads.count``, ``reads.places`` and ``reads.seen`` (every operation the mode saw). ``.tolist()`` and
+    copies to the host do not pass the dispatcher on the CPU."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -58,9 +86,12 @@ class HostReads(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.seen += 1
-        if func is torch.ops.aten._local_scalar_dense.default:
-            self.places[innermost_own_frame(traceback.extract_stack()[:-1])] += 1
-        return func(*args, **(kwargs or {}))
+        kwargs = kwargs or {}
+        what = reads_back(func, args, kwargs)
+        if what is not None:
+            place = innermost_own_frame(traceback.extract_stack()[:-1])
+            self.places[place if what == "value" else f"{place} [{what}]"] += 1
+        return func(*args, **kwargs)
 
 
 def count_syncs(fn: Callable[[], object], device: torch.device) -> Counter[str]:
@@ -110,14 +141,24 @@ def main(argv: list[str] | None = None) -> int:
     from parallel.zero import ZeroAdamW
 
     cfg = load_config([f"+conf={args.preset}", f"train.device={args.device}", *args.set])
-    device = torch.device("cuda", 0) if args.device == "cuda" else torch.device("cpu")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cuda", local_rank) if args.device == "cuda" else torch.device("cpu")
     runtime = setup_runtime(cfg, device)
     try:
+        if runtime.groups.layout.pp > 1:
+            raise SystemExit("bench/host_syncs.py: parallel.pp must be 1 (it runs forward_backward, not a schedule)")
         model = build_meta_model(cfg)
-        if cfg.fp8.enabled:
+        quantizer = None
+        if cfg.fp8.enabled:  # the trainer's order: the FP8 swap, then the expert sharding
             from fp8.convert import convert_to_fp8
+            from fp8.dispatch import Fp8DispatchQuantizer
 
             convert_to_fp8(model, cfg.fp8.backend, device)
+            quantizer = Fp8DispatchQuantizer(runtime.compute_dtype) if cfg.fp8.dispatch else None
+        if runtime.groups.layout.ep > 1:
+            from parallel.expert import parallelize_experts
+
+            parallelize_experts(model, runtime.groups, cfg.parallel.dispatch, quantizer)
         model = materialize(model, cfg, runtime)
         optimizer = ZeroAdamW(model, runtime.groups, cfg.optim, working_dtype=runtime.param_dtype)
         gen = torch.Generator().manual_seed(0)
@@ -134,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
         optimizer_step()
         parts = {"forward + backward": count_syncs(forward_and_backward, device),
                  "optimizer step": count_syncs(optimizer_step, device)}
+        if not runtime.is_main:
+            return 0
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (reads the dispatcher sees)"
         print(f"+conf={args.preset} on {name}, {args.micro_batches} micro-batches of "
               f"{cfg.train.micro_batch_size} x {cfg.train.seq_len} tokens, weights {runtime.param_dtype}, "

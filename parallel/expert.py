@@ -20,7 +20,8 @@ rank, then token), so hierarchical equals flat bitwise, forward and backward.
 
 Tokens, ids and weights of one hop travel in ONE ``all_to_all_single`` as rows of bytes (gloo rejects
 fp8, so everything is sent as uint8; a forwarding rank passes the bytes on without decoding them).
-Split sizes come from one small all-gather of per-rank counts at dispatch (the only host sync).
+Split sizes come from one small all-gather of per-rank counts at dispatch (the only host sync): they also
+size every index list built from a mask (``nonzero_static``), so nothing else waits for the GPU.
 Autograd: a dispatch's backward is the combine-shaped route of the gradients, a combine's backward the
 dispatch-shaped route; both run synchronously. The asynchronous API (``dispatch`` -> ``wait`` ->
 ``compute`` -> ``combine`` -> ``wait``) lets a pipeline runtime overlap the first all-to-all of each
@@ -61,6 +62,13 @@ def run_to_end(pieces: Pieces[T]) -> T:
             next(pieces)
         except StopIteration as stop:
             return stop.value
+
+
+def nonzero_sized(mask: Tensor, size: int) -> tuple[Tensor, ...]:
+    """``mask.nonzero(as_tuple=True)`` when ``mask`` holds exactly ``size`` True entries, known on the host
+    beforehand (from the dispatch's all-gathered counts, which are sums of the same masks), so that on a GPU
+    the host does not wait for the count: ``nonzero`` reads it back, ``nonzero_static`` does not."""
+    return torch.nonzero_static(mask, size=size).unbind(1)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -324,6 +332,7 @@ class DispatchedTokens:
     x: Tensor  # [R, D] decoded activations in the compute dtype
     indices: Tensor  # [R, K] int32 GLOBAL expert ids of the token (only those of this rank are computed)
     weights: Tensor  # [R, K] fp32 gate weights, aligned with indices
+    pairs: int  # (row, k) entries of indices on this rank's experts (from the dispatch's counts)
 
 
 @dataclass
@@ -337,12 +346,12 @@ class DispatchHandle:
     weights: Tensor | None
     fields: tuple[_Field, ...]  # of the packed rows: payload tensors, ids, weights
     dtype: torch.dtype  # the compute dtype (the autocast dtype at dispatch, else x's)
-    counts: list[list[int]]  # per ep rank: rows to each ep rank, then to each node
+    counts: list[list[int]]  # per ep rank: rows to each ep rank, to each node, (token, expert) pairs to each ep rank
     _tokens: DispatchedTokens | None = None
 
     def wait(self) -> DispatchedTokens:
         if self._tokens is None:
-            self._tokens = DispatchedTokens(*_Dispatched.apply(self, self.x, self.weights))
+            self._tokens = DispatchedTokens(*_Dispatched.apply(self, self.x, self.weights), self._pairs())
             self.x = self.weights = None
         return self._tokens
 
@@ -351,8 +360,13 @@ class DispatchHandle:
         require grad) and ``x`` / ``weights`` stay on the handle; the caller sends the gradients back
         with ``route.reduce_pieces``. Used by the pipeline's overlapped F&B (``parallel/pipeline/overlap.py``)."""
         x, ids, weights = yield from self._finish_pieces()
-        self._tokens = DispatchedTokens(x.requires_grad_(), ids, weights.requires_grad_())
+        self._tokens = DispatchedTokens(x.requires_grad_(), ids, weights.requires_grad_(), self._pairs())
         return self._tokens
+
+    def _pairs(self) -> int:
+        """(token, expert) pairs the sources route to this rank's experts: what ``compute`` will find."""
+        layout = self.experts.groups.layout
+        return sum(c[layout.ep + layout.ep_nodes + layout.ep_rank] for c in self.counts)
 
     def _finish(self) -> tuple[Tensor, Tensor, Tensor]:
         return run_to_end(self._finish_pieces())
@@ -465,7 +479,7 @@ class ExpertParallelExperts(RoutedExperts):
         to_rank = torch.zeros(n, ep, dtype=torch.bool, device=x.device).scatter_(1, rank_of, True)
         to_node = to_rank.view(n, n_nodes, per_node).any(dim=2)
         nodes_per_token = to_node.sum(dim=1)
-        local = torch.cat([to_rank.sum(dim=0), to_node.sum(dim=0),
+        local = torch.cat([to_rank.sum(dim=0), to_node.sum(dim=0), count_per_expert(rank_of, ep),
                            torch.cat([nodes_per_token, nodes_per_token.new_zeros(1)]).max().view(1)])
         gathered = local.new_empty(ep * local.numel())
         _all_gather_single(gathered, local, group=self.groups.ep)
@@ -480,12 +494,12 @@ class ExpertParallelExperts(RoutedExperts):
         t.max_nodes_per_token = max(t.max_nodes_per_token, counts[me][-1])
 
         # stage 1: one row per (token, node), by node then token
-        node_of_row, token_of_row = to_node.t().nonzero(as_tuple=True)
+        node_of_row, token_of_row = nonzero_sized(to_node.t(), sum(nodes[me]))
         if self.mode == "flat":
             # stage 2: one row per (token, rank), by rank then token, indexing the stage-1 rows; then one hop
             row_of = torch.full((n_nodes, n), -1, dtype=torch.long, device=x.device)
             row_of[node_of_row, token_of_row] = torch.arange(node_of_row.numel(), device=x.device)
-            rank_of_row, token_of_rank_row = to_rank.t().nonzero(as_tuple=True)
+            rank_of_row, token_of_rank_row = nonzero_sized(to_rank.t(), sum(ranks[me]))
             hop = _Hop(self.groups.ep, send=ranks[me], recv=[ranks[s][me] for s in range(ep)], me=me,
                        other_node=[d // per_node != self._my_node for d in range(ep)])
             steps = [_Step(token_of_row, nodes[me], n),
@@ -518,11 +532,10 @@ class ExpertParallelExperts(RoutedExperts):
         on_node = (local_rank >= 0) & (local_rank < per_node)
         to_local = torch.zeros(packed.shape[0], per_node + 1, dtype=torch.bool, device=packed.device)
         to_local.scatter_(1, torch.where(on_node, local_rank, per_node), True)
-        _, row = to_local[:, :per_node].t().nonzero(as_tuple=True)  # by destination, then arrival order
         ranks = [c[:layout.ep] for c in counts]
         send = [sum(ranks[m * per_node + l][node * per_node + j] for m in range(n_nodes)) for j in range(per_node)]
         recv = [sum(ranks[m * per_node + k][me] for m in range(n_nodes)) for k in range(per_node)]
-        assert sum(send) == row.numel(), "hop-2 rows disagree with the all-gathered counts"
+        _, row = nonzero_sized(to_local[:, :per_node].t(), sum(send))  # by destination, then arrival order
         hop = _Hop(self.groups.ep_local, send=send, recv=recv, me=l, other_node=[False] * per_node)
 
         # rows arrive by forwarder k, then source node m; flat receives them by source rank m * per_node + k
@@ -544,7 +557,7 @@ class ExpertParallelExperts(RoutedExperts):
         x = tokens.x
         local = tokens.indices.long() - self.expert_offset
         mine = (local >= 0) & (local < self.n_local_experts)
-        row, k = mine.nonzero(as_tuple=True)
+        row, k = nonzero_sized(mine, tokens.pairs)
         expert = local[row, k]
         order = expert.argsort(stable=True)
         row_of, k_of = row[order], k[order]

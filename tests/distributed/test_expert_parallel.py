@@ -5,7 +5,9 @@ operands as the single-device one; only the order of fp32 additions differs (a t
 are added per rank, node, then token instead of in expert order; gate and shared-expert gradients are
 summed over ranks; GEMMs see the rows in other blockings). Each reordering moves a result by a few ulps
 (~1e-7 relative); 1e-5 leaves ~100x room, while a dropped, duplicated or mis-weighted token changes
-results by more than 1e-2. Hierarchical against flat is compared bitwise.
+results by more than 1e-2. Hierarchical against flat is compared bitwise. Every case also checks that the
+exchange reads nothing back to the host beyond its one count exchange (``bench.host_syncs.HostReads``: no
+``nonzero`` or other value-sized output, no ``.item()``; each is a GPU sync).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import io
 import pytest
 import torch
 
+from bench.host_syncs import HostReads
 from parallel.expert import ExpertParallelExperts, IdentityQuantizer, parallelize_experts
 from parallel.mesh import ProcessGroups, build_process_groups, plan_layout
 from tests.conftest import TINY
@@ -95,8 +98,10 @@ def _ep_moe_rank(rank, world, model, xs, grads, mode, ranks_per_node):
     model = copy.deepcopy(model)
     parallelize_experts(model, groups, mode)
     moe = model.moe_layers()[0]
-    out, x_grad, param_grads, load = moe_forward_backward(moe, xs[rank], grads[rank])
-    return to_bytes((out, x_grad, param_grads, load, moe.experts.expert_offset, moe.experts.traffic.as_dict()))
+    with HostReads() as reads:
+        out, x_grad, param_grads, load = moe_forward_backward(moe, xs[rank], grads[rank])
+    return to_bytes((out, x_grad, param_grads, load, moe.experts.expert_offset, moe.experts.traffic.as_dict(),
+                     dict(reads.places)))
 
 
 CASES = {  # name: (config, world, ranks per node, dispatch, gate bias per expert, batch per rank)
@@ -133,6 +138,7 @@ def test_ep_moe_matches_single_device(case):
         else:  # replicated (gate, shared experts): every rank's gradient is that of its own tokens
             assert_close(sum(r[2][name] for r in results), want, name)
     assert torch.equal(sum(r[3] for r in results), want_load)  # MoE's loads: global ids, summed by the trainer
+    assert [r[6] for r in results] == [{}] * world  # no host reads but the counts' tolist (unseen on the CPU)
     if case == "all tokens to rank 0":
         assert want_load[2:].sum() == 0
         assert all(not r[2]["experts.w1"].any() for r in results[1:])  # zero (not missing) grads

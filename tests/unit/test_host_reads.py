@@ -1,6 +1,6 @@
 """Issue 9's "no host syncs in the step", as far as the CPU can tell: the model's forward and backward
-read no value back to the host (``bench.host_syncs.HostReads``: ``.item()``, ``bool()``, ``int()``, each
-of which makes a GPU step wait). ``bench/host_syncs.py --device cuda`` measures the real thing on a GPU,
+read no value back to the host (``bench.host_syncs.HostReads``: ``.item()``, ``bool()``, ``int()``, and
+outputs sized by values such as ``nonzero``, each of which makes a GPU step wait). ``bench/host_syncs.py --device cuda`` measures the real thing on a GPU,
 ``.tolist()`` included."""
 
 from __future__ import annotations
@@ -53,3 +53,51 @@ def test_bench_lists_the_reads_of_the_trainers_step_on_the_cpu():
     assert "forward + backward: 0 host reads" in result.stdout, result.stdout
     assert re.search(r"optimizer step: 1 host reads\n\s+1\s+parallel/zero\.py:\d+ \(_global_norm\)", result.stdout), \
         result.stdout
+
+
+def test_value_sized_outputs_count_as_reads():
+    """Operations whose output size depends on the input's values wait for the GPU as ``.item()`` does:
+    ``nonzero``, a boolean mask as an index (read or write), ``bincount``, ``repeat_interleave`` without
+    its ``output_size``. Their size-given counterparts and integer indexing do not."""
+    x = torch.randn(16)
+    mask = x > 0
+    counts = torch.tensor([1, 2, 0, 3])
+    reading = {"nonzero": lambda: mask.nonzero(), "boolean index": lambda: x[mask],
+               "boolean index_put": lambda: x.clone().index_put_((mask,), torch.tensor(0.0)),
+               "masked_select": lambda: x.masked_select(mask), "bincount": lambda: torch.bincount(counts),
+               "repeat_interleave": lambda: torch.repeat_interleave(counts), "unique": lambda: counts.unique()}
+    for what, fn in reading.items():
+        with HostReads() as reads:
+            fn()
+        assert reads.count == 1, what
+        assert all("[" in place for place in reads.places), (what, reads.places)  # names the operation
+    size = int(mask.sum())
+    quiet = {"nonzero_static": lambda: torch.nonzero_static(mask, size=size),
+             "integer index": lambda: x[counts], "scatter_add": lambda: torch.zeros(4).scatter_add_(0, counts, x[:4]),
+             "repeat_interleave, sized": lambda: torch.repeat_interleave(counts, output_size=6),
+             "argsort": lambda: x.argsort(stable=True)}
+    for what, fn in quiet.items():
+        with HostReads() as reads:
+            fn()
+        assert reads.count == 0, (what, reads.places)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (torch.cuda.set_sync_debug_mode)")
+def test_expert_dispatch_index_lists_do_not_sync_on_cuda():
+    """``parallel.expert.nonzero_sized`` (the dispatch's index lists, sized from the all-gathered counts) runs
+    under ``set_sync_debug_mode("error")`` and equals ``nonzero``; ``nonzero`` itself raises there."""
+    from parallel.expert import nonzero_sized
+
+    mask = torch.rand(64, 8, device="cuda") > 0.7
+    size = int(mask.sum())
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        got = nonzero_sized(mask.t(), size)
+        with pytest.raises(RuntimeError, match="synchroniz"):
+            mask.nonzero()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    want = mask.t().nonzero(as_tuple=True)
+    assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
+    assert nonzero_sized(torch.zeros(0, 3, dtype=torch.bool, device="cuda"), 0)[0].numel() == 0  # no token at all
