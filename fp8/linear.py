@@ -12,8 +12,9 @@ All three GEMMs of a linear layer run on FP8 operands (Figure 6), each quantized
 Storage (sec 3.3.3): the weight stays the FP32 master (re-quantized online in backward: no FP8 weight
 copy is kept), gradients to it are fp32, and the activation is cached for Wgrad in FP8: x already
 quantized 128x1, not x. ``cache="e5m6"`` (the linear after attention, MLA's ``wo``) caches x in E5M6 with
-power-of-two scales in 1x128 tiles and re-tiles it to 128x1 in backward (``convert_tiles``, exact); that
-Wgrad then multiplies an E4M3 dy by the E5M6 x.
+power-of-two scales in 1x128 tiles, its 12-bit codes packed two per three bytes (``pack_12bit``), and
+re-tiles it to 128x1 in backward (``convert_tiles``, exact); that Wgrad then multiplies an E4M3 dy by the
+E5M6 x.
 
 The routed experts' SwiGLU, as grouped FP8 GEMMs, is ``fp8/experts.py``.
 
@@ -30,7 +31,8 @@ import torch
 from torch import Tensor, nn
 
 from fp8.backend import GemmBackend
-from fp8.quant import BLOCK, Quantized, convert_tiles, quantize, quantize_act_transposed, quantize_weight
+from fp8.quant import (BLOCK, Quantized, convert_tiles, pack_12bit, quantize, quantize_act_transposed, quantize_weight,
+                       unpack_12bit)
 from fp8.wgrad import WeightGradBox, WeightSpec, no_weight_grad, weight_entry
 from train.ops import step_memo
 
@@ -109,7 +111,8 @@ class _Fp8Linear(torch.autograd.Function):
                 q_rows = _quantize(x2d, 1)
                 saved = _quantize(x2d, 1, "e5m6", pow2=True)  # 1x128 tiles, re-tiled in backward
             y = backend.gemm(q_rows, _quantize_weight(weight))
-        ctx.save_for_backward(saved.data, saved.scale, weight)
+        # E5M6 codes are held in 12 bits (two per three bytes), not in their 16-bit container
+        ctx.save_for_backward(saved.data if cache == "e4m3" else pack_12bit(saved.data), saved.scale, weight)
         ctx.x_shape, ctx.x_dtype, ctx.cache, ctx.backend, ctx.box = x.shape, x.dtype, cache, backend, box
         ctx.weight_spec = WeightSpec.of(weight)
         return y.to(out_dtype).reshape(*x.shape[:-1], n)
@@ -137,7 +140,8 @@ class _Fp8Linear(torch.autograd.Function):
                 if cache == "e4m3":
                     x_t = _rebuild(data, scale, 1, "e4m3", False)
                 else:
-                    x_t = convert_tiles(_rebuild(data, scale, 1, "e5m6", True))  # 1x128 -> 128x1, exact
+                    codes = unpack_12bit(data, k)
+                    x_t = convert_tiles(_rebuild(codes, scale, 1, "e5m6", True))  # 1x128 -> 128x1, exact
                 return (backend.gemm(_quantize_t(dy.reshape(-1, n)), x_t).to(wgrad_dtype(weight)),)
 
         box.defer(dy, wgrad)

@@ -92,6 +92,26 @@ def e5m6_decode(bits: Tensor) -> Tensor:
     return half_bits.view(torch.float16).to(torch.float32)
 
 
+def pack_12bit(codes: Tensor) -> Tensor:
+    """E5M6 codes (int16 [..., K], low 12 bits) -> uint8 [..., 3 ceil(K / 2) ]: two codes in three bytes, as the
+    cache is held (sec 3.3.3: 12 bits, not the 16 of the container the arithmetic uses). An odd K gets one
+    zero code. Exact inverse: ``unpack_12bit``."""
+    c = codes.to(torch.int32) & 0xFFF
+    if c.shape[-1] % 2:
+        c = torch.nn.functional.pad(c, (0, 1))
+    a, b = c[..., 0::2], c[..., 1::2]
+    packed = torch.stack([a & 0xFF, (a >> 8) | ((b & 0xF) << 4), b >> 4], dim=-1)
+    return packed.to(torch.uint8).flatten(-2)
+
+
+def unpack_12bit(packed: Tensor, k: int) -> Tensor:
+    """uint8 [..., 3 ceil(k / 2)] from ``pack_12bit`` -> the int16 codes [..., k]."""
+    t = packed.to(torch.int32).unflatten(-1, (-1, 3))
+    a = t[..., 0] | ((t[..., 1] & 0xF) << 8)
+    b = (t[..., 1] >> 4) | (t[..., 2] << 4)
+    return torch.stack([a, b], dim=-1).flatten(-2)[..., :k].to(torch.int16)
+
+
 # the 256 E4M3 codes as fp32 (both NaN codes included), decoded once by torch's own cast
 _E4M3_VALUES = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8_e4m3fn).to(torch.float32)
 

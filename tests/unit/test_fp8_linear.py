@@ -302,8 +302,8 @@ def saved_bytes(fn, params: list[torch.Tensor]) -> int:
 
 def test_saved_activation_bytes():
     """The activation is cached as FP8 (1 byte per element) plus one fp32 scale per 128 elements:
-    (1 + 4/128) / 2 = 0.516 of a bf16 cache, 0.258 of an fp32 one. The E5M6 cache sits in int16
-    containers (2 bytes, + scales: 1.016 of bf16); bit-packed 12-bit codes would be 0.77 of bf16."""
+    (1 + 4/128) / 2 = 0.516 of a bf16 cache, 0.258 of an fp32 one. The E5M6 cache holds its 12-bit codes
+    packed two per three bytes (1.5 bytes, + scales: 0.766 of bf16)."""
     tokens, k, n = 512, 1024, 256
     x = torch.randn(tokens, k, requires_grad=True)
     fp8 = Fp8Linear(k, n, backend=EMULATE)
@@ -321,7 +321,8 @@ def test_saved_activation_bytes():
           f"fp8/fp32 {measured['fp8'] / measured['fp32']:.4f}, e5m6/bf16 {measured['e5m6'] / measured['bf16']:.4f}")
     assert measured["fp32"] == 4 * tokens * k and measured["bf16"] == 2 * tokens * k
     assert measured["fp8"] == tokens * k + 4 * k * (tokens // BLOCK)  # 128x1: a scale per channel per 128 tokens
-    assert measured["e5m6"] == 2 * tokens * k + 4 * tokens * (k // BLOCK)  # 1x128 tiles
+    assert measured["e5m6"] == 3 * tokens * k // 2 + 4 * tokens * (k // BLOCK)  # 12 bits, 1x128 tiles
+    assert measured["e5m6"] / measured["bf16"] == pytest.approx(0.75 + 2 / BLOCK)
     assert measured["fp8"] / measured["bf16"] == pytest.approx(0.5 + 2 / BLOCK)
     assert measured["fp8"] / measured["fp32"] == pytest.approx(0.25 + 1 / BLOCK)
 

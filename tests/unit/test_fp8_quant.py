@@ -22,7 +22,7 @@ import torch
 
 from fp8.quant import (BLOCK, E4M3_MAX, E5M6_MAX, FORMAT_MAX, MIN_SCALE, Quantized, convert_tiles, dequantize,
                        e4m3_decode, e5m6_decode, e5m6_encode, quantize, quantize_act, quantize_act_transposed,
-                       quantize_weight, tile_scales)
+                       pack_12bit, quantize_weight, tile_scales, unpack_12bit)
 from bench.host_syncs import HostReads
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -74,6 +74,19 @@ def test_e5m6_decode_matches_table_and_encode_round_trips_every_code():
     assert int(finite.sum()) == 4096 - 2 * 64
     assert torch.equal(e5m6_encode(decoded[finite].float()), codes[finite])
     assert table[finite].abs().max().item() == E5M6_MAX == 65024.0
+
+
+@pytest.mark.parametrize("k", [2, 256, 7, 1])
+def test_12bit_packing_round_trips_every_code(k):
+    """The E5M6 cache's packing (two 12-bit codes in three bytes): every code comes back exactly (k = 2 puts
+    every code in both slots of a pair, next to a different one); an odd width gets one zero code; 1.5
+    bytes per code."""
+    codes = torch.arange(4096, dtype=torch.int16)
+    both_slots = torch.stack([codes, codes.roll(1)], dim=1).flatten()  # slot 0: i, slot 1: i - 1
+    rows = torch.cat([both_slots, codes.flip(0)])[: (12288 // k) * k].view(-1, k)
+    packed = pack_12bit(rows)
+    assert packed.dtype == torch.uint8 and packed.shape == (rows.shape[0], 3 * ((k + 1) // 2))
+    assert torch.equal(unpack_12bit(packed, k), rows)
 
 
 def positive_finite_values() -> torch.Tensor:
