@@ -38,7 +38,16 @@ def activation_bytes_per_token(cfg: Any, lengths: tuple[int, int] = (128, 256), 
     (a ``train.config.Config``: its recompute mode, FP8 conversion, and ``train.dtype`` as on a GPU:
     bfloat16 means BF16 autocast over FP32 parameters), on ``device``. Measured at two sequence lengths and
     differenced, which drops what does not grow with the tokens (autocast's BF16 copies of the weights,
-    the rope tables): the quantity the planner's ``stage_plans(...).activation_bytes`` predicts."""
+    the rope tables, the FP8 experts' alignment padding): the per-token part of what the planner's
+    ``stage_plans(...).activation_bytes`` predicts."""
+    small, large = measured_activation_bytes(cfg, lengths, seed, device)
+    return (large - small) / (lengths[1] - lengths[0])
+
+
+def measured_activation_bytes(cfg: Any, lengths: tuple[int, ...], seed: int = 0, device: str = "cpu") -> list[int]:
+    """Bytes one micro-batch of one sequence of each length leaves for backward (``activation_bytes_per_token``),
+    in a step's context (``one_weight_cast_per_step``, as the trainer runs it). Under BF16 autocast this
+    includes the weights' BF16 copies, which the planner counts as weights, not activations."""
     from train.losses import compute_losses
     from train.model import Transformer, set_recompute
     from train.runtime import autocast_to, one_weight_cast_per_step
@@ -61,17 +70,22 @@ def activation_bytes_per_token(cfg: Any, lengths: tuple[int, int] = (128, 256), 
             with autocast_to(device_type, compute):
                 return compute_losses(model(window[:, :-1]), window, 0.3, 1e-4).loss
 
-        # as the trainer runs a step
         with one_weight_cast_per_step(lambda: autocast_to(device_type, compute), device_type):
             nbytes, loss = saved_activation_bytes(model, forward)
         del loss
         measured.append(nbytes)
-    return (measured[1] - measured[0]) / (lengths[1] - lengths[0])
+    return measured
 
 
 def planned_activation_bytes_per_token(cfg: Any, lengths: tuple[int, int] = (128, 256)) -> float:
-    """The planner's prediction of ``activation_bytes_per_token(cfg)``: one pipeline stage's activation
-    bytes (``train.plan_stages.stage_plans``) for one sequence at the same two lengths, differenced."""
+    """The planner's prediction of ``activation_bytes_per_token(cfg)``, differenced the same way."""
+    small, large = planned_activation_bytes(cfg, lengths)
+    return (large - small) / (lengths[1] - lengths[0])
+
+
+def planned_activation_bytes(cfg: Any, lengths: tuple[int, ...]) -> list[float]:
+    """The planner's activation bytes (``train.plan_stages.stage_plans``, one pipeline stage) for one
+    micro-batch of one sequence of each length: ``measured_activation_bytes``'s prediction."""
     import copy
 
     from train.plan_cluster import precision
@@ -84,4 +98,4 @@ def planned_activation_bytes_per_token(cfg: Any, lengths: tuple[int, int] = (128
         cfg.train.seq_len = length
         device = "cuda" if cfg.train.dtype == "bfloat16" else "cpu"
         planned.append(stage_plans(cfg, 1, precision(cfg, device))[0].activation_bytes)
-    return (planned[1] - planned[0]) / (lengths[1] - lengths[0])
+    return planned

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from train.config import ModelConfig
-from train.plan_cluster import E5M6_BYTES, FP8_BYTES, Precision
+from train.plan_cluster import E5M6_BYTES, FP8_BYTES, FP8_TILE, Precision
 from train.plan_flops import is_dense
 
 
@@ -64,6 +64,17 @@ def activation_items(m: ModelConfig, layer_id: int, p: Precision) -> list[tuple[
               ("routed: weighted SwiGLU output (w2 input)", 0 if p.fp8 else k * inter, "act", "NS"),
               ("routed: slot order, token of each slot", 2 * k, "int64", "NS")]
     return items
+
+
+def expert_padding_bytes(m: ModelConfig, p: Precision, rows: int, n_local_experts: int) -> float:
+    """Bytes a MoE block caches per micro-batch beyond its per-token items: under FP8 the routed experts keep
+    x for Wgrad in a layout where each expert's rows start on a 128-row tile, sized for the worst case,
+    ``128 (ceil(rows / 128) + E)`` rows of ``dim`` FP8 elements for ``rows`` (token, expert) pairs on
+    ``E`` local experts (fp8/experts.py ``ExpertRows``); the table counts ``rows`` of them."""
+    if not p.fp8:
+        return 0.0
+    padded = FP8_TILE * (-(-rows // FP8_TILE) + n_local_experts)
+    return (padded - rows) * m.dim * FP8_BYTES
 
 
 def element_bytes(kind: str, p: Precision) -> float:

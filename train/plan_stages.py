@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from train.config import Config, ConfigError, ModelConfig
-from train.plan_activations import layer_activation_bytes, tail_activation_bytes
+from train.plan_activations import expert_padding_bytes, layer_activation_bytes, tail_activation_bytes
 from train.plan_cluster import Precision
 from train.plan_flops import block_cost, gemm_free_params, is_dense, layer_params, layer_time_split, tail_cost
 
@@ -102,7 +102,7 @@ def stage_plans(cfg: Config, n_stages: int, p: Precision, boundaries: list[int] 
     for index, (lo, hi) in enumerate(stage_layers(m, n_stages, boundaries)):
         last, first = index == n_stages - 1, index == 0
         dense = expert = moe = 0
-        act = working = 0.0
+        act = working = fixed = 0.0
         flops = dict.fromkeys(("fp8", "bf16", "attention", "recompute_fp8", "recompute_bf16"), 0.0)
         ids = list(range(lo, hi)) + ([m.n_layers + k for k in range(m.mtp_depth)] if last else [])
         cast_dense = cast_expert = kept = 0
@@ -118,6 +118,9 @@ def stage_plans(cfg: Config, n_stages: int, p: Precision, boundaries: list[int] 
             length = t.seq_len if layer < m.n_layers else t.seq_len - (layer - m.n_layers + 1)
             if layer < m.n_layers:  # MTP blocks: in tail_activation_bytes
                 act += layer_activation_bytes(m, layer, p)
+            if not is_dense(m, layer):  # per micro-batch, not per token
+                fixed += expert_padding_bytes(m, p, t.micro_batch_size * length * m.n_activated_experts,
+                                              m.n_routed_experts // cfg.parallel.ep)
             if p.recompute == "full":  # backward rebuilds one block's activations at a time
                 working = max(working, layer_activation_bytes(m, layer, p, "none"))
             for key, value in layer_time_split(m, layer, length, p).items():
@@ -135,7 +138,7 @@ def stage_plans(cfg: Config, n_stages: int, p: Precision, boundaries: list[int] 
                                         for k in range(1, m.mtp_depth + 1))
         if p.act == 4 or p.weight == 2:  # FP32: no autocast, no casts; BF16 weights: they are the casts
             cast_dense = cast_expert = 0
-        plans.append(StagePlan(index, (lo, hi), dense, kept, expert, embed, moe, act * tokens,
+        plans.append(StagePlan(index, (lo, hi), dense, kept, expert, embed, moe, act * tokens + fixed,
                                {k: v * tokens for k, v in flops.items()}, last, working * tokens,
                                cast_dense, cast_expert))
     return plans

@@ -134,10 +134,13 @@ def one_weight_cast_per_step(autocast_factory: Callable[[], contextlib.AbstractC
     copy of every weight alive for its backward, PP+1 copies of a stage under a pipeline schedule. The
     outer context owns the cache for the step; autocast is off inside it except in the forwards, which
     enter ``autocast_factory()`` as before (so backward runs without autocast, as it should). The routed
-    experts cast their stacked weights themselves (``train.ops.cast_weight``): shared the same way."""
+    experts cast their stacked weights themselves (``train.ops.cast_weight``): shared the same way. The
+    step's memo (``train.ops.step_memo``: one FP8 quantization of an input two linears read) is on in
+    either case."""
     outer = autocast_factory()
-    if not isinstance(outer, torch.autocast):  # no autocast (FP32): no casts to share
-        yield
+    if not isinstance(outer, torch.autocast):  # no autocast (FP32): no casts to share, the memo still
+        with shared_weight_casts():
+            yield
         return
     with outer, torch.autocast(device_type, enabled=False), shared_weight_casts():
         yield
