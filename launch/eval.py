@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # `python launch/eval.py` from anywhere
     sys.path.insert(0, str(REPO))
 
-from train.errors import UserError  # noqa: E402
+from train.errors import UserError, print_error  # noqa: E402
 
 
 def translate_args(argv: list[str]) -> list[str]:
@@ -60,7 +60,7 @@ def main(argv: list[str]) -> int:
             write_json(result, cfg.out)
             print(f"wrote {cfg.out}", flush=True)
     except UserError as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
+        print_error(err)
         return 1
     return 0
 

@@ -15,7 +15,7 @@ import hydra
 from omegaconf import DictConfig
 
 from train.config import HYDRA_RUN_OVERRIDES, SCHEMA_NAME, check_command_line, register_schema, to_config
-from train.errors import UserError
+from train.errors import UserError, print_error
 
 register_schema()
 
@@ -39,7 +39,7 @@ def run(node: DictConfig) -> int:
         train(cfg)
         return 0
     except UserError as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
+        print_error(err)  # a config error by rank 0 only, any other by each rank with its number
         return 1
     except KeyboardInterrupt:  # the second Ctrl-C (the first one stops after the step, with a checkpoint)
         print("interrupted: no checkpoint written for the current step; run the same command to resume from "
@@ -61,5 +61,6 @@ if __name__ == "__main__":
     try:
         sys.argv = [sys.argv[0], *command_line(sys.argv[1:]), *HYDRA_RUN_OVERRIDES]
     except UserError as err:
-        sys.exit(f"error: {err}")
+        print_error(err, same_on_every_rank=True)  # the command line: every rank has the same
+        sys.exit(1)
     main()

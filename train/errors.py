@@ -1,7 +1,12 @@
 """User-facing errors: each carries one line that names the file or field and what to do.
 
-Launch scripts catch ``UserError``, print its message as one line and exit with status 1.
+Launch scripts catch ``UserError``, print its message as one line (``print_error``) and exit with status 1.
 """
+
+from __future__ import annotations
+
+import os
+import sys
 
 
 class UserError(Exception):
@@ -14,3 +19,19 @@ class DataError(UserError):
 
 class CheckpointError(UserError):
     """A checkpoint that is missing, corrupt or does not match the run."""
+
+
+def print_error(err: Exception | str, same_on_every_rank: bool | None = None) -> None:
+    """Write ``error: <err>`` to stderr as one line, once per job under torchrun: an error every rank meets
+    alike (a config error, by default) is printed by rank 0 only; any other by each rank that meets it,
+    prefixed by its rank. One write per line, so that lines of several ranks do not interleave."""
+    if same_on_every_rank is None:
+        from train.config import ConfigError
+
+        same_on_every_rank = isinstance(err, ConfigError)
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and same_on_every_rank and rank != 0:
+        return
+    where = f" (rank {rank})" if world > 1 and not same_on_every_rank else ""
+    sys.stderr.write(f"error{where}: {' '.join(str(err).split())}\n")
+    sys.stderr.flush()

@@ -31,21 +31,33 @@ def micro_batch_quantum(cfg: Config, dp: int) -> int:
 
 
 def check_micro_batches(cfg: Config, dp: int) -> None:
-    """Every micro-batch count of the batch ramp must suit the schedule; one line naming the fix."""
+    """Every micro-batch count of the batch ramp must suit the schedule; one line naming a fix that works:
+    the largest smaller ``train.micro_batch_size`` that suits both ends of the ramp, else the batch sizes
+    the current one needs."""
     p, t = cfg.parallel, cfg.train
-    per_micro = t.micro_batch_size * dp
-    for name, batch in (("batch_size_start", t.batch_size_start), ("batch_size", t.batch_size)):
-        n_micro = batch // per_micro
+    need, even = min_micro_batches(p.schedule, p.pp), p.schedule == "dualpipe"
+
+    def suits(batch: int, micro: int) -> bool:
+        m = batch // (micro * dp)
+        return batch % (micro * dp) == 0 and m >= need and not (even and m % 2)
+
+    ends = (("batch_size_start", t.batch_size_start), ("batch_size", t.batch_size))
+    for name, batch in ends:
+        n_micro = batch // (t.micro_batch_size * dp)
         try:
             make_schedule(p.schedule, p.pp, n_micro)
-        except ValueError as err:
-            need = min_micro_batches(p.schedule, p.pp)
+        except ValueError:
+            count = f"{'an even number of ' if even else ''}at least {need} micro-batches per step"
+            smaller = next((m for m in range(t.micro_batch_size - 1, 0, -1)
+                            if all(suits(b, m) for _, b in ends)), None)
+            quantum = t.micro_batch_size * dp * (2 if even else 1)
+            fix = (f"use train.micro_batch_size={smaller}" if smaller is not None else
+                   f"raise {' and '.join(f'train.{n}' for n, b in ends if not suits(b, t.micro_batch_size))} "
+                   f"to at least {need * t.micro_batch_size * dp}" + (f" (a multiple of {quantum})" if quantum > 1 else ""))
             raise ConfigError(
                 f"parallel.schedule={p.schedule} at parallel.pp={p.pp} cannot run train.{name} ({batch}) = {n_micro} "
-                f"micro-batches of train.micro_batch_size ({t.micro_batch_size}) x {dp} data-parallel ranks: "
-                f"{str(err).rstrip('.')}; it needs at least {need} micro-batches per step"
-                f"{' (an even number)' if p.schedule == 'dualpipe' else ''}: raise train.{name} or lower "
-                "train.micro_batch_size") from None
+                f"micro-batches of train.micro_batch_size ({t.micro_batch_size}) x {dp} data-parallel ranks: it "
+                f"needs {count}; {fix}") from None
 
 
 class PipelinePart:

@@ -24,7 +24,7 @@ from data.corpus import MAX_DOCUMENT_BYTES, CorpusStats, iter_documents
 from data.prepare import INDEX_FILE, TOKENS_FILE, _index_sha256, prepare_data
 from data.tokenizer import train_tokenizer
 from parallel.mesh import plan_layout
-from tests.integration.pretrain_runs import REPO, failure_report, run_pretrain
+from tests.integration.pretrain_runs import LAUNCHER_TRACEBACK, REPO, failure_report, run_pretrain, run_torchrun
 from train.config import DataConfig, load_config
 from train.errors import UserError
 
@@ -292,6 +292,36 @@ def test_launcher(case, tmp_path):
     line = one_error_line(launch(*args, f"run.dir={tmp_path}"))
     assert fragment in line, line
     assert not (tmp_path / "config.yaml").exists()  # nothing written before the config is valid
+
+
+@pytest.mark.parametrize("bad", [["train.max_steps=20"],  # refused before Hydra runs
+                                 ["parallel.pp=2", "parallel.schedule=dualpipev", "train.steps=1"]])
+def test_config_errors_print_once_under_torchrun(bad, tmp_path, data_cache):
+    """Every rank meets the same config error; one line in all (rank 0's), not one per rank (interleaved)."""
+    result = run_torchrun(2, tmp_path / "run", data_cache, *bad, timeout=300)
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error")]
+    assert result.returncode != 0 and len(lines) == 1 and lines[0].startswith("error: "), failure_report(result)
+    assert "Traceback" not in LAUNCHER_TRACEBACK.sub("", result.stderr), failure_report(result)
+    if "parallel.pp=2" in bad:  # tiny's batch_size_start 8 = 2 micro-batches of 4 x 1 data-parallel rank;
+        assert lines[0].endswith("use train.micro_batch_size=2"), lines[0]  # DualPipeV needs 3 at pp 2
+    else:
+        assert "did you mean train.max_bad_steps?" in lines[0]
+
+
+def test_other_errors_are_printed_by_each_rank_with_its_number(monkeypatch, capsys):
+    """A data or checkpoint error may be one rank's own (its shard of a checkpoint): each rank that meets it
+    prints it, prefixed by its rank; alone, a process prints the plain line. Always one line."""
+    from train.config import ConfigError
+    from train.errors import CheckpointError, print_error
+
+    for rank, world, err, want in [("0", "1", CheckpointError("shard 3\nmissing"), "error: shard 3 missing\n"),
+                                   ("3", "4", CheckpointError("shard 3 missing"), "error (rank 3): shard 3 missing\n"),
+                                   ("3", "4", ConfigError("bad field"), ""),
+                                   ("0", "4", ConfigError("bad field"), "error: bad field\n")]:
+        monkeypatch.setenv("RANK", rank)
+        monkeypatch.setenv("WORLD_SIZE", world)
+        print_error(err)
+        assert capsys.readouterr().err == want
 
 
 def test_671b_prints_its_size_and_the_layout_it_needs(tmp_path):

@@ -14,12 +14,26 @@ def config(schedule: str, pp: int, micro: int, start: int, end: int) -> Config:
 
 
 def test_too_few_micro_batches_for_the_schedule():
+    """The line names a fix that passes this same check: a smaller micro-batch that suits both ends of the
+    batch ramp, else the batch sizes."""
     cfg = config("dualpipev", pp=4, micro=4, start=8, end=64)  # 2 micro-batches at the start; DualPipeV needs 7
     with pytest.raises(ConfigError, match=r"parallel.schedule=dualpipev at parallel.pp=4 cannot run "
                                           r"train.batch_size_start \(8\) = 2 micro-batches .* needs at least 7 "
-                                          r"micro-batches per step: raise train.batch_size_start"):
+                                          r"micro-batches per step; use train.micro_batch_size=1$"):
         check_micro_batches(cfg, dp=1)
     check_micro_batches(config("dualpipev", pp=4, micro=1, start=8, end=64), dp=1)  # 8 and 64: fine
+    # the README's layout with DualPipeV: 8 = 2 micro-batches of 2 x 2 ranks; micro-batches of 1 give 4 and 8
+    with pytest.raises(ConfigError, match=r"use train.micro_batch_size=1$"):
+        check_micro_batches(config("dualpipev", pp=2, micro=2, start=8, end=16), dp=2)
+    check_micro_batches(config("dualpipev", pp=2, micro=1, start=8, end=16), dp=2)
+    # no smaller micro-batch suits both ends: the batch sizes to raise, and by how much
+    with pytest.raises(ConfigError, match=r"needs at least 7 micro-batches per step; raise train.batch_size_start "
+                                          r"and train.batch_size to at least 7$"):
+        check_micro_batches(config("dualpipev", pp=4, micro=1, start=4, end=6), dp=1)
+    with pytest.raises(ConfigError, match=r"needs an even number of at least 6 micro-batches per step; raise "
+                                          r"train.batch_size_start to at least 12 \(a multiple of 4\)$"):
+        check_micro_batches(config("dualpipe", pp=4, micro=1, start=8, end=32), dp=2)
+    check_micro_batches(config("dualpipe", pp=4, micro=1, start=12, end=32), dp=2)
 
 
 def test_dualpipe_needs_an_even_number_of_micro_batches():
