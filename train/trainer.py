@@ -242,9 +242,11 @@ def _train(cfg: Config, runtime: Runtime, model: Transformer, log: MetricsLogger
                 module.train()
                 if state.step + 1 in state.guard.skip_batches:  # this step's batch spiked before the rollback
                     for _ in range(n_micro):
-                        loader.next_batch()
+                        loader.next_windows()
                     log.info(f"step {state.step + 1}: drew past the batch that spiked before the rollback")
-                windows = [loader.next_batch().to(runtime.device, non_blocking=True) for _ in range(n_micro)]
+                t_data = time.perf_counter()
+                windows = [w.to(runtime.device, non_blocking=True) for w in loader.next_batches(n_micro)]
+                data_wait = time.perf_counter() - t_data
                 if hooks.before_step is not None:
                     hooks.before_step(state.step + 1, module)
                 if pipeline is not None:
@@ -285,6 +287,7 @@ def _train(cfg: Config, runtime: Runtime, model: Transformer, log: MetricsLogger
                     "bias_update_speed": gamma, "step_time_s": elapsed, "loss_zscore": verdict.zscore,
                     "skipped": verdict.reason if verdict.skip else "", "nonfinite_steps": state.guard.nonfinite_steps,
                     "spikes": state.guard.spikes, "rollbacks": state.rollbacks, "memory_gib": memory,
+                    "data_wait_s": data_wait,
                 }
                 if peak is not None:
                     record["mfu"] = model_flops_utilization(cfg.model, cfg.train.seq_len, record["tokens_per_s"],

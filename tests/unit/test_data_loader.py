@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import mmap
+
 import numpy as np
 import pytest
 import torch
@@ -153,3 +155,22 @@ def test_packing_of_a_prepared_stream(tmp_path):
     doc_tokens = joined[starts[long_doc] - first: ends[long_doc] - first]
     assert doc_tokens[-1] == eos and len(pieces) > 3
     assert tok.decode(doc_tokens[:-1].tolist(), skip_special_tokens=False) == docs[long_doc]
+
+
+def test_next_batches_read_what_next_batch_would_and_hint_the_following(ramp):
+    """``next_batches(n)`` (the trainer's call per step): the same batches as ``n`` calls of ``next_batch``
+    across epochs and changes of n, the state after them the same; it asks the kernel for the pages of the
+    next n batches, which ``page_ranges`` gives page-aligned and covering each window's bytes."""
+    plain = TokenLoader(ramp, L, micro_batch_size=2, seed=7, dp_rank=1, dp_size=2)
+    stepped = TokenLoader(ramp, L, micro_batch_size=2, seed=7, dp_rank=1, dp_size=2)
+    for n in [3, 3, 3, 2, 2, 4, 4, 4, 4]:  # 10 batches a rank per epoch: two roll-overs
+        got, want = stepped.next_batches(n), batches(plain, n)
+        assert len(got) == n and all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
+        assert stepped.state_dict() == plain.state_dict()
+    assert plain.epoch == 2
+    ahead = stepped.peek_windows(2)
+    assert stepped.state_dict() == plain.state_dict()  # peeking consumes nothing
+    assert all(torch.equal(stepped.read(ids), plain.next_batch()) for ids in ahead)  # what comes next
+    for (start, length), j in zip(stepped.page_ranges([0, 5, 40]), [0, 5, 40], strict=True):
+        first, end = j * L * 4, (j * L + L + 1) * 4
+        assert start % mmap.PAGESIZE == 0 and start <= first and start + length == end
