@@ -3,7 +3,8 @@
 Documents are packed, as in the report, without cross-document masking: the EOS-joined stream is
 cut into windows of ``seq_len + 1`` tokens with stride ``seq_len`` (window ``j`` is
 ``stream[j*seq_len : j*seq_len + seq_len + 1]``), so every token after the first is a target
-exactly once per epoch. Each epoch visits the windows in a permutation seeded by ``(seed, epoch)``;
+exactly once per epoch. Each epoch visits the windows in an order keyed by ``(seed, epoch)``, computed
+position by position rather than stored (``data/order.py``: billions of windows at full scale);
 data-parallel rank ``r`` of ``dp_size`` takes positions ``r, r + dp_size, ...`` of it, with the
 remainder dropped so all ranks have the same count. The file is memory-mapped, never read whole.
 
@@ -27,10 +28,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from data.order import EpochOrder
 from data.prepare import TOKEN_DTYPE, TOKENS_FILE, PreparedData
 from train.errors import DataError
 
-STATE_KEYS = ("epoch", "consumed", "seed", "seq_len", "n_windows")
+STATE_KEYS = ("epoch", "consumed", "seed", "seq_len", "n_windows", "order")
+ORDER = 2  # the window order's version in the state: 2 = data/order.py (1, a stored permutation, never saved it)
 
 
 def _tokens_path(source: str | Path | PreparedData) -> Path:
@@ -75,25 +78,26 @@ class TokenLoader:
         self.epoch = 0
         self.start = 0  # windows of the epoch's permutation consumed before this dp_size took over
         self.position = 0  # rounds (one window per rank) since ``start``
-        self._order_epoch = -1
-        self._order = np.empty(0, dtype=np.int64)
+        self.order = ORDER
+        self._orders: dict[int, EpochOrder] = {}
 
     @property
     def consumed(self) -> int:
         """Windows of this epoch's permutation consumed by all ranks together."""
         return self.start + self.position * self.dp_size
 
-    def permutation(self, epoch: int) -> np.ndarray:
-        if epoch != self._order_epoch:
-            self._order = np.random.default_rng([self.seed % 2**64, epoch]).permutation(self.n_windows)
-            self._order_epoch = epoch
-        return self._order
+    def epoch_order(self, epoch: int) -> EpochOrder:
+        """The order of ``epoch``'s windows (the current and the next epoch's are kept)."""
+        if epoch not in self._orders:
+            self._orders = {e: o for e, o in self._orders.items() if e >= epoch - 1}
+            self._orders[epoch] = EpochOrder(self.n_windows, self.seed, epoch)
+        return self._orders[epoch]
 
     def rank_windows(self, epoch: int) -> np.ndarray:
         """Window indices this rank reads in ``epoch`` (from its start), in order."""
         start = self.start if epoch == self.epoch else 0
         rounds = (self.n_windows - start) // self.dp_size
-        return self.permutation(epoch)[start + self.dp_rank: start + rounds * self.dp_size: self.dp_size]
+        return self.epoch_order(epoch)(np.arange(start + self.dp_rank, start + rounds * self.dp_size, self.dp_size))
 
     def window(self, j: int) -> np.ndarray:
         """Tokens of window ``j``: ``seq_len + 1`` of them starting at ``j * seq_len``."""
@@ -107,9 +111,40 @@ class TokenLoader:
     def next_batches(self, n: int) -> list[torch.Tensor]:
         """The next ``n`` batches (as ``n`` calls of ``next_batch``); then the pages of the ``n`` after them
         are requested from the kernel, to be read while this step computes (``read_ahead``)."""
-        batches = [self.next_batch() for _ in range(n)]
-        self.read_ahead([j for ids in self.peek_windows(n) for j in ids])
+        ids, size = self._take(n * self.micro_batch_size), self.micro_batch_size
+        batches = [self.read(ids[i: i + size]) for i in range(0, len(ids), size)]
+        self.read_ahead(self.peek_windows(n))
         return batches
+
+    def next_windows(self) -> list[int]:
+        """The window indices of the next batch, consumed (the state advances; nothing is read)."""
+        return self._take(self.micro_batch_size)
+
+    def peek_windows(self, batches: int) -> list[int]:
+        """The window indices of the next ``batches`` batches, without consuming them."""
+        saved = self.epoch, self.start, self.position
+        try:
+            return self._take(batches * self.micro_batch_size)
+        finally:
+            self.epoch, self.start, self.position = saved
+
+    def _take(self, count: int) -> list[int]:
+        """Consume this rank's next ``count`` windows; their indices (one order lookup per epoch touched)."""
+        runs: list[tuple[int, list[int]]] = []  # (epoch, positions in its order)
+        for _ in range(count):
+            if self.consumed + self.dp_size > self.n_windows:  # the remainder is dropped
+                self.epoch, self.start, self.position = self.epoch + 1, 0, 0
+            if not runs or runs[-1][0] != self.epoch:
+                runs.append((self.epoch, []))
+            runs[-1][1].append(self.consumed + self.dp_rank)
+            self.position += 1
+        return [int(j) for epoch, positions in runs for j in self.epoch_order(epoch)(positions)]
+
+    def read(self, ids: list[int]) -> torch.Tensor:
+        """The batch of windows ``ids``, [len(ids), seq_len + 1] int64 (reads the file; safe in a thread):
+        one gather from the mapped file, which touches only the pages of these windows."""
+        starts = np.asarray(ids, dtype=np.int64)[:, None] * self.seq_len
+        return torch.from_numpy(self._tokens[starts + np.arange(self.seq_len + 1)].astype(np.int64))
 
     def read_ahead(self, ids: list[int]) -> None:
         """Ask the kernel to start reading windows ``ids`` into the page cache (no wait; a hint where the
@@ -129,30 +164,6 @@ class TokenLoader:
             ranges.append((start, end - start))
         return ranges
 
-    def next_windows(self) -> tuple[int, ...]:
-        """The window indices of the next batch, consumed (the state advances; nothing is read)."""
-        ids = []
-        for _ in range(self.micro_batch_size):
-            if self.consumed + self.dp_size > self.n_windows:  # the remainder is dropped
-                self.epoch, self.start, self.position = self.epoch + 1, 0, 0
-            ids.append(int(self.permutation(self.epoch)[self.consumed + self.dp_rank]))
-            self.position += 1
-        return tuple(ids)
-
-    def peek_windows(self, batches: int) -> tuple[tuple[int, ...], ...]:
-        """The window indices of the next ``batches`` batches, without consuming them."""
-        saved = self.epoch, self.start, self.position
-        try:
-            return tuple(self.next_windows() for _ in range(batches))
-        finally:
-            self.epoch, self.start, self.position = saved
-
-    def read(self, ids: tuple[int, ...]) -> torch.Tensor:
-        """The batch of windows ``ids``, [len(ids), seq_len + 1] int64 (reads the file; safe in a thread):
-        one gather from the mapped file, which touches only the pages of these windows."""
-        starts = np.asarray(ids, dtype=np.int64)[:, None] * self.seq_len
-        return torch.from_numpy(self._tokens[starts + np.arange(self.seq_len + 1)].astype(np.int64))
-
     def state_dict(self) -> dict[str, int]:
         """Plain ints: where the next batch starts and what the position means."""
         return {key: int(getattr(self, key)) for key in STATE_KEYS}
@@ -160,9 +171,13 @@ class TokenLoader:
     def load_state_dict(self, state: dict[str, int]) -> None:
         """Resume exactly at ``state`` (seed included). The state is the same on every rank; under another
         dp_size the rest of the epoch is re-split from the consumed point. DataError if it describes other data."""
-        missing = [key for key in STATE_KEYS if key not in state]
+        missing = [key for key in STATE_KEYS if key not in state and key != "order"]
         if missing:
             raise DataError(f"data loader state lacks {', '.join(missing)}; it was not saved by TokenLoader")
+        if int(state.get("order", 1)) != ORDER:  # before "order" was saved, a stored permutation (1)
+            raise DataError(f"data loader state was saved with window order {state.get('order', 1)} (this version "
+                            f"uses {ORDER}): resuming would repeat and skip windows; resume with the version that "
+                            "wrote the checkpoint, or start a new run from its weights (checkpoint.init_from)")
         differ = [f"{key} {state[key]} (checkpoint) != {getattr(self, key)} (now)"
                   for key in ("seq_len", "n_windows") if int(state[key]) != getattr(self, key)]
         if differ:
@@ -175,4 +190,4 @@ class TokenLoader:
         self.epoch = int(state["epoch"])
         self.start = int(state["consumed"])
         self.position = 0
-        self._order_epoch = -1
+        self._orders = {}

@@ -11,6 +11,7 @@ from tokenizers import Tokenizer
 
 from data.corpus import iter_documents
 from data.loader import TokenLoader
+from data.order import EpochOrder
 from data.prepare import prepare_data
 from data.tokenizer import SpecialTokens
 from train.config import DataConfig
@@ -68,8 +69,8 @@ def test_dp_ranks_are_disjoint_and_cover_the_epoch(ramp):
     assert [r.windows_per_rank for r in ranks] == [20, 20]
     seen = [set(torch.cat(batches(r, 5))[:, 0].div(L, rounding_mode="floor").tolist()) for r in ranks]
     assert len(seen[0]) == len(seen[1]) == 20 and not seen[0] & seen[1]
-    order = np.random.default_rng([9, 0]).permutation(41)
-    assert seen[0] | seen[1] == set(order[:40].tolist())  # the permutation's remainder is dropped
+    order = EpochOrder(41, 9, 0)(np.arange(41))
+    assert seen[0] | seen[1] == set(order[:40].tolist())  # the order's remainder is dropped
 
 
 @pytest.mark.parametrize("consumed", [2, 5, 6])  # mid-epoch, exactly at an epoch end, into the next
@@ -88,6 +89,9 @@ def test_resume_gives_identical_following_batches(ramp, consumed):
 
 def test_mismatched_state_is_refused(ramp, tmp_path):
     state = TokenLoader(ramp, L, 2, seed=0, dp_size=2).state_dict()
+    old = {key: value for key, value in state.items() if key != "order"}  # saved before the order was computed
+    with pytest.raises(DataError, match=r"saved with window order 1 \(this version uses 2\).*checkpoint.init_from"):
+        TokenLoader(ramp, L, 2, seed=0, dp_size=2).load_state_dict(old)
     with pytest.raises(DataError, match=r"seq_len 16 \(checkpoint\) != 8 \(now\)"):
         TokenLoader(ramp, 8, 2, seed=0, dp_size=2).load_state_dict(state)
     other = ramp_file(tmp_path / "other.bin", 50 * L + 1)
@@ -100,7 +104,7 @@ def test_mismatched_state_is_refused(ramp, tmp_path):
 @pytest.mark.parametrize("old_dp,new_dp,steps", [(4, 2, 3), (2, 4, 3), (2, 1, 5), (1, 3, 4), (3, 2, 6)])
 def test_resume_under_another_dp_size_resplits_without_repeat_or_skip(ramp, old_dp, new_dp, steps):
     """Windows read before and after the change of data-parallel size are disjoint, and together with
-    the epoch's rest they are exactly the epoch's permutation up to the dropped remainder."""
+    the epoch's rest they are exactly the epoch's order up to the dropped remainder."""
     old = [TokenLoader(ramp, L, micro_batch_size=1, seed=3, dp_rank=r, dp_size=old_dp) for r in range(old_dp)]
     before = [int(b[0, 0]) // L for _ in range(steps) for loader in old for b in [loader.next_batch()]]
     state = old[0].state_dict()
@@ -110,7 +114,7 @@ def test_resume_under_another_dp_size_resplits_without_repeat_or_skip(ramp, old_
         loader.load_state_dict(state)
     rounds = (41 - state["consumed"]) // new_dp
     after = [int(b[0, 0]) // L for _ in range(rounds) for loader in new for b in [loader.next_batch()]]
-    order = np.random.default_rng([3, 0]).permutation(41).tolist()
+    order = EpochOrder(41, 3, 0)(np.arange(41)).tolist()
     assert sorted(before + after) == sorted(order[: len(before) + len(after)])
     assert before + after == order[: len(before) + len(after)]  # round-robin over ranks keeps the order
     assert all(loader.state_dict()["epoch"] == 0 for loader in new)
@@ -170,7 +174,36 @@ def test_next_batches_read_what_next_batch_would_and_hint_the_following(ramp):
     assert plain.epoch == 2
     ahead = stepped.peek_windows(2)
     assert stepped.state_dict() == plain.state_dict()  # peeking consumes nothing
-    assert all(torch.equal(stepped.read(ids), plain.next_batch()) for ids in ahead)  # what comes next
+    assert len(ahead) == 4 and all(torch.equal(stepped.read(ahead[i: i + 2]), plain.next_batch()) for i in (0, 2))
     for (start, length), j in zip(stepped.page_ranges([0, 5, 40]), [0, 5, 40], strict=True):
         first, end = j * L * 4, (j * L + L + 1) * 4
         assert start % mmap.PAGESIZE == 0 and start <= first and start + length == end
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 41, 1000, 4097, 65536])
+def test_epoch_order_is_a_bijection_keyed_by_seed_and_epoch(n):
+    """data/order.py: every window exactly once per epoch, whatever n (one above a power of 4: the widest
+    cycle walk); the same for the same (seed, epoch), different otherwise; looked up position by position."""
+    order = EpochOrder(n, seed=5, epoch=0)
+    every = order(np.arange(n))
+    assert sorted(every.tolist()) == list(range(n))
+    assert np.array_equal(order([n - 1, 0]), every[[n - 1, 0]])  # any positions, any order
+    assert np.array_equal(EpochOrder(n, seed=5, epoch=0)(np.arange(n)), every)
+    if n >= 41:
+        assert not np.array_equal(EpochOrder(n, seed=6, epoch=0)(np.arange(n)), every)
+        assert not np.array_equal(EpochOrder(n, seed=5, epoch=1)(np.arange(n)), every)
+        # shuffled, not shifted: the first half of the order draws from both halves of the windows
+        assert 0.35 < (every[: n // 2] < n // 2).mean() < 0.65
+    with pytest.raises(ValueError, match=r"positions must lie in \[0, "):
+        order([n])
+
+
+def test_epoch_order_at_full_scale_needs_no_memory():
+    """14.8T tokens in 4096-token windows: 3.6e9 windows, a stored permutation would be 29 GB. Lookups are
+    in range, distinct, and the same for the same positions."""
+    n = 14_800_000_000_000 // 4096
+    order = EpochOrder(n, seed=0, epoch=3)
+    positions = np.arange(0, n, n // 1000)[:1000]
+    got = order(positions)
+    assert got.min() >= 0 and got.max() < n and len(set(got.tolist())) == 1000
+    assert np.array_equal(order(positions[::-1]), got[::-1])
