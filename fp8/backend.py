@@ -31,7 +31,8 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
-from fp8.gemm import expert_offsets, gemm_reference, grouped_gemm_reference, k_grouped_gemm_reference, k_grouped_loop
+from fp8.gemm import (check_counts, expert_offsets, expert_width, gemm_reference, grouped_gemm_reference, host_counts,
+                      k_grouped_gemm_reference, k_grouped_loop)
 from fp8.quant import BLOCK, Quantized, dequantize_2d
 
 BACKEND_NAMES = ("auto", "emulate", "reference", "triton", "torch", "te")
@@ -71,23 +72,13 @@ def _check_pair(a: Quantized, b: Quantized) -> None:
 
 def _check_counts(a: Quantized, b: Quantized, counts: list[int]) -> int:
     """Validate a grouped GEMM and return N (rows per expert of the stacked b)."""
-    if any(c < 0 for c in counts) or sum(counts) != a.shape[0]:
-        raise ValueError(f"counts {counts} must be non-negative and sum to the {a.shape[0]} rows of a")
-    if not counts or b.shape[0] % len(counts):
-        raise ValueError(f"stacked weights of {b.shape[0]} rows do not split into {len(counts)} experts")
-    n = b.shape[0] // len(counts)
-    if n % b.group_rows:
-        raise ValueError(f"stacked weight blocks of {b.group_rows} rows straddle experts of {n} rows")
-    return n
-
-
-def _host_counts(counts: list[int] | Tensor) -> list[int]:
-    return [int(c) for c in (counts.tolist() if isinstance(counts, Tensor) else counts)]
+    check_counts(counts, a.shape[0])
+    return expert_width(b, len(counts))
 
 
 def _expert_loop(gemm, a: Quantized, b: Quantized, counts: list[int] | Tensor) -> Tensor:
     """Grouped GEMM as one ``gemm`` per expert with rows (1x128 activation tiles: any cut is allowed)."""
-    counts = _host_counts(counts)
+    counts = host_counts(counts)
     n = _check_counts(a, b, counts)
     if a.group_rows != 1:
         raise ValueError("grouped gemm expects 1x128 activation tiles (group_rows 1)")
@@ -109,7 +100,7 @@ class ReferenceBackend:
         return gemm_reference(a, b)
 
     def grouped_gemm(self, a: Quantized, b: Quantized, counts: list[int] | Tensor) -> Tensor:
-        return grouped_gemm_reference(a, b, _host_counts(counts))
+        return grouped_gemm_reference(a, b, host_counts(counts))
 
     def k_grouped_gemm(self, a: Quantized, b: Quantized, offsets: list[int] | Tensor) -> Tensor:
         return k_grouped_gemm_reference(a, b, offsets)
@@ -134,7 +125,7 @@ class EmulateBackend:
         return dequantize_2d(a) @ dequantize_2d(b).t()
 
     def grouped_gemm(self, a: Quantized, b: Quantized, counts: list[int] | Tensor) -> Tensor:
-        counts = _host_counts(counts)
+        counts = host_counts(counts)
         _check_pair(a, b)
         n = _check_counts(a, b, counts)
         x, w = dequantize_2d(a), dequantize_2d(b).view(len(counts), n, -1)

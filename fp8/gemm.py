@@ -124,6 +124,37 @@ def fp8_matmul_emulated(x: Tensor, w: Tensor, promote_every: int | None = 128, a
     return out.reshape(*x.shape[:-1], w.shape[0])
 
 
+def host_counts(counts: list[int] | torch.Tensor) -> list[int]:
+    """A grouped GEMM's rows per expert as a list of ints (a tensor is read back)."""
+    return [int(c) for c in (counts.tolist() if isinstance(counts, torch.Tensor) else counts)]
+
+
+def check_counts(counts: list[int], rows: int) -> None:
+    """Rows per expert: non-negative, summing to the ``rows`` of a."""
+    if any(c < 0 for c in counts) or sum(counts) != rows:
+        raise ValueError(f"counts {counts} must be non-negative and sum to the {rows} rows of a")
+
+
+def expert_width(b: Quantized, n_experts: int) -> int:
+    """N, the rows of each expert in the stacked weights b [E * N, K] (whose blocks must not straddle two)."""
+    if n_experts == 0 or b.shape[0] % n_experts:
+        raise ValueError(f"stacked weights of {b.shape[0]} rows do not split into {n_experts} experts")
+    n = b.shape[0] // n_experts
+    if n % b.group_rows:
+        raise ValueError(f"stacked weight blocks of {b.group_rows} rows straddle experts of {n} rows")
+    return n
+
+
+def check_tile_boundaries(a: Quantized, counts: list[int]) -> None:
+    """With a.group_rows > 1 every expert's rows must start (and end, but for the last) on a tile boundary."""
+    start = 0
+    for count in counts:
+        end = start + count
+        if count and (start % a.group_rows or (end % a.group_rows and end != a.shape[0])):
+            raise ValueError(f"activation tiles of {a.group_rows} rows straddle experts (counts {counts})")
+        start = end
+
+
 def grouped_gemm_reference(a: Quantized, b: list[Quantized] | Quantized, counts: list[int],
                            promote_every: int | None = 128, accumulator: str = "fp32", **kwargs) -> Tensor:
     """MoE grouped GEMM: rows of a [T, K] are sorted by expert, ``counts[e]`` rows for expert e; returns
@@ -133,16 +164,12 @@ def grouped_gemm_reference(a: Quantized, b: list[Quantized] | Quantized, counts:
     must not straddle two experts: N % b.group_rows == 0). With a.group_rows > 1 every expert boundary
     must fall on a tile boundary of a (1x128 activation tiles never straddle experts).
     """
-    counts = [int(c) for c in counts]
-    if any(c < 0 for c in counts) or sum(counts) != a.shape[0]:
-        raise ValueError(f"counts {counts} must be non-negative and sum to the {a.shape[0]} rows of a")
+    counts = host_counts(counts)
+    check_counts(counts, a.shape[0])
+    check_tile_boundaries(a, counts)
     n_experts = len(counts)
     if isinstance(b, Quantized):
-        if n_experts == 0 or b.shape[0] % n_experts:
-            raise ValueError(f"stacked weights of {b.shape[0]} rows do not split into {n_experts} experts")
-        n = b.shape[0] // n_experts
-        if n % b.group_rows:
-            raise ValueError(f"stacked weight blocks of {b.group_rows} rows straddle experts of {n} rows")
+        n = expert_width(b, n_experts)
         weights = [b.row_slice(e * n, (e + 1) * n) for e in range(n_experts)]
     else:
         weights = list(b)
@@ -156,8 +183,6 @@ def grouped_gemm_reference(a: Quantized, b: list[Quantized] | Quantized, counts:
     outputs = [torch.zeros(0, n)]
     start = 0
     for expert, count in enumerate(counts):
-        if count and (start % a.group_rows or ((start + count) % a.group_rows and start + count != a.shape[0])):
-            raise ValueError(f"activation tiles of {a.group_rows} rows straddle experts (counts {counts})")
         if count:
             rows = a.row_slice(start, start + count)
             outputs.append(gemm_reference(rows, weights[expert], promote_every, accumulator, **kwargs))

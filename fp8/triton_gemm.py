@@ -75,7 +75,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without triton
     raise ImportError("fp8.triton_gemm needs Triton: pip install -e '.[gpu]' (or: pip install triton)",
                       name="triton") from exc
 
-from fp8.gemm import expert_offsets
+from fp8.gemm import check_counts, check_tile_boundaries, expert_offsets, expert_width, host_counts
 from fp8.quant import BLOCK, Quantized, e5m6_decode
 
 BLOCK_K = BLOCK  # one K block per promotion: N_C = 128 (4 WGMMAs of K = 32)
@@ -391,26 +391,13 @@ class TritonBackend:
     def plan_grouped_gemm(self, a: Quantized, b: Quantized, counts: list[int] | Tensor,
                           out_dtype: torch.dtype = torch.float32) -> tuple[Tensor, Launch | None]:
         _check_pair(a, b, out_dtype)
-        on_device = isinstance(counts, Tensor) and counts.device.type != "cpu"
-        if not on_device:
-            counts = [int(c) for c in (counts.tolist() if isinstance(counts, Tensor) else counts)]
-            if any(c < 0 for c in counts) or sum(counts) != a.shape[0]:
-                raise ValueError(f"counts {counts} must be non-negative and sum to the {a.shape[0]} rows of a")
+        if not (isinstance(counts, Tensor) and counts.device.type != "cpu"):
+            counts = host_counts(counts)
+            check_counts(counts, a.shape[0])
+            check_tile_boundaries(a, counts)
         elif a.group_rows > 1:
             raise ValueError("grouped gemm with counts on the device needs 1x128 activation tiles (group_rows 1)")
-        n_experts = len(counts)
-        if n_experts == 0 or b.shape[0] % n_experts:
-            raise ValueError(f"stacked weights of {b.shape[0]} rows do not split into {n_experts} experts")
-        n, k = b.shape[0] // n_experts, a.shape[1]
-        if n % b.group_rows:
-            raise ValueError(f"stacked weight blocks of {b.group_rows} rows straddle experts of {n} rows")
-        if a.group_rows > 1:
-            start = 0
-            for c in counts:
-                end = start + c
-                if c and (start % a.group_rows or (end % a.group_rows and end != a.shape[0])):
-                    raise ValueError(f"activation tiles of {a.group_rows} rows straddle experts (counts {counts})")
-                start = end
+        n, k = expert_width(b, len(counts)), a.shape[1]
         t = a.shape[0]
         out = torch.empty(t, n, dtype=out_dtype, device=a.data.device)
         if t == 0 or n == 0 or k == 0:
