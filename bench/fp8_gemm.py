@@ -244,7 +244,7 @@ def bench_dense(m: int, n: int, k: int, backends: list[Backend], device: torch.d
     exact = x[: a_cpu.shape[0]].double().cpu() @ w.double().cpu().T
     rows = []
     xb, wb = x.bfloat16(), w.bfloat16()
-    ms, out, note = run_case(lambda: xb @ wb.T, device, args)
+    ms, out, note = run_case(lambda xb=xb, wb=wb: xb @ wb.T, device, args)  # defaults: xb, wb are deleted below
     bf16_ref = xb[:check].double().cpu() @ wb.double().cpu().T
     rows.append(("bf16 torch.matmul", ms, rel_err(out[:check], bf16_ref) if out is not None else 0.0,
                  rel_err(out[:check], exact[:check]) if out is not None else 0.0, note))
