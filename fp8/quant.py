@@ -311,11 +311,15 @@ def tile_scales(amax: Tensor, fmt: str, pow2: bool) -> Tensor:
     For an fp32 amax the fp32 quotient is the quotient rounded once (a quotient of two floats rounds the
     same directly and through fp64: 53 >= 2 x 24 + 2 bits). Power-of-two scales (and fp64 input) are
     computed in fp64 and rounded at the end: an fp32 quotient rounded first could fall onto the power of
-    two below, and the tile would then clip. A NaN or inf amax gives a NaN or inf scale.
+    two below, and the tile would then clip. A NaN or inf amax gives a NaN or inf scale. The divisor is a
+    tensor on amax's device: on CUDA, torch divides by a Python number as a product with its reciprocal
+    (one rounding more: in some tiles the last bit differed from the CPU's and the fused kernel's quotient,
+    seen on an H200).
     """
     if amax.dtype == torch.float32 and not pow2:
-        return (amax / FORMAT_MAX[fmt]).clamp_(min=MIN_SCALE).masked_fill_(amax == 0, 1.0)
-    scale = (amax.double() / FORMAT_MAX[fmt]).clamp_(min=MIN_SCALE)
+        return (amax / amax.new_full((), FORMAT_MAX[fmt])).clamp_(min=MIN_SCALE).masked_fill_(amax == 0, 1.0)
+    amax = amax.double()
+    scale = (amax / amax.new_full((), FORMAT_MAX[fmt])).clamp_(min=MIN_SCALE)
     if pow2:
         scale = _pow2_ceil(scale)
     return scale.float().masked_fill_(amax == 0, 1.0)
