@@ -138,7 +138,7 @@ class _Fp8ExpertFFN(torch.autograd.Function):
     def backward(ctx, dout: Tensor):
         box: WeightGradBox = ctx.box
         no_weight_grads = [no_weight_grad(spec) for spec in ctx.weight_specs]
-        if box.is_replay(dout):  # the W pass of a split backward: only the entry node's Wgrad is left
+        if box.is_replay():  # the W pass of a split backward: only the entry node's Wgrad is left
             return None, *no_weight_grads, None, None, None, None
         gate_data, gate_scale, up_data, up_scale, w1, w2, w3, weights, x_data, x_scale = ctx.saved_tensors
         rows: ExpertRows = ctx.rows
@@ -174,7 +174,7 @@ class _Fp8ExpertFFN(torch.autograd.Function):
             return (expert_wgrad(backend, dgate_t, x_t, rows, w1), expert_wgrad(backend, dout_t, h_t, rows, w2),
                     expert_wgrad(backend, dup_t, x_t, rows, w3))
 
-        box.defer(dout, wgrad)
+        box.defer(wgrad)
         return dx, *no_weight_grads, None, None, None, dweights
 
 

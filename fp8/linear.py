@@ -120,7 +120,7 @@ class _Fp8Linear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy: Tensor):
         box: WeightGradBox = ctx.box
-        if box.is_replay(dy):  # the W pass of a split backward: only the entry node's Wgrad is left
+        if box.is_replay():  # the W pass of a split backward: only the entry node's Wgrad is left
             return None, no_weight_grad(ctx.weight_spec), None, None, None
         data, scale, weight = ctx.saved_tensors
         n, k = weight.shape
@@ -144,7 +144,7 @@ class _Fp8Linear(torch.autograd.Function):
                     x_t = convert_tiles(_rebuild(codes, scale, 1, "e5m6", True))  # 1x128 -> 128x1, exact
                 return (backend.gemm(_quantize_t(dy.reshape(-1, n)), x_t).to(wgrad_dtype(weight)),)
 
-        box.defer(dy, wgrad)
+        box.defer(wgrad)
         return dx, no_weight_grad(ctx.weight_spec), None, None, None
 
 

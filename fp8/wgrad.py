@@ -16,8 +16,8 @@ The FP8 functions here take their weights through ``WeightEntry`` (an identity o
 * plain backward: the FP8 node computes dx and stores a closure for the weight gradients in the box;
   the entry node, which depends on it, runs next and calls the closure. Each GEMM once.
 * split backward: B reaches the stage input through the FP8 node only (the entry node leads to
-  weights), so B computes dx and stores the closure. W re-runs the FP8 node with the very gradient
-  object it captured in B: ``box.is_replay(dy)`` recognises it and skips Dgrad; the entry node then runs
+  weights), so B computes dx and stores the closure. W re-runs the FP8 node with the gradient it captured
+  in B: ``box.is_replay()`` (a Wgrad is pending) recognises it and skips Dgrad; the entry node then runs
   the closure. Each GEMM once, and the Wgrad ones in W.
 
 The closure holds what Wgrad needs (FP8 operands), which B would otherwise have freed: that is the
@@ -26,7 +26,6 @@ memory a split backward costs in any implementation (the gradient of every defer
 
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass
 from typing import Callable
 
@@ -51,23 +50,26 @@ class WeightGradBox:
     """Hand-over between an FP8 function's backward (Dgrad) and its ``WeightEntry`` node (Wgrad)."""
 
     def __init__(self) -> None:
-        self._grad_ref: weakref.ref | None = None
         self._wgrad: Callable[[], tuple[Tensor, ...]] | None = None
 
-    def is_replay(self, grad: Tensor) -> bool:
-        """True when ``grad`` is the gradient object of the backward whose Wgrad is still pending, i.e.
-        this is the W pass re-running the node (torch hands back the captured object itself)."""
-        return self._wgrad is not None and self._grad_ref is not None and self._grad_ref() is grad
+    def is_replay(self) -> bool:
+        """True when this node's Wgrad is still pending, i.e. this is the W pass re-running the node: a
+        plain backward runs the entry node (which takes the closure) right after this one, so only a split
+        backward leaves it pending. Not by the gradient object: torch 2.13 hands the captured object back,
+        2.11 a sum of the captured gradients (a new tensor; seen on an H200). Hence a second input-only
+        backward over a retained graph before the W pass counts as the W pass (nothing in the trainer
+        does that)."""
+        return self._wgrad is not None
 
-    def defer(self, grad: Tensor, wgrad: Callable[[], tuple[Tensor, ...]]) -> None:
-        """Remember the Wgrad closure of the backward that received ``grad``."""
-        self._grad_ref, self._wgrad = weakref.ref(grad), wgrad
+    def defer(self, wgrad: Callable[[], tuple[Tensor, ...]]) -> None:
+        """Remember the Wgrad closure of the backward that just ran (its Dgrad)."""
+        self._wgrad = wgrad
 
     def take(self) -> tuple[Tensor, ...]:
         """Run and drop the pending Wgrad closure."""
         if self._wgrad is None:
             raise RuntimeError("FP8 weight gradient requested before the backward of its layer ran")
-        wgrad, self._wgrad, self._grad_ref = self._wgrad, None, None
+        wgrad, self._wgrad = self._wgrad, None
         return wgrad()
 
 

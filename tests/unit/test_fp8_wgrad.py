@@ -20,7 +20,7 @@ from fp8.backend import EmulateBackend
 from fp8.experts import fp8_expert_ffn
 from fp8.linear import fp8_linear
 from fp8.quant import Quantized
-from parallel.pipeline.overlap import backward_piece
+from parallel.pipeline.overlap import backward_piece, split_backward
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -82,15 +82,24 @@ def expert_stack(backend, recompute: bool):
     return fn, torch.randn(sum(counts), dim, generator=g), ws, torch.randn(sum(counts), dim, generator=g)
 
 
-def run(make, split: bool, recompute: bool):
-    """Forward, then backward plain or split; the GEMM calls of each phase and the gradients."""
+def run(make, split: bool, recompute: bool, copied_grads: bool = False):
+    """Forward, then backward plain or split; the GEMM calls of each phase and the gradients.
+    ``copied_grads``: the W pass gets copies of the gradients B captured, as torch 2.11's
+    ``stage_backward_weight`` passes them (a sum of the captured ones: a new tensor), not the objects."""
     backend = CountingBackend()
     fn, x, weights, grad = make(backend, recompute)
     x = x.clone().requires_grad_()
     out = fn(x)
     phases = {"forward": backend.take()}
     weight_grads: list = []
-    backward_piece([out], [grad], [x], weights, split, weight_grads)
+    if copied_grads:
+        stage_input, stage_weight = split_backward()
+        _, groups = stage_input([(out * grad).sum()], None, [x], weights)
+        for group in groups:
+            group["grads"] = [tuple(None if g is None else g + 0 for g in grads) for grads in group["grads"]]
+        weight_grads.append(lambda: stage_weight(weights, groups))
+    else:
+        backward_piece([out], [grad], [x], weights, split, weight_grads)
     phases["B"] = backend.take()
     if split:
         assert all(w.grad is None for w in weights), "B must not produce weight gradients"
@@ -122,6 +131,21 @@ def test_split_backward_runs_each_gemm_once_with_identical_grads(make, recompute
         assert plain["B"] == Counter(grouped=3 + 3 * recompute, k_grouped=3)
         assert split["B"] == Counter(grouped=3 + 3 * recompute), split
         assert split["W"] == Counter(k_grouped=3), split
+
+
+@pytest.mark.parametrize("make", [linear_stack, expert_stack])
+def test_w_pass_with_copies_of_the_captured_gradients(make):
+    """torch 2.11's W pass hands the FP8 node a new tensor equal to the gradient B captured (2.13 the
+    object itself): still each GEMM once, the Wgrad ones in W, and the plain backward's gradients. Failed
+    on torch 2.11 (an H200) while the node recognised the W pass by the gradient object."""
+    plain, dx, dws = run(make, split=False, recompute=False)
+    split, dx_split, dws_split = run(make, split=True, recompute=False, copied_grads=True)
+    assert torch.equal(dx, dx_split)
+    for a, b in zip(dws, dws_split):
+        assert a is not None and torch.equal(a, b)
+    only_b, only_w = ("block", "wgrad") if make is linear_stack else ("grouped", "k_grouped")
+    assert split["B"] == Counter({only_b: plain["B"][only_b]}), split
+    assert split["W"] == Counter({only_w: plain["B"][only_w]}), split
 
 
 def test_retained_graph_backward_twice_accumulates():
