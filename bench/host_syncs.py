@@ -19,6 +19,7 @@ guard, metrics) syncs on purpose, once a step, and is not counted here.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import traceback
@@ -105,8 +106,10 @@ def count_syncs(fn: Callable[[], object], device: torch.device) -> Counter[str]:
     show = warnings.showwarning
 
     def record(message, category, filename, lineno, file=None, line=None) -> None:
-        if "synchroniz" in str(message):
-            found[innermost_own_frame(traceback.extract_stack()[:-1])] += 1
+        if "synchroniz" in str(message) and "prototype" not in str(message):  # not the mode's own notice
+            place = innermost_own_frame(traceback.extract_stack()[:-1])
+            node = torch._C._current_autograd_node()  # a sync inside a built-in backward: no frame of ours
+            found[f"{place} in {node.name()}" if node is not None else place] += 1
         else:
             show(message, category, filename, lineno, file, line)
 
@@ -123,30 +126,24 @@ def count_syncs(fn: Callable[[], object], device: torch.device) -> Counter[str]:
     return found
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--preset", default="small")
-    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
-    ap.add_argument("--micro-batches", type=int, default=2)
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra config override")
-    args = ap.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("bench/host_syncs.py --device cuda needs a CUDA GPU (torch.cuda.set_sync_debug_mode); nothing "
-              "measured (--device cpu lists the reads the dispatcher sees)")
-        return 0
+@contextlib.contextmanager
+def trainer_step(preset: str, device_name: str, overrides: list[str], micro_batches: int):
+    """The trainer's step on one device (``pp`` 1; EP under torchrun): yields ``(cfg, runtime,
+    forward_and_backward, optimizer_step)``, random token windows as the micro-batches; process groups
+    released on exit. Also used by bench/profile_step.py."""
     os.environ.setdefault("WORLD_SIZE", "1")
     from train.config import load_config
     from train.runtime import release_process_groups, setup_runtime
     from train.trainer import build_meta_model, forward_backward, materialize
     from parallel.zero import ZeroAdamW
 
-    cfg = load_config([f"+conf={args.preset}", f"train.device={args.device}", *args.set])
+    cfg = load_config([f"+conf={preset}", f"train.device={device_name}", *overrides])
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = torch.device("cuda", local_rank) if args.device == "cuda" else torch.device("cpu")
+    device = torch.device("cuda", local_rank) if device_name == "cuda" else torch.device("cpu")
     runtime = setup_runtime(cfg, device)
     try:
         if runtime.groups.layout.pp > 1:
-            raise SystemExit("bench/host_syncs.py: parallel.pp must be 1 (it runs forward_backward, not a schedule)")
+            raise SystemExit("parallel.pp must be 1 (this runs forward_backward, not a schedule)")
         model = build_meta_model(cfg)
         quantizer = None
         if cfg.fp8.enabled:  # the trainer's order: the FP8 swap, then the expert sharding
@@ -163,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         optimizer = ZeroAdamW(model, runtime.groups, cfg.optim, working_dtype=runtime.param_dtype)
         gen = torch.Generator().manual_seed(0)
         windows = [torch.randint(0, cfg.model.vocab_size, (cfg.train.micro_batch_size, cfg.train.seq_len + 1),
-                                 generator=gen).to(device) for _ in range(args.micro_batches)]
+                                 generator=gen).to(device) for _ in range(micro_batches)]
 
         def forward_and_backward() -> None:
             forward_backward(model, windows, cfg.train.mtp_weight, cfg.train.balance_alpha, runtime)
@@ -171,6 +168,25 @@ def main(argv: list[str] | None = None) -> int:
         def optimizer_step() -> None:
             optimizer.step(1e-4, cfg.optim.grad_clip)
 
+        yield cfg, runtime, forward_and_backward, optimizer_step
+    finally:
+        release_process_groups()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--preset", default="small")
+    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    ap.add_argument("--micro-batches", type=int, default=2)
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra config override")
+    args = ap.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("bench/host_syncs.py --device cuda needs a CUDA GPU (torch.cuda.set_sync_debug_mode); nothing "
+              "measured (--device cpu lists the reads the dispatcher sees)")
+        return 0
+    with trainer_step(args.preset, args.device, args.set, args.micro_batches) as (cfg, runtime, forward_and_backward,
+                                                                                   optimizer_step):
+        device = runtime.device
         forward_and_backward()  # warm-up: library set-up synchronises once
         optimizer_step()
         parts = {"forward + backward": count_syncs(forward_and_backward, device),
@@ -185,8 +201,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{part}: {sum(found.values())} host {'syncs' if device.type == 'cuda' else 'reads'}")
             for place, n in found.most_common():
                 print(f"  {n:>5}  {place}")
-    finally:
-        release_process_groups()
     return 0
 
 

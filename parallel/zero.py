@@ -374,15 +374,17 @@ class ZeroAdamW:
         # depend on how buckets group the parameters; parameters held by several pipeline ranks count once
         chunks = [segment_of[id(s)][s.offset:s.offset + s.chunk_numel] for s in self.shards.values()]
         squares = (parameter_squares(chunks, self.device.type).to(self.device) * self.norm_weights).sum()
-        summed = torch.cat([squares.view(1), has_grad.to(self.device)])
-        if self.dp > 1:
+        if self.dp > 1:  # the flags travel with the squares; from pinned memory the copy does not wait
+            flags = has_grad.pin_memory() if self.device.type == "cuda" else has_grad
+            summed = torch.cat([squares.view(1), flags.to(self.device, non_blocking=True)])
             dist.all_reduce(summed, group=self.groups.dp)
             self.comm.all_reduces += 1
-        total = summed[:1]
+            total, counts = summed[:1], summed[1:].tolist()
+        else:  # one rank's flags are its own: no copy to the device and back
+            total, counts = squares.view(1), has_grad.tolist()
         if self.groups.layout.pp > 1:
             dist.all_reduce(total, group=self.groups.pp)
             self.comm.all_reduces += 1
-        counts = summed[1:].tolist()
         for shard, count in zip(self.shards.values(), counts):
             if count == 0:
                 shard.master.grad = None
