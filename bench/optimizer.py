@@ -27,7 +27,17 @@ from train.config import ModelConfig
 from train.model import Transformer
 from train.optim import AdamW, param_groups
 
-TOLERANCE = 1e-6  # relative (Frobenius) difference of the parameters' movement, fused vs foreach
+# Relative (Frobenius) difference of the parameters' movement, fused vs foreach, per device type. CPU:
+# torch's fused kernel and the foreach ops round the same FP32 operations (1e-6 leaves room for FMA
+# contraction). CUDA: the fused kernel orders its FP32 arithmetic differently; a moment one FP32 ulp
+# off lands on the other side of a BF16 rounding boundary in about 2^-15 of the elements, which then move
+# by a BF16 ulp of their moment (2^-8 relative): sqrt(2^-15) x 2^-8 ~ 2e-5 after a few steps (1.7e-5
+# measured on an H200, 3 steps), hence 1e-4.
+TOLERANCES = {"cpu": 1e-6, "cuda": 1e-4}
+
+
+def tolerance(device: str) -> float:
+    return TOLERANCES.get(torch.device(device).type, TOLERANCES["cuda"])
 
 
 @dataclass
@@ -123,8 +133,9 @@ def main(argv: list[str] | None = None) -> int:
     base = r.seconds["ours foreach"]
     for name, s in r.seconds.items():
         print(f"  {name:<24} {s * 1e3:8.1f} ms  {base / s:5.2f}x the foreach reference")
-    ok = r.rel_err <= TOLERANCE
-    print(f"fused vs foreach: relative difference {r.rel_err:.1e} ({'ok' if ok else 'FAILED'}, tolerance {TOLERANCE:g})")
+    ok = r.rel_err <= tolerance(args.device)
+    print(f"fused vs foreach: relative difference {r.rel_err:.1e} ({'ok' if ok else 'FAILED'}, "
+          f"tolerance {tolerance(args.device):g})")
     return 0 if ok else 1
 
 

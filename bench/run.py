@@ -289,7 +289,7 @@ def bench_optimizer(opt: Options) -> list[Row]:
     # DeepSpeed's CPU Adam (where installed) compiles its kernel on first use: not in the quick run
     r = optimizer.compare(cfg, opt.device, rounds=3 if opt.quick else 7, perturb=opt.perturb,
                           with_deepspeed=not opt.quick)
-    check = check_at_most("fused vs foreach parameters", r.rel_err, optimizer.TOLERANCE)
+    check = check_at_most("fused vs foreach parameters", r.rel_err, optimizer.tolerance(opt.device))
     what = f"{r.params / 1e6:.1f}M params"
     rows = [Row(f"optimizer: AdamW step, fused vs foreach ({what})", "steps/s ↑", 1 / r.seconds["ours fused"],
                 1 / r.seconds["ours foreach"], check),

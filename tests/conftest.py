@@ -75,3 +75,40 @@ def compiled_mode(monkeypatch):
     if triton_gemm.interpret_mode():
         pytest.skip("triton.knobs.runtime.interpret is set in code")
     pytest.importorskip("triton.backends.nvidia.compiler", reason="Triton has no NVIDIA backend")
+
+
+def _loop_kernel(out_ptr, n):
+    acc = 0.0
+    for _ in range(0, n):  # a loop bound known at run time, as the FP8 GEMM's K loop
+        acc += 1.0
+    triton_language().store(out_ptr, acc)
+
+
+def triton_language():
+    import triton.language as tl
+
+    return tl
+
+
+@pytest.fixture
+def triton_interpreter(monkeypatch):
+    """``TRITON_INTERPRET=1`` for the test; skips (with the reason) where the installed Triton's interpreter
+    cannot run a loop with a run-time bound: Triton 3.6's converts the bound with ``int()`` of a one-element
+    array, which numpy >= 2.4 refuses (seen on the GPU machine: triton 3.6, numpy 2.5). Yields the module
+    ``fp8.triton_gemm``."""
+    triton_gemm = pytest.importorskip("fp8.triton_gemm", reason="Triton is not installed (the gpu extra)")
+    import numpy
+    import triton
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert triton_gemm.interpret_mode(), "TRITON_INTERPRET=1 is overridden (triton.knobs.runtime.interpret set in code?)"
+    out = torch.zeros(1)
+    try:
+        triton.jit(_loop_kernel)[(1,)](out, 3)
+    except Exception as exc:  # noqa: BLE001 - the interpreter's own failure, named in the skip
+        if "0-dimensional" not in str(exc):
+            raise
+        pytest.skip(f"Triton {triton.__version__}'s interpreter fails on run-time loop bounds with numpy "
+                    f"{numpy.__version__} ({exc}); the compiled kernels' tests run on a GPU")
+    assert out.item() == 3.0
+    return triton_gemm

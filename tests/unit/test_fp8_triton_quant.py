@@ -77,7 +77,8 @@ def check_against_reference(device: str = "cpu") -> int:
 
 
 def test_interpreted_kernel_equals_the_pytorch_operations():
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     code = ("from tests.unit.test_fp8_triton_quant import check_against_reference; "
             "print('cases', check_against_reference())")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,

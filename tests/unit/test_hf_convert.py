@@ -519,7 +519,7 @@ def test_bad_inputs_one_line_each(tmp_path, capsys, good_hf_dir):
 
 def test_cli_subprocess_exit_status_and_summary(tmp_path, good_hf_dir):
     _, _, good = good_hf_dir
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     bad = subprocess.run([sys.executable, str(REPO / "launch" / "convert.py"), "import", str(tmp_path), str(tmp_path / "o")],
                          capture_output=True, text=True, env=env, timeout=120)
     assert bad.returncode == 1 and bad.stderr.strip().count("\n") == 0 and "no config.json" in bad.stderr

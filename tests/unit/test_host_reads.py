@@ -45,7 +45,8 @@ def test_forward_backward_reads_nothing_back(tiny_cfg, fp8, single_thread):
 def test_bench_lists_the_reads_of_the_trainers_step_on_the_cpu():
     """``bench/host_syncs.py --device cpu``: the trainer's forward_backward reads nothing; the optimizer
     step reads its gradient norm once (for the clip and the metrics)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     result = subprocess.run([sys.executable, str(REPO / "bench" / "host_syncs.py"), "--device", "cpu", "--preset",
                              "tiny", "--micro-batches", "1"], cwd=REPO, env=env, capture_output=True, text=True,
                             timeout=300)
