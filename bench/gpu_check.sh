@@ -61,6 +61,7 @@ if [ "$PART" != perf ]; then
   for extra in fp8.enabled=false fp8.enabled=true; do
     step 60 mfu_small.txt python3 bench/profile_step.py --device cuda --set "$extra" --rows 25
   done
+  step 40 mfu_small.txt python3 bench/profile_step.py --device cuda --memory
   step 40 fp8_gemm.txt python3 bench/scaled_mm_layouts.py
   step 40 fp8_quant.txt python3 bench/fp8_quant.py --device cuda
 fi

@@ -2,11 +2,16 @@
 ``trainer_step``: ``forward_backward`` over the micro-batches, then ``ZeroAdamW.step``) under
 ``torch.profiler``, after warm-up steps. Prints the step's wall time, the GPU's busy time in it (the sum of
 kernel times: a step far longer than that waits on the host, launch-bound), the kernel launches per step,
-then the kernels and the operators that cost most.
+then the kernels and the operators that cost most. ``--memory`` (CUDA): where one step's peak of allocated
+memory comes from, above what was allocated before the step: the allocations live at the peak, by the
+innermost place in our code that made them (the allocator's history, ``torch.cuda.memory``), next to
+the planner's terms; the planner's activation table already matches autograd (bench/memory.py), so
+what is left shows here.
 
     python bench/profile_step.py --device cuda                          # +conf=small, BF16
     python bench/profile_step.py --device cuda --set fp8.enabled=true   # the FP8 step
     python bench/profile_step.py --device cpu --preset tiny --steps 1   # the operators on a CPU
+    python bench/profile_step.py --device cuda --memory                 # the step's memory peak
 """
 
 from __future__ import annotations
@@ -21,7 +26,73 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.host_syncs import trainer_step  # noqa: E402
+from bench.host_syncs import OURS, ROOT, trainer_step  # noqa: E402
+
+
+def allocation_site(frames: list[dict]) -> str:
+    """``path:line (function)`` of the innermost frame in our packages (frames innermost first, as the
+    allocator records them), else of the innermost frame; "?" without frames."""
+    if not frames:
+        return "?"
+    frame = next((f for f in frames if f["filename"].startswith(OURS)), frames[0])
+    name = frame["filename"]
+    if name.startswith(str(ROOT)):
+        name = str(Path(name).relative_to(ROOT))
+    return f"{name}:{frame['line']} ({frame['name']})"
+
+
+def live_at_peak(events: list[dict]) -> tuple[int, dict[str, int]]:
+    """From the allocator's trace (``alloc`` / ``free_requested`` entries; others ignored): the peak of
+    the bytes allocated within the trace, and those bytes live at that moment by allocation site.
+    Blocks freed in the trace but allocated before it do not count."""
+    live: dict[int, int] = {}
+    current = peak = 0
+    peak_index = -1
+    for index, event in enumerate(events):
+        if event["action"] == "alloc":
+            live[event["addr"]] = event["size"]
+            current += event["size"]
+            if current > peak:
+                peak, peak_index = current, index
+        elif event["action"] == "free_requested" and event["addr"] in live:
+            current -= live.pop(event["addr"])
+    sites: dict[int, tuple[int, str]] = {}
+    for event in events[:peak_index + 1]:  # replay up to the peak, now keeping the sites
+        if event["action"] == "alloc":
+            sites[event["addr"]] = (event["size"], allocation_site(event.get("frames", [])))
+        elif event["action"] == "free_requested":
+            sites.pop(event["addr"], None)
+    by_site: dict[str, int] = {}
+    for size, site in sites.values():
+        by_site[site] = by_site.get(site, 0) + size
+    return peak, dict(sorted(by_site.items(), key=lambda item: -item[1]))
+
+
+def memory_peak(step, cfg, rows: int) -> None:
+    """One step under the allocator's history: the peak over what was allocated before it, by site."""
+    from train.plan import plan
+    from train.plan_cluster import Cluster
+
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    torch.cuda.memory._record_memory_history(context="alloc", stacks="python", max_entries=2_000_000)
+    try:
+        step()
+        torch.cuda.synchronize()
+        events = torch.cuda.memory._snapshot()["device_traces"][torch.cuda.current_device()]
+    finally:
+        torch.cuda.memory._record_memory_history(enabled=None)
+    peak, by_site = live_at_peak(events)
+    gib = 2 ** 30
+    print(f"allocated before the step {before / gib:.3f} GiB, the step's peak {torch.cuda.max_memory_allocated() / gib:.3f}"
+          f" GiB (trace: {before / gib:.3f} + {peak / gib:.3f}); planner, without its reserve:")
+    memory = plan(cfg, Cluster(gpus=1, device="cuda"), suggest=False).memory
+    print("  " + ", ".join(f"{k} {v / gib:.3f}" for k, v in memory.items() if k != "reserve") +
+          f"; total {sum(v for k, v in memory.items() if k != 'reserve') / gib:.3f} GiB")
+    print(f"live at the peak, allocated during the step, by site (top {rows}):")
+    for site, size in list(by_site.items())[:rows]:
+        print(f"  {size / 2**20:10.1f} MiB  {site}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--micro-batches", type=int, default=2)
     ap.add_argument("--steps", type=int, default=3, help="profiled steps (after 2 warm-up steps)")
     ap.add_argument("--rows", type=int, default=20, help="rows per table")
+    ap.add_argument("--memory", action="store_true", help="CUDA: where the step's memory peak comes from")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra config override")
     args = ap.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -50,6 +122,9 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(2):
             step()
         sync()
+        if args.memory and cuda:
+            memory_peak(step, cfg, args.rows)
+            return 0
         t0 = time.perf_counter()
         for _ in range(args.steps):
             step()
