@@ -126,6 +126,14 @@ def count_syncs(fn: Callable[[], object], device: torch.device) -> Counter[str]:
     return found
 
 
+def add_step_arguments(ap: argparse.ArgumentParser) -> None:
+    """``trainer_step``'s arguments: --preset, --device, --micro-batches, --set (repeated)."""
+    ap.add_argument("--preset", default="small")
+    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    ap.add_argument("--micro-batches", type=int, default=2)
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra config override")
+
+
 @contextlib.contextmanager
 def trainer_step(preset: str, device_name: str, overrides: list[str], micro_batches: int):
     """The trainer's step on one device (``pp`` 1; EP under torchrun): yields ``(cfg, runtime,
@@ -175,10 +183,7 @@ def trainer_step(preset: str, device_name: str, overrides: list[str], micro_batc
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--preset", default="small")
-    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
-    ap.add_argument("--micro-batches", type=int, default=2)
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra config override")
+    add_step_arguments(ap)
     args = ap.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         print("bench/host_syncs.py --device cuda needs a CUDA GPU (torch.cuda.set_sync_debug_mode); nothing "

@@ -26,7 +26,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.host_syncs import OURS, ROOT, trainer_step  # noqa: E402
+from bench.host_syncs import OURS, ROOT, add_step_arguments, trainer_step  # noqa: E402
 
 
 def allocation_site(frames: list[dict]) -> str:
@@ -97,13 +97,10 @@ def memory_peak(step, cfg, rows: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--preset", default="small")
-    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
-    ap.add_argument("--micro-batches", type=int, default=2)
+    add_step_arguments(ap)
     ap.add_argument("--steps", type=int, default=3, help="profiled steps (after 2 warm-up steps)")
     ap.add_argument("--rows", type=int, default=20, help="rows per table")
     ap.add_argument("--memory", action="store_true", help="CUDA: where the step's memory peak comes from")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra config override")
     args = ap.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         print("bench/profile_step.py --device cuda needs a CUDA GPU; nothing measured")
