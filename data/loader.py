@@ -80,6 +80,7 @@ class TokenLoader:
         self.position = 0  # rounds (one window per rank) since ``start``
         self.order = ORDER
         self._orders: dict[int, EpochOrder] = {}
+        self._last_lookup: tuple[tuple, list[int]] | None = None  # the read-ahead's, reused by the next take
 
     @property
     def consumed(self) -> int:
@@ -138,7 +139,13 @@ class TokenLoader:
                 runs.append((self.epoch, []))
             runs[-1][1].append(self.consumed + self.dp_rank)
             self.position += 1
-        return [int(j) for epoch, positions in runs for j in self.epoch_order(epoch)(positions)]
+        # positions within a run step by dp_size: (epoch, first, count) per run names the lookup
+        key = tuple((epoch, positions[0], len(positions)) for epoch, positions in runs)
+        if self._last_lookup is not None and self._last_lookup[0] == key:  # the step's read-ahead peeked it
+            return list(self._last_lookup[1])
+        ids = [int(j) for epoch, positions in runs for j in self.epoch_order(epoch)(positions)]
+        self._last_lookup = key, ids
+        return list(ids)
 
     def read(self, ids: list[int]) -> torch.Tensor:
         """The batch of windows ``ids``, [len(ids), seq_len + 1] int64 (reads the file; safe in a thread):
@@ -191,3 +198,4 @@ class TokenLoader:
         self.start = int(state["consumed"])
         self.position = 0
         self._orders = {}
+        self._last_lookup = None  # the seed may have changed

@@ -180,6 +180,28 @@ def test_next_batches_read_what_next_batch_would_and_hint_the_following(ramp):
         assert start % mmap.PAGESIZE == 0 and start <= first and start + length == end
 
 
+def test_a_step_looks_the_order_up_once(ramp, monkeypatch):
+    """The read-ahead's lookup of the next step's windows is reused when that step takes them: one order
+    lookup per step in steady state (two at the first step, or when n changes), the same batches."""
+    calls = []
+    lookup = EpochOrder.__call__
+    monkeypatch.setattr(EpochOrder, "__call__", lambda self, positions: calls.append(1) or lookup(self, positions))
+    loader = TokenLoader(ramp, L, micro_batch_size=2, seed=7, dp_rank=1, dp_size=2)
+    plain = TokenLoader(ramp, L, micro_batch_size=2, seed=7, dp_rank=1, dp_size=2)
+    counts = []
+    for n in [3, 3, 3, 2, 2]:
+        before = len(calls)
+        got = loader.next_batches(n)
+        counts.append(len(calls) - before)
+        plain_calls = len(calls)
+        assert all(torch.equal(g, w) for g, w in zip(got, batches(plain, n), strict=True))
+        del calls[plain_calls:]  # the reference loader's own lookups
+    # 10 batches a rank per epoch. n = 3: take + peek, then the peek only; the third step's read-ahead
+    # spans two epochs (a lookup each). n = 2: the peek was for 3 batches, so the take looks up again
+    # (two epochs) and peeks; then the peek only.
+    assert counts == [2, 1, 2, 3, 1]
+
+
 @pytest.mark.parametrize("n", [1, 2, 3, 41, 1000, 4097, 65536])
 def test_epoch_order_is_a_bijection_keyed_by_seed_and_epoch(n):
     """data/order.py: every window exactly once per epoch, whatever n (one above a power of 4: the widest
