@@ -161,36 +161,48 @@ def _pad_rows(q: Quantized, rows: int) -> tuple[Tensor, Tensor]:
     return data, scale
 
 
-def _pad_cols(data: Tensor, cols: int) -> Tensor:
+def _pad_cols(data: Tensor, cols: int, value: float = 0.0) -> Tensor:
     extra = cols - data.shape[1]
     if not extra:
         return data
-    return torch.cat([data, torch.zeros(data.shape[0], extra, dtype=data.dtype, device=data.device)], dim=1)
+    return torch.cat([data, torch.full((data.shape[0], extra), value, dtype=data.dtype, device=data.device)], dim=1)
 
 
 def _round_up(x: int, m: int) -> int:
     return -(-x // m) * m
 
 
-def scaled_mm_blockwise(a: Quantized, b: Quantized) -> Tensor:
-    """fp32 ``A @ B.T`` through ``torch._scaled_mm`` with blockwise fp32 scales (E4M3 operands).
+def scaled_mm_operands(a: Quantized, b: Quantized) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The four tensors ``torch._scaled_mm(da, db_t, scale_a=sa, scale_b=sb)`` takes for ``A @ B.T`` with
+    blockwise fp32 scales (E4M3 operands; a 1x128, b 1x128 or 128x128).
 
-    Layouts the CUDA implementation checks: a row-major [M, K], 1x128 scales [M, K/128] outer-dim-major
-    (stride (1, M)) or 128x128 scales [M/128, K/128] row-major; b passed as [K, N] column-major whose
-    transpose [N, K] carries b's scales the same way (so ``scale_b`` is b.scale transposed). M and N are
-    padded to multiples of 16 and K to a multiple of 128 with zero payloads (partial tiles keep their
-    scales; exact).
+    ATen's layout checks (ScaledBlas.cpp): a row-major [M, K] with 1x128 scales [M, K/128] outer-dim-major
+    (stride (1, M)); b passed as [K, N] column-major whose transpose [N, K] carries b's scales the same
+    way, so ``scale_b`` is b's scales transposed. cuBLAS reads 128x128 scales with a leading dimension of
+    round_up(K/128, 4) (NVIDIA's cuBLAS docs, "128x128 2D block scaling"), which ATen's stride check (==
+    K/128) cannot express: K is padded to a multiple of 512 when b is 128x128-scaled, so that K/128 is a
+    multiple of 4 and both agree. M and N are padded to multiples of 16 and K to a multiple of 128 with
+    zero payloads (padding tiles get scale 1; partial tiles keep their scales; exact).
     """
     _check_pair(a, b)
     m, n, k = a.shape[0], b.shape[0], a.shape[1]
-    mp, np_, kp = _round_up(max(m, 1), 16), _round_up(max(n, 1), 16), _round_up(max(k, 1), BLOCK)
+    k_multiple = 4 * BLOCK if BLOCK in (a.group_rows, b.group_rows) else BLOCK
+    mp, np_, kp = _round_up(max(m, 1), 16), _round_up(max(n, 1), 16), _round_up(max(k, 1), k_multiple)
     da, sa = _pad_rows(a, mp)
     db, sb = _pad_rows(b, np_)
     da, db = _pad_cols(da, kp), _pad_cols(db, kp)
+    sa, sb = _pad_cols(sa, kp // BLOCK, 1.0), _pad_cols(sb, kp // BLOCK, 1.0)
     sa = sa.contiguous() if a.group_rows == BLOCK else sa.t().contiguous().t()
     sb = sb.t() if b.group_rows == BLOCK else sb.t().contiguous()
-    out = torch._scaled_mm(da, db.t(), scale_a=sa, scale_b=sb, out_dtype=torch.float32)
-    return out[:m, :n]
+    return da, db.t(), sa, sb
+
+
+def scaled_mm_blockwise(a: Quantized, b: Quantized) -> Tensor:
+    """fp32 ``A @ B.T`` through ``torch._scaled_mm`` with blockwise fp32 scales (layouts:
+    ``scaled_mm_operands``)."""
+    da, db_t, sa, sb = scaled_mm_operands(a, b)
+    out = torch._scaled_mm(da, db_t, scale_a=sa, scale_b=sb, out_dtype=torch.float32)
+    return out[:a.shape[0], :b.shape[0]]
 
 
 @dataclass

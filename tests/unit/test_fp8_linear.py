@@ -122,7 +122,21 @@ def fake_scaled_mm(a, b, scale_a, scale_b, out_dtype):
         return (s.dim() == 2 and size_stride(s, 0, _ceil(t.shape[0], 128), _ceil(t.shape[1], 128))
                 and size_stride(s, 1, _ceil(t.shape[1], 128), 1))
 
+    def as_cublas_reads(s, rows):
+        """cuBLAS reads 128x128 scales [R/128, L] with a leading dimension of round_up(L, 4), whatever
+        the tensor's stride says (NVIDIA's cuBLAS docs; the torch 2.11 H200 probe saw the wrong product
+        that reading gives when L % 4 != 0): read the memory that way, NaN past the storage's end."""
+        if rows == 1:
+            return s
+        n_rows, blocks = s.shape
+        lead = _ceil(blocks, 4) * 4
+        memory = torch.as_strided(s, (s.untyped_storage().nbytes() // 4 - s.storage_offset(),), (1,))
+        memory = torch.cat([memory, torch.full((n_rows * lead,), float("nan"))])
+        index = torch.arange(n_rows)[:, None] * lead + torch.arange(blocks)[None, :]
+        return memory[index]
+
     def expand(t, s, rows):
+        s = as_cublas_reads(s, rows)
         return s.repeat_interleave(rows, 0)[:t.shape[0]].repeat_interleave(128, 1)[:, :t.shape[1]]
 
     assert a.dtype == b.dtype == torch.float8_e4m3fn and a.shape[1] == b.shape[0]
@@ -142,13 +156,14 @@ def fake_scaled_mm(a, b, scale_a, scale_b, out_dtype):
 
 def test_torch_backend_scale_layouts(monkeypatch):
     """The 'torch' backend's operand padding and scale layouts, against a stand-in that enforces the CUDA
-    layout contract (no CUDA here: the real probe on CPU is rejected, see test_fp8_convert)."""
+    layout contract and reads 128x128 scales as cuBLAS does (no CUDA here: the real probe on CPU is
+    rejected, see test_fp8_convert). K/128 = 2, 3, 7 need the padding to a multiple of 4."""
     from fp8.backend import TorchScaledMMBackend, get_backend
 
     monkeypatch.setattr(torch, "_scaled_mm", fake_scaled_mm)
     backend = get_backend("torch", "cpu")  # the probe passes
     assert isinstance(backend, TorchScaledMMBackend)
-    for m, n, k in [(5, 7, 130), (64, 136, 256), (130, 129, 300)]:
+    for m, n, k in [(5, 7, 130), (64, 136, 256), (130, 129, 300), (16, 300, 512), (40, 260, 896)]:
         x, w = operands(m, n, k, seed=k)
         for rows_b in (BLOCK, 1):
             a, b = quantize(x, 1), quantize(w, rows_b)
