@@ -2,16 +2,17 @@
 # Every GPU-only check of the open FP8 and performance work, most valuable first, under one deadline, so a
 # single device call (a session has 15 minutes of device time, the machine's start included) brings back
 # as much as fits:
-#   run(command="bash bench/gpu_check.sh", carry=[".whl"], timeout_s=600)   # GPU_CHECK_BUDGET=580 s; took 330 s
-#   (H200, 2026-11-28) before profile_step and scaled_mm_layouts were added (about 2 minutes more)
+#   run(command="bash bench/gpu_check.sh", carry=[".whl"], timeout_s=600)   # GPU_CHECK_BUDGET=580 s; the fp8
+#   half alone fills it since +conf=1gpu was added (2026-11-29): run "fp8" first, "perf" in a second call
 #   run(command="bash bench/gpu_check.sh fp8", ...)  /  "... perf"          # one half each
 # fp8:  1. the Triton FP8 kernels (GEMM, fused quantization, experts) against the reference (tests that skip
-#          without CUDA)
+#          without CUDA); the torch backend's operands for torch._scaled_mm's blockwise scales
 #       2. FP8 GEMM TFLOPS against BF16 torch.matmul at the report's shapes (goal >= 1.4x), the experts'
-#          K-grouped Wgrad against the per-expert loop; then Triton tile configurations at the largest shape
-#       3. training MFU of +conf=small, BF16 and FP8, and the FP8 / BF16 step ratio (goals 40%, 1.3x); each
-#          step split by kernel (bench/profile_step.py); torch._scaled_mm's blockwise scale layouts
-#       4. fused quantization against the PyTorch operations
+#          K-grouped Wgrad against the per-expert loop
+#       3. training MFU of +conf=1gpu (the largest that fits one 80 GB GPU) and +conf=small, BF16 and FP8,
+#          and the FP8 / BF16 step ratio (goals 40%, 1.3x); each small step split by kernel and its memory
+#          peak by allocation site (bench/profile_step.py)
+#       4. fused quantization against the PyTorch operations; Triton tile configurations
 # perf: 5. where a training step makes the host wait for the GPU (BF16 and FP8); the EP dispatch's sync-free
 #          index lists (tests/unit/test_host_reads.py)
 #       6. the planner's activation table against what autograd keeps with the GPU's attention kernels
@@ -53,17 +54,19 @@ PYTEST="python3 -m pytest -q -p no:cacheprovider -rs"
 if [ "$PART" != perf ]; then
   step 110 fp8_tests.txt $PYTEST tests/unit/test_fp8_triton.py tests/unit/test_fp8_wgrad.py \
     tests/unit/test_fp8_triton_quant.py tests/unit/test_fp8_experts.py
+  step 40 fp8_gemm.txt python3 bench/scaled_mm_layouts.py
   step 100 fp8_gemm.txt python3 bench/fp8_gemm.py --device cuda --tokens 4096,16384
-  step 60 fp8_gemm.txt python3 bench/fp8_gemm.py --device cuda --tokens 16384 --only dense --backends triton \
-    --sweep --repeats 10
-  step 150 mfu_small.txt python3 bench/mfu.py --device cuda --preset small --steps 25 --warmup 10 \
+  step 220 mfu.txt python3 bench/mfu.py --device cuda --preset 1gpu --steps 8 --warmup 3 \
+    --set data.max_bytes=6000000 --set train.batch_size_start=16
+  step 120 mfu.txt python3 bench/mfu.py --device cuda --preset small --steps 25 --warmup 10 \
     --set data.max_bytes=6000000
   for extra in fp8.enabled=false fp8.enabled=true; do
-    step 60 mfu_small.txt python3 bench/profile_step.py --device cuda --set "$extra" --rows 25
+    step 60 mfu.txt python3 bench/profile_step.py --device cuda --set "$extra" --rows 25
   done
-  step 40 mfu_small.txt python3 bench/profile_step.py --device cuda --memory
-  step 40 fp8_gemm.txt python3 bench/scaled_mm_layouts.py
+  step 40 mfu.txt python3 bench/profile_step.py --device cuda --memory
   step 40 fp8_quant.txt python3 bench/fp8_quant.py --device cuda
+  step 60 fp8_gemm.txt python3 bench/fp8_gemm.py --device cuda --tokens 16384 --only dense --backends triton \
+    --sweep --repeats 10
 fi
 if [ "$PART" != fp8 ]; then
   for extra in fp8.enabled=false fp8.enabled=true; do

@@ -341,6 +341,24 @@ def runtime_cuts(cfg: Config, gpus: int, device: str) -> list[int]:
     return pipeline_boundaries(cfg, plan_layout(cfg, gpus, 0, min(gpus, 8)), device)
 
 
+def test_1gpu_preset_is_the_16b_shape_that_fits_one_80gb_gpu():
+    """+conf=1gpu (single-GPU MFU): the 16b widths at the most layers whose plan fits one 80 GB GPU in
+    BF16 with FP32 masters; one more layer does not fit."""
+    cfg, base = load_config(["+conf=1gpu"], world_size=1), load_config(["+conf=16b"])
+    assert cfg.model.n_layers == 7 and cfg.model.dim == base.model.dim == 2048
+    assert cfg.model.n_routed_experts == base.model.n_routed_experts and cfg.model.vocab_size == 102400
+    assert cfg.memory.recompute == "selective" and cfg.train.micro_batch_size == 2
+    cluster = Cluster(gpus=1, gpu_memory_gb=80, device="cuda")
+    fits = plan(cfg, cluster, suggest=False)
+    assert fits.fits and fits.total_params == pytest.approx(4.0e9, rel=0.01)
+    assert fits.active_params == pytest.approx(1.0e9, rel=0.01)
+    bigger = plan(load_config(["+conf=1gpu", "model.n_layers=8"], world_size=1), cluster, suggest=False)
+    assert not bigger.fits
+    with torch.device("meta"):
+        model = Transformer(cfg.model)
+    assert sum(p.numel() for p in model.parameters()) == fits.total_params + fits.mtp_unique_params
+
+
 @pytest.mark.parametrize("overrides,gpus,device", [
     (REPORT, 2048, "cuda"),
     (["+conf=tiny", "parallel.pp=2", "train.micro_batch_size=2"], 4, "cpu"),  # DualPipe
