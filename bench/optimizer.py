@@ -1,4 +1,5 @@
-"""The optimizer step: our AdamW (BF16 moments, sec 3.3.3) fused vs its foreach reference, and torch's
+"""The optimizer step: our AdamW (BF16 moments, sec 3.3.3), its fast path (torch's fused kernel on the CPU, the
+one-pass Triton kernel on CUDA) vs its foreach reference, and torch's
 AdamW as HF training would run it (FP32 moments, default and fused), on one model's parameters; and
 DeepSpeed's CPU Adam (FP32 moments, its own AVX kernel) where ``deepspeed`` is installed and the device is
 the CPU (docs/dependencies.md: why the trainer does not use it).
@@ -6,8 +7,8 @@ the CPU (docs/dependencies.md: why the trainer does not use it).
     python bench/optimizer.py                    # the bench shape of bench/train_throughput.py, CPU
     python bench/optimizer.py --shape small --device cuda
 
-Checked in the same run: after a few steps from the same gradients, the fused path's parameters equal
-the reference's to FP32 rounding (tests/unit/test_optim.py states the bound).
+Checked in the same run: after a few steps from the same gradients, the fast path's parameters equal
+the reference's to FP32 rounding (tests/unit/test_optim.py and test_optim_triton.py state the bounds).
 """
 
 from __future__ import annotations
@@ -25,14 +26,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a scri
 
 from train.config import ModelConfig
 from train.model import Transformer
-from train.optim import AdamW, param_groups
+from train.optim import AdamW, param_groups, triton_importable
 
-# Relative (Frobenius) difference of the parameters' movement, fused vs foreach, per device type. CPU:
+# Relative (Frobenius) difference of the parameters' movement, fast path vs foreach, per device type. CPU:
 # torch's fused kernel and the foreach ops round the same FP32 operations (1e-6 leaves room for FMA
 # contraction). CUDA: the fused kernel orders its FP32 arithmetic differently; a moment one FP32 ulp
 # off lands on the other side of a BF16 rounding boundary in about 2^-15 of the elements, which then move
 # by a BF16 ulp of their moment (2^-8 relative): sqrt(2^-15) x 2^-8 ~ 2e-5 after a few steps (1.7e-5
-# measured on an H200, 3 steps), hence 1e-4.
+# measured on an H200, 3 steps, torch's fused kernel; the Triton kernel's roundings differ from the
+# foreach ops' in the same way), hence 1e-4.
 TOLERANCES = {"cpu": 1e-6, "cuda": 1e-4}
 
 
@@ -44,7 +46,8 @@ def tolerance(device: str) -> float:
 class OptimizerResult:
     params: int
     seconds: dict[str, float]  # median step per implementation
-    rel_err: float  # fused vs foreach, relative to how far the parameters moved
+    rel_err: float  # fast vs foreach, relative to how far the parameters moved
+    fast: str  # the device's fast path: "fused" (CPU) or "triton" (CUDA with Triton)
 
 
 def _model_params(cfg: ModelConfig, device: torch.device) -> list[torch.nn.Parameter]:
@@ -58,13 +61,17 @@ def compare(cfg: ModelConfig, device: str = "cpu", rounds: int = 5, steps: int =
             perturb: float = 0.0, with_deepspeed: bool = True) -> OptimizerResult:
     dev = torch.device(device)
     lr, wd = 1e-3, 0.1
+    fast = "triton" if dev.type == "cuda" and triton_importable() else "fused"
     makers = {
-        "ours fused": lambda ps: AdamW(param_groups_of(ps, wd), lr=lr, fused=True),
-        "ours foreach": lambda ps: AdamW(param_groups_of(ps, wd), lr=lr, fused=False),
+        "ours triton": lambda ps: AdamW(param_groups_of(ps, wd), lr=lr, update="triton"),
+        "ours fused": lambda ps: AdamW(param_groups_of(ps, wd), lr=lr, update="fused"),
+        "ours foreach": lambda ps: AdamW(param_groups_of(ps, wd), lr=lr, update="foreach"),
         "torch AdamW (HF)": lambda ps: torch.optim.AdamW(param_groups_of(ps, wd), lr=lr, betas=(0.9, 0.95)),
         "torch AdamW fused fp32": lambda ps: torch.optim.AdamW(param_groups_of(ps, wd), lr=lr, betas=(0.9, 0.95),
                                                                fused=True),
     }
+    if fast != "triton":
+        del makers["ours triton"]
     deepspeed_adam = _deepspeed_cpu_adam() if with_deepspeed and dev.type == "cpu" else None
     if deepspeed_adam is not None:
         makers["DeepSpeedCPUAdam fp32"] = lambda ps: deepspeed_adam(param_groups_of(ps, wd), lr=lr, betas=(0.9, 0.95),
@@ -91,7 +98,7 @@ def compare(cfg: ModelConfig, device: str = "cpu", rounds: int = 5, steps: int =
             step(name, k)
     moved = torch.cat([(p.detach() - s).flatten() for p, s in zip(params["ours foreach"], start)])
     diff = torch.cat([(a.detach() * (1 + perturb) - b.detach()).flatten()
-                      for a, b in zip(params["ours fused"], params["ours foreach"])])
+                      for a, b in zip(params[f"ours {fast}"], params["ours foreach"])])
     rel_err = float(diff.double().norm() / moved.double().norm())
     names = list(makers)
     times: dict[str, list[float]] = {name: [] for name in names}
@@ -99,7 +106,7 @@ def compare(cfg: ModelConfig, device: str = "cpu", rounds: int = 5, steps: int =
         for name in names[r % len(names):] + names[:r % len(names)]:
             times[name].append(step(name, r))
     return OptimizerResult(params=sum(p.numel() for p in start),
-                           seconds={k: statistics.median(v) for k, v in times.items()}, rel_err=rel_err)
+                           seconds={k: statistics.median(v) for k, v in times.items()}, rel_err=rel_err, fast=fast)
 
 
 def _deepspeed_cpu_adam():
@@ -134,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, s in r.seconds.items():
         print(f"  {name:<24} {s * 1e3:8.1f} ms  {base / s:5.2f}x the foreach reference")
     ok = r.rel_err <= tolerance(args.device)
-    print(f"fused vs foreach: relative difference {r.rel_err:.1e} ({'ok' if ok else 'FAILED'}, "
+    print(f"{r.fast} vs foreach: relative difference {r.rel_err:.1e} ({'ok' if ok else 'FAILED'}, "
           f"tolerance {tolerance(args.device):g})")
     return 0 if ok else 1
 

@@ -38,7 +38,7 @@ from torch.distributed.tensor.placement_types import Placement
 from parallel.mesh import ProcessGroups
 from train.config import OptimConfig
 from train.model import RoutedExperts
-from train.optim import MOMENT_DTYPES, UPDATES, AdamW, param_groups
+from train.optim import MOMENT_DTYPES, AdamW, param_groups
 
 MOMENT_KEYS = ("exp_avg", "exp_avg_sq")
 # torch 2.13 renamed the flat-tensor collectives (the old names warn there); torch 2.11 has only the old ones
@@ -215,7 +215,7 @@ class ZeroAdamW:
             [{"params": [by_param[id(p)].master for p in g["params"]], "weight_decay": g["weight_decay"]}
              for g in decay_groups],
             lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, weight_decay=cfg.weight_decay,
-            moment_dtype=MOMENT_DTYPES[cfg.moment_dtype], fused=UPDATES[cfg.update],
+            moment_dtype=MOMENT_DTYPES[cfg.moment_dtype], update=cfg.update,
         )
         # State exists from the start (not at the first step), so that state_dict() can be loaded into.
         for shard in self.shards.values():

@@ -93,7 +93,7 @@ class OptimConfig:
     weight_decay: float = 0.1  # on matrices; not on norms, biases or gate biases
     grad_clip: float = 1.0  # global gradient-norm clipping (0 = off)
     moment_dtype: str = "bfloat16"  # AdamW first and second moments
-    update: str = "auto"  # AdamW kernel: fused (torch's fused kernel), foreach (the reference), auto (fused on CPU)
+    update: str = "auto"  # AdamW kernel: fused (torch's), triton (one pass, CUDA), foreach (the reference), auto
 
 
 @dataclass
@@ -275,7 +275,8 @@ def validate(cfg: Config, world_size: int = 1) -> Config:
     _require(0 <= o.beta1 < 1 and 0 <= o.beta2 < 1, f"optim.beta1/beta2 ({o.beta1}, {o.beta2}) must be in [0, 1)")
     _require(o.moment_dtype in ("bfloat16", "float32"),
              f"optim.moment_dtype ({o.moment_dtype!r}) must be bfloat16 or float32")
-    _require(o.update in ("auto", "fused", "foreach"), f"optim.update ({o.update!r}) must be auto, fused or foreach")
+    _require(o.update in ("auto", "fused", "foreach", "triton"),
+             f"optim.update ({o.update!r}) must be auto, fused, foreach or triton")
     _require(o.grad_clip >= 0, f"optim.grad_clip ({o.grad_clip}) must be >= 0 (0 = off)")
     _require(math.isfinite(o.weight_decay) and o.weight_decay >= 0,
              f"optim.weight_decay ({o.weight_decay}) must be >= 0")

@@ -9,6 +9,7 @@ beta1 = 0.9, beta2 = 0.95, weight decay 0.1 on matrices only.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -18,7 +19,7 @@ from torch import Tensor, nn
 from train.config import OptimConfig
 
 MOMENT_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
-UPDATES = {"auto": None, "fused": True, "foreach": False}  # optim.update -> AdamW(fused=...)
+UPDATES = ("auto", "fused", "foreach", "triton")  # optim.update, AdamW(update=...)
 
 # Elements per foreach call when chunk_numel is None: cache-sized chunks on the CPU (about twice as
 # fast there as one call over everything), large ones on accelerators (few kernel launches).
@@ -46,11 +47,14 @@ class AdamW(torch.optim.Optimizer):
     Tensors are grouped by (device, dtype) and cut into chunks of at most ``chunk_numel`` elements
     (None: CPU_CHUNK_NUMEL on the CPU, ACCELERATOR_CHUNK_NUMEL elsewhere), which bounds the FP32
     temporaries of the BF16 moments (views of one scratch buffer, reused). A larger tensor is a chunk
-    alone. A chunk is updated by
+    alone. A chunk is updated by ``update``:
 
-    - ``fused=False`` (the reference; the default off the CPU): ``torch._foreach_*`` ops in the order of
-      ``torch.optim.AdamW``'s foreach path, about ten passes over the data;
-    - ``fused=True`` (the default on the CPU): torch's fused AdamW kernel (``torch._fused_adamw_``, what
+    - ``"foreach"`` (the reference): ``torch._foreach_*`` ops in the order of ``torch.optim.AdamW``'s
+      foreach path, about ten passes over the data;
+    - ``"triton"`` (the default on CUDA where Triton imports): one pass per tensor reading and writing the
+      BF16 moments directly (train/adamw_triton.py; about 22 bytes per parameter against the reference's
+      130); a non-contiguous tensor goes through the reference;
+    - ``"fused"`` (the default on the CPU): torch's fused AdamW kernel (``torch._fused_adamw_``, what
       ``torch.optim.AdamW(fused=True)`` runs), one pass. It takes FP32 moments only, so BF16 moments are
       widened into the scratch before and rounded back after. Its CPU kernel computes the last
       ``numel % vector width`` elements of a tensor on a scalar path whose rounding differs from the
@@ -58,8 +62,9 @@ class AdamW(torch.optim.Optimizer):
       tail therefore goes through the kernel zero-padded to whole vectors (``_LANES``), so each element
       is computed the same way wherever it lies (tested bitwise: ZeRO-1 shards against one process).
 
-    Both compute the step in FP32 and round the moments once, so they agree to FP32 rounding
-    (tests/unit/test_optim.py); ``python -m bench optimizer`` measures them (docs/perf.md).
+    All compute the step in FP32 and round the moments once, so they agree to FP32 rounding
+    (tests/unit/test_optim.py, test_optim_triton.py); ``python -m bench optimizer`` measures them
+    (docs/perf.md). ``"auto"``: fused on the CPU, triton on CUDA when importable, else foreach.
     """
 
     def __init__(
@@ -71,7 +76,7 @@ class AdamW(torch.optim.Optimizer):
         weight_decay: float = 0.1,
         moment_dtype: torch.dtype = torch.bfloat16,
         chunk_numel: int | None = None,
-        fused: bool | None = None,
+        update: str = "auto",
     ):
         if not lr >= 0.0:
             raise ValueError(f"AdamW: lr ({lr}) must be >= 0")
@@ -83,13 +88,15 @@ class AdamW(torch.optim.Optimizer):
             raise ValueError(f"AdamW: weight_decay ({weight_decay}) must be >= 0")
         if moment_dtype not in MOMENT_DTYPES.values():
             raise ValueError(f"AdamW: moment_dtype ({moment_dtype}) must be torch.bfloat16 or torch.float32")
+        if update not in UPDATES:
+            raise ValueError(f"AdamW: update ({update!r}) must be one of {', '.join(UPDATES)}")
         if chunk_numel is not None and chunk_numel <= 0:
             raise ValueError(f"AdamW: chunk_numel ({chunk_numel}) must be > 0")
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
         super().__init__(params, defaults)
         self.moment_dtype = moment_dtype
         self.chunk_numel = chunk_numel
-        self.fused = fused
+        self.update = update
         self._scratch: dict[torch.device, Tensor] = {}  # CPU: FP32 temporaries of a chunk, reused every step
         self._scratch: dict[torch.device, Tensor] = {}  # CPU: FP32 temporaries of a chunk, reused every step
 
@@ -139,10 +146,19 @@ class AdamW(torch.optim.Optimizer):
                     self.init_state(p)
                 buckets.setdefault((p.device, p.dtype), []).append(p)
             for (device, _), params in buckets.items():
-                fused = self.fused if self.fused is not None else device.type == "cpu"
+                update = {"fused": self._update_fused, "foreach": self._update,
+                          "triton": self._update_triton}[self.update_on(device)]
                 for chunk in self._chunks(params):
-                    (self._update_fused if fused else self._update)(chunk, group)
+                    update(chunk, group)
         return loss
+
+    def update_on(self, device: torch.device) -> str:
+        """The update path this optimizer runs for tensors on ``device`` (``update`` with auto resolved)."""
+        if self.update != "auto":
+            return self.update
+        if device.type == "cpu":
+            return "fused"
+        return "triton" if device.type == "cuda" and triton_importable() else "foreach"
 
     def _scratch_views(self, device: torch.device, sizes: list[int]) -> list[Tensor]:
         """Flat FP32 tensors of ``sizes``. On the CPU: consecutive views of one scratch buffer that grows
@@ -209,6 +225,25 @@ class AdamW(torch.optim.Optimizer):
                                  [t[:k].view(s[key].shape) for t, k, s in zip(src, numels, states)])
         if params[0].dtype != torch.float32:  # low-precision parameters receive the master, rounded
             torch._foreach_copy_(params, masters)
+
+    def _update_triton(self, params: list[Tensor], group: dict[str, Any]) -> None:
+        """AdamW through train/adamw_triton.py, one launch per tensor; non-contiguous ones through ``_update``."""
+        from train.adamw_triton import adamw_update
+
+        beta1, beta2 = group["betas"]
+        rest = []
+        for p in params:
+            state = self.state[p]
+            master = state.get("master", p)
+            if not (master.is_contiguous() and p.is_contiguous()):
+                rest.append(p)
+                continue
+            state["step"] += 1
+            adamw_update(master, p.grad.contiguous(), state["exp_avg"], state["exp_avg_sq"],
+                         p if p is not master else None, lr=float(group["lr"]), beta1=beta1, beta2=beta2,
+                         eps=group["eps"], weight_decay=group["weight_decay"], step=state["step"].item())
+        if rest:
+            self._update(rest, group)
 
     def _update(self, params: list[Tensor], group: dict[str, Any]) -> None:
         """AdamW on parameters of one device and dtype, in FP32 (same operations as torch.optim.AdamW)."""
@@ -311,5 +346,14 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> AdamW:
         eps=cfg.eps,
         weight_decay=cfg.weight_decay,
         moment_dtype=MOMENT_DTYPES[cfg.moment_dtype],
-        fused=UPDATES[cfg.update],
+        update=cfg.update,
     )
+
+
+def triton_importable() -> bool:
+    """Whether Triton (the gpu extra) imports here."""
+    try:
+        importlib.import_module("triton")
+    except ImportError:
+        return False
+    return True

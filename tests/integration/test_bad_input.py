@@ -179,7 +179,7 @@ IN_PROCESS = {
     "compile with FP8": (config("+conf=tiny", "train.compile=true", "fp8.enabled=true"),
                          "train.compile=true does not trace the FP8 layers yet"),
     "unknown AdamW update": (config("+conf=tiny", "optim.update=fast"),
-                             "optim.update ('fast') must be auto, fused or foreach"),
+                             "optim.update ('fast') must be auto, fused, foreach or triton"),
     # parallel sizes
     "parallel.pp=0": (config("+conf=tiny", "parallel.pp=0"), "parallel.pp (0) must be >= 1"),
     "micro_batches not dividing the batch": (config("+conf=tiny", "parallel.pp=2", "parallel.micro_batches=3",

@@ -1,7 +1,7 @@
 """AdamW with BF16 moments / FP32 masters against torch.optim.AdamW, parameter groups, DCP round trip.
 
-Both update paths run the checks: ``fused=False`` (foreach, the reference) against torch's default
-path bitwise, ``fused=True`` (torch's fused kernel, the CPU default) against the same bounds, against
+Both update paths run the checks: ``update="foreach"`` (the reference) against torch's default
+path bitwise, ``update="fused"`` (torch's fused kernel, the CPU default) against the same bounds, against
 torch's fused kernel, and against the reference."""
 
 from __future__ import annotations
@@ -52,12 +52,12 @@ def run(optimizer: torch.optim.Optimizer, params: list[nn.Parameter], grads: lis
         optimizer.zero_grad(set_to_none=True)
 
 
-FUSED = pytest.mark.parametrize("fused", [False, True], ids=["foreach", "fused"])
+FUSED = pytest.mark.parametrize("update", ["foreach", "fused"])
 
 
 def test_fp32_moments_equal_torch_adamw():
     ours_params, ref_params, grads = make_params(), make_params(), make_grads()
-    ours = AdamW(groups(ours_params), lr=LR, betas=BETAS, eps=1e-8, moment_dtype=torch.float32, fused=False)
+    ours = AdamW(groups(ours_params), lr=LR, betas=BETAS, eps=1e-8, moment_dtype=torch.float32, update="foreach")
     ref = torch.optim.AdamW(groups(ref_params), lr=LR, betas=BETAS, eps=1e-8)
     run(ours, ours_params, grads)
     run(ref, ref_params, grads)
@@ -71,7 +71,7 @@ def test_fp32_moments_equal_torch_adamw():
 
 
 @FUSED
-def test_bf16_moments_within_bound_of_torch_adamw(fused):
+def test_bf16_moments_within_bound_of_torch_adamw(update):
     """BF16 moments (sec 3.3.3) stay within a derived bound of FP32 AdamW, and do differ from it.
 
     Bound. BF16 keeps 8 significant bits, so each store rounds with relative error u <= 2^-8. The
@@ -83,7 +83,7 @@ def test_bf16_moments_within_bound_of_torch_adamw(fused):
     at most n lr u B (1/(1-b1) + 1/(2(1-b2))) = n lr u 24 for (0.9, 0.95).
     """
     ours_params, ref_params, grads = make_params(), make_params(), make_grads()
-    ours = AdamW(groups(ours_params), lr=LR, betas=BETAS, eps=1e-8, moment_dtype=torch.bfloat16, fused=fused)
+    ours = AdamW(groups(ours_params), lr=LR, betas=BETAS, eps=1e-8, moment_dtype=torch.bfloat16, update=update)
     ref = torch.optim.AdamW(groups(ref_params), lr=LR, betas=BETAS, eps=1e-8)
     run(ours, ours_params, grads)
     run(ref, ref_params, grads)
@@ -104,13 +104,13 @@ def test_bf16_moments_within_bound_of_torch_adamw(fused):
 
 @FUSED
 @pytest.mark.parametrize("moment_dtype", [torch.float32, torch.bfloat16])
-def test_bf16_params_keep_fp32_master(moment_dtype, fused):
+def test_bf16_params_keep_fp32_master(moment_dtype, update):
     """BF16 parameters: the FP32 master follows an FP32-parameter run exactly; the parameter is it rounded."""
     low = make_params(torch.bfloat16)
     high = [nn.Parameter(p.detach().float()) for p in low]
     grads = make_grads(dtype=torch.bfloat16)  # what a BF16 model's backward produces
-    opt_low = AdamW(groups(low), lr=LR, betas=BETAS, moment_dtype=moment_dtype, fused=fused)
-    opt_high = AdamW(groups(high), lr=LR, betas=BETAS, moment_dtype=moment_dtype, fused=fused)
+    opt_low = AdamW(groups(low), lr=LR, betas=BETAS, moment_dtype=moment_dtype, update=update)
+    opt_high = AdamW(groups(high), lr=LR, betas=BETAS, moment_dtype=moment_dtype, update=update)
     run(opt_low, low, grads)
     run(opt_high, high, [[g.float() for g in step_grads] for step_grads in grads])
     for p, q in zip(low, high):
@@ -123,12 +123,12 @@ def test_bf16_params_keep_fp32_master(moment_dtype, fused):
 
 
 @FUSED
-def test_params_without_grad_are_skipped_and_chunks_do_not_change_the_result(fused):
+def test_params_without_grad_are_skipped_and_chunks_do_not_change_the_result(update):
     params, grads = make_params(), make_grads()
     frozen_before = params[1].detach().clone()
-    whole = AdamW(groups(params), lr=LR, moment_dtype=torch.bfloat16, fused=fused)
+    whole = AdamW(groups(params), lr=LR, moment_dtype=torch.bfloat16, update=update)
     chunked_params = make_params()
-    chunked = AdamW(groups(chunked_params), lr=LR, moment_dtype=torch.bfloat16, chunk_numel=20, fused=fused)
+    chunked = AdamW(groups(chunked_params), lr=LR, moment_dtype=torch.bfloat16, chunk_numel=20, update=update)
     no_grad_for_1 = [[None if i == 1 else g for i, g in enumerate(step)] for step in grads]
     for opt, ps in ((whole, params), (chunked, chunked_params)):
         for step_grads in no_grad_for_1:
@@ -150,7 +150,7 @@ def test_fused_equals_torch_fused_kernel():
     ours_params = [nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
     ref_params = [nn.Parameter(p.detach().clone()) for p in ours_params]
     start = [p.detach().clone() for p in ours_params]
-    ours = AdamW(ours_params, lr=LR, betas=BETAS, moment_dtype=torch.float32, fused=True)
+    ours = AdamW(ours_params, lr=LR, betas=BETAS, moment_dtype=torch.float32, update="fused")
     ref = torch.optim.AdamW(ref_params, lr=LR, betas=BETAS, weight_decay=0.1, fused=True)
     for step in range(STEPS):
         for a, b in zip(ours_params, ref_params):
@@ -182,7 +182,7 @@ def test_fused_result_does_not_depend_on_how_a_tensor_is_cut(moment_dtype):
         col.data.copy_(start[:, a:b])
         assert not col.is_contiguous()
     pieces = [nn.Parameter(t.clone()) for t in start.view(-1).split(flat_cuts)]
-    optimizers = [AdamW(ps, lr=LR, moment_dtype=moment_dtype, fused=True) for ps in ([whole], columns, pieces)]
+    optimizers = [AdamW(ps, lr=LR, moment_dtype=moment_dtype, update="fused") for ps in ([whole], columns, pieces)]
     for g in grads:
         whole.grad = g.clone()
         for col, (a, b) in zip(columns, col_cuts):
@@ -205,8 +205,8 @@ def test_fused_agrees_with_foreach_on_bf16_moments():
     when it sits on a BF16 rounding boundary: moments within one BF16 ULP (2^-8 relative)."""
     a, b, grads = make_params(), make_params(), make_grads()
     start = [p.detach().clone() for p in a]
-    foreach = AdamW(groups(a), lr=LR, betas=BETAS, moment_dtype=torch.bfloat16, fused=False)
-    fused = AdamW(groups(b), lr=LR, betas=BETAS, moment_dtype=torch.bfloat16, fused=True)
+    foreach = AdamW(groups(a), lr=LR, betas=BETAS, moment_dtype=torch.bfloat16, update="foreach")
+    fused = AdamW(groups(b), lr=LR, betas=BETAS, moment_dtype=torch.bfloat16, update="fused")
     run(foreach, a, grads)
     run(fused, b, grads)
     for p, q, p0 in zip(a, b, start):

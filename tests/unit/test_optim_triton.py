@@ -1,0 +1,98 @@
+"""The one-pass Triton AdamW (train/adamw_triton.py, ``AdamW(update="triton")``) against the foreach reference,
+run by Triton's interpreter on the CPU (``TRITON_INTERPRET=1``; the compiled kernel on a GPU through the
+same tests where CUDA is present)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from tests.unit.test_optim import BETAS, LR, groups, make_grads, make_params, run
+from train.optim import AdamW
+
+pytest.importorskip("triton", reason="Triton is not installed (the gpu extra)")
+
+
+@pytest.fixture
+def device(monkeypatch) -> str:
+    """CUDA where present (the compiled kernel), else the CPU with Triton's interpreter."""
+    if torch.cuda.is_available():
+        return "cuda"
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    return "cpu"
+
+
+def on(params: list[nn.Parameter], device: str) -> list[nn.Parameter]:
+    return [nn.Parameter(p.detach().to(device)) for p in params]
+
+
+@pytest.mark.parametrize("moment_dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("param_dtype", [torch.float32, torch.bfloat16])
+def test_triton_agrees_with_foreach(device, moment_dtype, param_dtype):
+    """20 steps with weight decay and a changing lr, FP32 or BF16 parameters (the latter with FP32 masters in
+    the state), BF16 or FP32 moments. The kernel runs the reference's FP32 operations with IEEE-rounded
+    square root and divisions, but torch's kernels associate some of them differently (CPU addcdiv:
+    (value * m) / denom; lerp fused into an FMA) and the GPU compiler may contract others, so results
+    differ by FP32 rounding, bounded per element:
+    - masters: a few ulps of the master (2^-21 relative: the last addition's rounding, repeated) plus, of
+      the element's movement, 1e-5 with FP32 moments (a few ulps of the update, each step) or 2^-8 with
+      BF16 moments (a moment one FP32 ulp apart can round to the neighbouring BF16 value, one BF16 ulp);
+    - BF16 moments: within one BF16 ulp (2^-8 relative), and nearly all bitwise equal;
+    - FP32 moments: within 2^-18 of the tensor's largest (a few ulps accumulated over the steps)."""
+    grads = [[g.to(device) for g in step] for step in make_grads(dtype=param_dtype)]
+    a, b = on(make_params(param_dtype), device), on(make_params(param_dtype), device)
+    start = [p.detach().float().clone() for p in a]
+    reference = AdamW(groups(a), lr=LR, betas=BETAS, moment_dtype=moment_dtype, update="foreach")
+    fast = AdamW(groups(b), lr=LR, betas=BETAS, moment_dtype=moment_dtype, update="triton")
+    run(reference, a, grads)
+    run(fast, b, grads)
+    of_movement = 2.0**-8 if moment_dtype == torch.bfloat16 else 1e-5
+    equal = total = 0
+    for p, q, p0 in zip(a, b, start):
+        x, y = reference.state[p], fast.state[q]
+        mp, mq = x.get("master", p).detach(), y.get("master", q).detach()
+        assert mq.dtype == torch.float32 and ("master" in y) == (param_dtype != torch.float32)
+        moved = (mp - p0).abs()
+        assert moved.max() > 0 and ((mq - mp).abs() <= 2.0**-21 * mp.abs() + of_movement * moved).all()
+        assert q.dtype == param_dtype and torch.equal(q.detach(), mq.to(param_dtype))  # the master, rounded
+        assert y["step"].item() == x["step"].item() == len(grads)
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert y[key].dtype == moment_dtype
+            if moment_dtype == torch.bfloat16:
+                torch.testing.assert_close(y[key].float(), x[key].float(), rtol=2.0**-8, atol=0)
+                equal += int((y[key] == x[key]).sum())
+                total += y[key].numel()
+            else:
+                assert ((y[key] - x[key]).abs() <= 2.0**-18 * x[key].abs().max()).all()
+    assert equal >= 0.99 * total
+
+
+def test_non_contiguous_tensors_and_missing_gradients(device):
+    """A transposed parameter goes through the reference path; a parameter without a gradient is skipped
+    (its step does not advance); an empty one is harmless."""
+    gen = torch.Generator().manual_seed(3)
+    shapes = [(40, 30), (7,), (0, 5)]
+    base = [torch.randn(s, generator=gen) for s in shapes]
+    a = [nn.Parameter(base[0].t().contiguous().t().to(device)), nn.Parameter(base[1].to(device)),
+         nn.Parameter(base[2].to(device))]
+    b = [nn.Parameter(t.detach().clone()) for t in a]
+    assert not a[0].is_contiguous() and not b[0].is_contiguous()
+    reference = AdamW([{"params": a}], lr=LR, update="foreach")
+    fast = AdamW([{"params": b}], lr=LR, update="triton")
+    for opt, params in ((reference, a), (fast, b)):
+        for step in range(3):
+            params[0].grad = torch.full_like(params[0], 0.1 * (step + 1))
+            params[2].grad = torch.zeros_like(params[2])
+            opt.step()
+    assert torch.equal(a[0], b[0]) and torch.equal(b[1], base[1].to(device))
+    assert len(fast.state[b[1]]) == 0 and fast.state[b[0]]["step"].item() == 3
+
+
+def test_auto_picks_triton_on_cuda_only():
+    opt = AdamW([nn.Parameter(torch.ones(2))])
+    assert opt.update_on(torch.device("cpu")) == "fused"
+    assert opt.update_on(torch.device("cuda")) == "triton"
+    assert AdamW([nn.Parameter(torch.ones(2))], update="foreach").update_on(torch.device("cuda")) == "foreach"
+    with pytest.raises(ValueError, match="update"):
+        AdamW([nn.Parameter(torch.ones(2))], update="fast")
