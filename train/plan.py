@@ -220,7 +220,7 @@ def check_plan(cfg: Config, world_size: int, gpu_memory_bytes: float, *, device:
         worst = max(result.ranks, key=lambda r: r.total)
         raise UserError(f"{head}; {largest_term(worst)}; this fits: {fix}")
     gpus = fewest_gpus(cfg, Cluster())
-    need_gpus = (f"it needs at least {gpus[0]:,} GPUs of 80 GiB ({gpus[1]}; the report trains 671B on 2048 H800 "
+    need_gpus = (f"it needs at least {gpus[0]:,} GPU{'s' if gpus[0] > 1 else ''} of 80 GiB ({gpus[1]}; the report trains 671B on 2048 H800 "
                  "with parallel.pp=16 parallel.ep=64 and ZeRO-1, docs/planner.md)") if gpus else \
         "no layout of up to 65,536 GPUs of 80 GiB holds it"
     small = "; on this machine use +conf=tiny or +conf=small" if device == "cpu" else ""

@@ -70,11 +70,12 @@ def suggest_layout(cfg: Config, cluster: Cluster, limit: int = 1000) -> str | No
 
 
 def fewest_gpus(cfg: Config, cluster: Cluster, max_gpus: int = 65536) -> tuple[int, str] | None:
-    """The smallest power-of-two multiple of a node (up to ``max_gpus``) on which some layout near
-    ``cfg`` fits ``cluster``'s GPUs, and that layout's overrides (largest ep: it only shrinks memory)."""
-    gpus = cluster.gpus_per_node
+    """The smallest power of two of GPUs (one GPU, part of a node, then whole nodes; up to ``max_gpus``) on
+    which some layout near ``cfg`` fits ``cluster``'s GPUs, and that layout's overrides (largest ep: it
+    only shrinks memory)."""
+    gpus = 1
     while gpus <= max_gpus:
-        c = dataclasses.replace(cluster, gpus=gpus)
+        c = dataclasses.replace(cluster, gpus=gpus, gpus_per_node=min(gpus, cluster.gpus_per_node))
         for _, new, changes in [((), cfg, [])] + _candidates(cfg, gpus):
             try:
                 validate(new, gpus)

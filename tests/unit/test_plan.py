@@ -343,7 +343,7 @@ def runtime_cuts(cfg: Config, gpus: int, device: str) -> list[int]:
 
 def test_1gpu_preset_is_the_16b_shape_that_fits_one_80gb_gpu():
     """+conf=1gpu (single-GPU MFU): the 16b widths at the most layers whose plan fits one 80 GB GPU in
-    BF16 with FP32 masters; one more layer does not fit."""
+    BF16 with FP32 masters; one more layer does not fit; refused on a CPU box with the one GPU it needs."""
     cfg, base = load_config(["+conf=1gpu"], world_size=1), load_config(["+conf=16b"])
     assert cfg.model.n_layers == 7 and cfg.model.dim == base.model.dim == 2048
     assert cfg.model.n_routed_experts == base.model.n_routed_experts and cfg.model.vocab_size == 102400
@@ -357,6 +357,8 @@ def test_1gpu_preset_is_the_16b_shape_that_fits_one_80gb_gpu():
     with torch.device("meta"):
         model = Transformer(cfg.model)
     assert sum(p.numel() for p in model.parameters()) == fits.total_params + fits.mtp_unique_params
+    with pytest.raises(UserError, match=r"it needs at least 1 GPU of 80 GiB \(as configured"):
+        check_plan(cfg, 1, 24 * GiB, device="cpu")  # on a CPU box: the one GPU it was made for
 
 
 @pytest.mark.parametrize("overrides,gpus,device", [
