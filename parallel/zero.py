@@ -17,9 +17,10 @@ Uneven sizes follow DTensor's ``Shard`` (torch.chunk): with ``c = ceil(n / k)`` 
 [i*c, min(n, (i+1)*c)), possibly none.
 
 A step: bucketed reduce-scatter of the gradients (several parameters per collective; one flat buffer
-per bucket, rank-major, each parameter's chunk padded to c rows), the global gradient norm (every
-element counted once) and clipping, the AdamW of ``train.optim`` on this rank's shards, bucketed
-all-gather of the updated shards into the parameters.
+per bucket, rank-major, each parameter's chunk padded to c rows; started during the last backward with
+``overlap_next_backward``), the global gradient norm (every element counted once) and clipping, the
+AdamW of ``train.optim`` on this rank's shards, bucketed all-gather of the updated shards into the
+parameters.
 """
 
 from __future__ import annotations
@@ -109,8 +110,35 @@ class CommStats:
     """Collectives issued (1-rank groups issue none); tests use it to see that buckets really bucket."""
 
     reduce_scatters: int = 0
+    overlapped_reduce_scatters: int = 0  # of which issued during a backward (overlap_next_backward)
     all_gathers: int = 0
     all_reduces: int = 0
+
+
+@dataclass
+class Reduction:
+    """One step's gradient reduce-scatters in flight (ZeroAdamW.overlap_next_backward, _reduce_scatter_gradients).
+
+    ``order``: the bucket indices with several ranks, in the order they are issued (the reverse of the
+    model's); ``next``: how many of them have been; ``remaining``: per bucket index, parameters whose
+    gradient has not arrived; ``flats``: buffers being filled; ``packed``: ids of the shards packed,
+    ``with_grad``: of those, the ones that had a gradient;
+    ``issued``: bucket index -> (its segment, or its own buffer on one rank; the collective's work or None)."""
+
+    order: list[int]
+    sizes: dict[int, int]
+    armed: bool = False
+    next: int = 0
+    remaining: dict[int, int] = field(default_factory=dict)
+    flats: dict[int, Tensor] = field(default_factory=dict)
+    packed: set[int] = field(default_factory=set)
+    with_grad: set[int] = field(default_factory=set)
+    issued: dict[int, tuple[Tensor, object]] = field(default_factory=dict)
+
+    def reset(self) -> None:
+        self.armed, self.next = False, 0
+        self.remaining = dict(self.sizes)
+        self.flats, self.packed, self.with_grad, self.issued = {}, set(), set(), {}
 
 
 def pack_chunks(dst: Tensor, src: Tensor, dim: int, rows: int) -> None:
@@ -209,6 +237,13 @@ class ZeroAdamW:
             cast_working_weights(model, working_dtype)
             exact = {n: t for n, t in exact.items() if not self.shards[n].master_is_param}
         self.buckets = self._make_buckets(list(self.shards.values()), int(bucket_mb * 2**20))
+        shared = [i for i, bucket in enumerate(self.buckets) if bucket.size > 1]
+        self.reduction = Reduction(order=shared[::-1], sizes={i: len(self.buckets[i].shards) for i in shared})
+        self.reduction.reset()
+        for index in shared:
+            for shard in self.buckets[index].shards:
+                shard.param.register_post_accumulate_grad_hook(
+                    lambda _, index=index, shard=shard: self._on_gradient(index, shard))
 
         by_param = {id(s.param): s for s in self.shards.values()}
         self.inner = AdamW(
@@ -306,8 +341,7 @@ class ZeroAdamW:
         it is all-reduced): the gradients are dropped and nothing changes (parameters, masters, moments,
         AdamW step counts); the norm is still returned.
         """
-        has_grad = torch.tensor([float(s.param.grad is not None) for s in self.shards.values()], dtype=torch.float64)
-        grads = self._reduce_scatter_gradients()
+        grads, has_grad = self._reduce_scatter_gradients()
         norm = self._global_norm(grads, has_grad)
         if skip or not math.isfinite(norm):
             self.zero_grad()
@@ -324,8 +358,11 @@ class ZeroAdamW:
         self.zero_grad()
         return norm
 
-    def _reduce_scatter_gradients(self) -> list[Tensor]:
-        """Each bucket's reduced gradient segment ([numel], padding zero); the masters' .grad view into it.
+    def _reduce_scatter_gradients(self) -> tuple[list[Tensor], Tensor]:
+        """Each bucket's reduced gradient segment ([numel], padding zero), the masters' .grad view into it;
+        and per parameter (model order) 1.0 where this rank had a gradient for it, else 0.0 (float64).
+        Buckets the last backward did not issue (``overlap_next_backward``) are packed and issued now, in
+        the same fixed order on every rank.
 
         Averaging: every rank's loss is the mean over its own tokens, and the trained loss is the mean of
         these over the dp ranks, L = (1/dp) sum_r L_r. A dense parameter's gradient is therefore
@@ -334,26 +371,16 @@ class ZeroAdamW:
         j} dL_r/dW (the tokens of all ep ranks routed to it). Summing over the edp groups covers every
         rank r once, so dividing that sum by dp (not edp) gives dL/dW as well.
         """
-        pending = []
-        for bucket in self.buckets:
-            flat = torch.empty(bucket.size * bucket.numel, dtype=torch.float32, device=self.device)
-            for shard in bucket.shards:
-                grad = shard.param.grad
-                chunks = bucket.chunks(flat, shard)
-                if grad is None:
-                    chunks.zero_()
-                    continue
-                pack_chunks(chunks, grad, shard.dim, shard.rows)
-                shard.param.grad = None  # packed: free it now, so that the flat buffers add no memory
-            if bucket.size == 1:
-                pending.append((bucket, flat, None))
-                continue
-            segment = torch.empty(bucket.numel, dtype=torch.float32, device=self.device)
-            work = reduce_scatter_flat(segment, flat, group=bucket.group, async_op=True)
-            self.comm.reduce_scatters += 1
-            pending.append((bucket, segment, work))
+        reduction = self.reduction
+        reduction.armed = False
+        for index in reduction.order[reduction.next:]:
+            self._issue(index)
+        for index in range(len(self.buckets)):
+            if index not in reduction.issued:  # one-rank buckets: nothing to send
+                self._issue(index)
         segments = []
-        for bucket, segment, work in pending:
+        for index, bucket in enumerate(self.buckets):
+            segment, work = reduction.issued[index]
             if work is not None:
                 work.wait()
             if self.dp > 1:
@@ -361,7 +388,69 @@ class ZeroAdamW:
             for shard in bucket.shards:
                 shard.master.grad = bucket.own(segment, shard)
             segments.append(segment)
-        return segments
+        has_grad = torch.tensor([float(id(s) in reduction.with_grad) for s in self.shards.values()],
+                                dtype=torch.float64)
+        reduction.reset()
+        return segments, has_grad
+
+    def overlap_next_backward(self) -> None:
+        """Start each bucket's reduce-scatter during the coming backward, as soon as its gradients are
+        complete (the last micro-batch's backward without a pipeline; DDP's overlap). A post-accumulate hook
+        packs each gradient into its bucket's buffer as it arrives (freeing it); a bucket is issued once all
+        its parameters have arrived and every bucket before it in ``order`` (the reverse of the model's: the
+        order backward produces them) has been, so every rank issues the same sequence. Buckets whose
+        parameters got no gradient wait for ``step``. Nothing to do where no bucket spans several ranks."""
+        if self.reduction.order:
+            self.reduction.reset()
+            self.reduction.armed = True
+
+    @torch.no_grad()
+    def _on_gradient(self, index: int, shard: ParamShard) -> None:
+        reduction = self.reduction
+        if not reduction.armed:
+            return
+        if id(shard) in reduction.packed:
+            raise RuntimeError(f"ZeroAdamW: a second gradient for {shard.name} after overlap_next_backward; arm it "
+                               "only before the backward that completes the step's gradients")
+        self._pack(index, shard)
+        reduction.remaining[index] -= 1
+        while reduction.next < len(reduction.order) and reduction.remaining[reduction.order[reduction.next]] == 0:
+            self._issue(reduction.order[reduction.next])
+            reduction.next += 1
+
+    def _pack(self, index: int, shard: ParamShard) -> None:
+        """shard's gradient (zeros where it has none) -> its chunks in bucket ``index``'s rank-major buffer."""
+        bucket = self.buckets[index]
+        flat = self.reduction.flats.get(index)
+        if flat is None:
+            flat = self.reduction.flats[index] = torch.empty(bucket.size * bucket.numel, dtype=torch.float32,
+                                                             device=self.device)
+        chunks, grad = bucket.chunks(flat, shard), shard.param.grad
+        if grad is None:
+            chunks.zero_()
+        else:
+            pack_chunks(chunks, grad, shard.dim, shard.rows)
+            shard.param.grad = None  # packed: free it now, so that the flat buffers add no memory
+            self.reduction.with_grad.add(id(shard))
+        self.reduction.packed.add(id(shard))
+
+    @torch.no_grad()
+    def _issue(self, index: int) -> None:
+        """Pack what is left of bucket ``index`` and start its reduce-scatter (a one-rank bucket is its own)."""
+        bucket = self.buckets[index]
+        for shard in bucket.shards:
+            if id(shard) not in self.reduction.packed:
+                self._pack(index, shard)
+        flat = self.reduction.flats.pop(index)
+        if bucket.size == 1:
+            self.reduction.issued[index] = (flat, None)
+            return
+        segment = torch.empty(bucket.numel, dtype=torch.float32, device=self.device)
+        work = reduce_scatter_flat(segment, flat, group=bucket.group, async_op=True)
+        self.comm.reduce_scatters += 1
+        if self.reduction.armed:
+            self.comm.overlapped_reduce_scatters += 1
+        self.reduction.issued[index] = (segment, work)
 
     def _global_norm(self, segments: list[Tensor], has_grad: Tensor) -> float:
         """L2 norm of the full averaged gradient: every element lies in exactly one rank's shard (dense

@@ -157,6 +157,7 @@ class ParallelConfig:
     micro_batches: int = 0  # micro-batches per step at train.batch_size; sets train.micro_batch_size (0: keep it)
     stage_boundaries: list[int] = field(default_factory=list)  # first layer of each stage after the first ([]: the planner's)
     overlap: bool = True  # pipeline F&B chunks overlap one micro-batch's all-to-all with another's compute (ep > 1)
+    grad_overlap: bool = True  # dp > 1, no pipeline: ZeRO-1 reduce-scatters start during the last backward
 
 
 @dataclass

@@ -254,7 +254,10 @@ def _train(cfg: Config, runtime: Runtime, model: Transformer, log: MetricsLogger
                     sums, load = result.sums.to(runtime.device), result.expert_load.to(runtime.device).float()
                     layer_ids = moe_layer_ids_from_names(result.moe_names, cfg.model.n_layers)
                 else:
-                    sums, load = forward_backward(module, windows, lam, cfg.train.balance_alpha, runtime)
+                    # hooks that read .grad after backward need the gradients there: no overlap for them
+                    overlap = cfg.parallel.grad_overlap and hooks.after_backward is None
+                    sums, load = forward_backward(module, windows, lam, cfg.train.balance_alpha, runtime,
+                                                  optimizer.overlap_next_backward if overlap else None)
                     layer_ids = moe_layer_ids(module, cfg.model.n_layers)
                 if hooks.after_backward is not None:
                     hooks.after_backward(state.step + 1, module)
@@ -406,9 +409,11 @@ def _refresh_plots(cfg: Config, step: int, log: MetricsLogger) -> None:
 
 
 def forward_backward(model: Transformer, windows: list[torch.Tensor], mtp_weight: float, balance_alpha: float,
-                     runtime: Runtime) -> tuple[torch.Tensor, torch.Tensor]:
+                     runtime: Runtime, before_last_backward: Callable[[], None] | None = None,
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradient accumulation over the micro-batches without a pipeline: summed [loss, lm, mtp, balance]
-    and the expert loads [n_moe_layers, E] of this rank's share of the batch."""
+    and the expert loads [n_moe_layers, E] of this rank's share of the batch. ``before_last_backward``:
+    called before the backward that completes the gradients (ZeroAdamW.overlap_next_backward)."""
     sums = torch.zeros(4, device=runtime.device, dtype=torch.float64)
     load = torch.zeros(len(model.moe_layers()), model.cfg.n_routed_experts, device=runtime.device)
     with one_weight_cast_per_step(lambda: autocast(runtime), runtime.device.type):
@@ -416,6 +421,8 @@ def forward_backward(model: Transformer, windows: list[torch.Tensor], mtp_weight
             with autocast(runtime):
                 out = model(window[:, :-1])
             losses = compute_losses(out, window, mtp_weight, balance_alpha)
+            if before_last_backward is not None and window is windows[-1]:
+                before_last_backward()
             (losses.loss / len(windows)).backward()
             sums += torch.stack([losses.loss, losses.lm_loss, losses.mtp_loss, losses.balance_loss]).detach().double()
             load += out.expert_load.float()

@@ -27,6 +27,7 @@ from parallel.zero import ZeroAdamW, parameter_squares
 from parallel.local_ranks import run_ranks
 from train import checkpoint
 from train.config import ModelConfig, OptimConfig
+from train.losses import compute_losses
 from train.model import RoutedExperts, Transformer
 from train.optim import build_optimizer
 
@@ -330,6 +331,78 @@ def test_nonfinite_gradient_or_skip_changes_nothing():
 
 
 # ---------------------------------------------------------------- expert parameters (ep 2 x edp 2)
+
+def _train_micro_batches(model: Transformer, zero: ZeroAdamW, rank: int, overlap: bool) -> list[int]:
+    """3 steps of 2 micro-batches of this rank's tokens through the real model and losses; the reduce-scatters
+    issued during each step's backward."""
+    overlapped = []
+    for step, lr in enumerate(LRS[:3]):
+        gen = torch.Generator().manual_seed(1000 * rank + step)
+        windows = [torch.randint(0, MODEL.vocab_size, (2, 9), generator=gen) for _ in range(2)]
+        before = zero.comm.overlapped_reduce_scatters
+        for window in windows:
+            loss = compute_losses(model(window[:, :-1]), window, 0.3, 1e-4).loss / len(windows)
+            if overlap and window is windows[-1]:
+                zero.overlap_next_backward()
+            loss.backward()
+        overlapped.append(zero.comm.overlapped_reduce_scatters - before)
+        zero.step(lr, 1.0)
+    return overlapped
+
+
+def _overlap_run(rank: int, world: int):
+    groups = make_groups(rank, world)
+    results = {}
+    for overlap in (False, True):
+        model = build_model(groups.layout)
+        zero = ZeroAdamW(model, groups, CFG, bucket_mb=0.002)
+        overlapped = _train_micro_batches(model, zero, rank, overlap)
+        results[overlap] = ({n: p.detach().clone() for n, p in model.named_parameters()}, full_state(zero),
+                            overlapped, zero.comm.reduce_scatters, len(zero.reduction.order))
+    # a toy whose "c" gets no gradient on rank 1: its bucket and those after it wait for step there
+    toy = Toy()
+    zero = ZeroAdamW(toy, groups, CFG, bucket_mb=1e-4)
+    zero.overlap_next_backward()
+    sum((p * dyadic(p.shape, rank, i)).sum() for i, (name, p) in enumerate(toy.named_parameters())
+        if name != "c" or rank == 0).backward()
+    toy_overlapped = zero.comm.overlapped_reduce_scatters
+    zero.step(1e-2, 0.0)
+    # a second gradient into an armed, already packed parameter is refused
+    zero.overlap_next_backward()
+    (toy.a.sum() + toy.b.sum()).backward()
+    with pytest.raises(RuntimeError, match="second gradient for a"):
+        toy.a.sum().backward()
+    return results, toy_overlapped, {n: p.detach().clone() for n, p in toy.named_parameters()}
+
+
+def test_reduce_scatters_overlapped_with_backward_change_nothing():
+    """parallel.grad_overlap: each bucket's reduce-scatter issued from the gradient hooks during the last
+    micro-batch's backward gives the very same parameters and moments as issuing them all in step (the
+    same sums of the same gradients, bitwise), and really is issued during the backward: every bucket on
+    the real model. A parameter without a gradient on one rank holds its bucket, and the later ones in the
+    issue order, back to step on that rank only; the ranks still agree."""
+    world = 2
+    results = run_ranks(_overlap_run, world)
+    for (by_mode, toy_overlapped, toy_params), rank in zip(results, range(world)):
+        (plain, plain_state, none, rs_plain, _), (fast, fast_state, overlapped, rs_fast, shared) = \
+            by_mode[False], by_mode[True]
+        assert none == [0, 0, 0] and overlapped == [shared] * 3 and shared > 3
+        assert rs_plain == rs_fast == 3 * shared
+        for name in plain:
+            assert torch.equal(plain[name], fast[name]), (rank, name)
+            for key in ("exp_avg", "exp_avg_sq"):
+                assert torch.equal(plain_state[name][key], fast_state[name][key]), (rank, name, key)
+        assert toy_overlapped > 0
+    assert results[0][1] > results[1][1]  # rank 1 waited for step from "c" on
+    for name in SHAPES:
+        assert torch.equal(results[0][2][name], results[1][2][name]), name
+    grads = [{name: sum(dyadic(shape, r, i) for r in range(world if name != "c" else 1)) / world
+              for i, (name, shape) in enumerate(SHAPES.items())}]
+    model = Toy()
+    reference(model, grads)
+    for name, p in model.named_parameters():
+        assert torch.equal(results[0][2][name], p.detach()), name
+
 
 def is_expert(model: nn.Module, name: str) -> bool:
     return isinstance(model.get_submodule(name.rsplit(".", 1)[0]), RoutedExperts)
