@@ -19,23 +19,11 @@ from torch import Tensor
 BLOCK = 1024
 
 
-@triton.jit
-def _in_dtype_of(x, ptr):
-    """FP32 ``x`` converted to the element type of ``ptr``; to BF16 rounded to nearest even on the bits
-    (what ``.to(tl.bfloat16)`` does compiled, and what Triton's interpreter does not: it truncates)."""
-    if ptr.dtype.element_ty == tl.bfloat16:
-        bits = x.to(tl.uint32, bitcast=True)
-        bits = bits + 0x7FFF + ((bits >> 16) & 1)
-        rounded = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-        return tl.where(x != x, x.to(tl.bfloat16), rounded)  # NaN stays NaN
-    else:
-        return x.to(ptr.dtype.element_ty)
-
-
-@triton.jit
 def _adamw_kernel(master_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, param_ptr, n,
                   decay, one_minus_beta1, beta2, one_minus_beta2, bias_correction2_sqrt, eps, step_size,
                   HAS_PARAM: tl.constexpr, BLOCK: tl.constexpr):
+    """A plain function: ``_kernel()`` wraps it with triton.jit once per mode (compiled or interpreted), and
+    it calls no other jitted function, so both modes can run in one process (as fp8/triton_gemm.py)."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     master = tl.load(master_ptr + offs, mask=mask)
@@ -45,14 +33,39 @@ def _adamw_kernel(master_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, param_ptr, 
     master = master * decay  # decoupled weight decay, before the moments (as torch.optim.AdamW)
     m = m + one_minus_beta1 * (grad - m)  # lerp(m, g, 1 - beta1), weight < 0.5
     v = v * beta2
-    v = v + one_minus_beta2 * (grad * grad)
+    v = v + one_minus_beta2 * grad * grad  # addcmul's order: (value * g) * g
     denom = tl.div_rn(tl.sqrt_rn(v), bias_correction2_sqrt) + eps
     master = master + step_size * tl.div_rn(m, denom)
     tl.store(master_ptr + offs, master, mask=mask)
-    tl.store(exp_avg_ptr + offs, _in_dtype_of(m, exp_avg_ptr), mask=mask)
-    tl.store(exp_avg_sq_ptr + offs, _in_dtype_of(v, exp_avg_sq_ptr), mask=mask)
+    # BF16 stores round to nearest even on the bits: what .to(tl.bfloat16) does compiled, and what Triton's
+    # interpreter does not (it truncates); the low 16 bits of the result are zero, so the cast is exact
+    if exp_avg_ptr.dtype.element_ty == tl.bfloat16:
+        bits = m.to(tl.uint32, bitcast=True)
+        m = tl.where(m != m, m, ((bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True))
+    tl.store(exp_avg_ptr + offs, m.to(exp_avg_ptr.dtype.element_ty), mask=mask)
+    if exp_avg_sq_ptr.dtype.element_ty == tl.bfloat16:
+        bits = v.to(tl.uint32, bitcast=True)
+        v = tl.where(v != v, v, ((bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True))
+    tl.store(exp_avg_sq_ptr + offs, v.to(exp_avg_sq_ptr.dtype.element_ty), mask=mask)
     if HAS_PARAM:
-        tl.store(param_ptr + offs, _in_dtype_of(master, param_ptr), mask=mask)
+        if param_ptr.dtype.element_ty == tl.bfloat16:
+            bits = master.to(tl.uint32, bitcast=True)
+            master = tl.where(master != master, master,
+                              ((bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True))
+        tl.store(param_ptr + offs, master.to(param_ptr.dtype.element_ty), mask=mask)
+
+
+_JITTED: dict[bool, object] = {}
+
+
+def _kernel():
+    """The kernel wrapped by ``triton.jit`` for the current mode (compiled or ``TRITON_INTERPRET=1``)."""
+    from fp8.triton_gemm import interpret_mode
+
+    mode = interpret_mode()
+    if mode not in _JITTED:
+        _JITTED[mode] = triton.jit(_adamw_kernel)
+    return _JITTED[mode]
 
 
 def adamw_update(master: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, param: Tensor | None, *,
@@ -72,6 +85,6 @@ def adamw_update(master: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tens
                -(lr / (1 - beta1 ** step))]
     # rounded to FP32 here, as torch's foreach ops round a Python scalar (Triton's interpreter would keep FP64)
     scalars = torch.tensor(scalars, dtype=torch.float32).tolist()
-    _adamw_kernel[(triton.cdiv(n, BLOCK),)](
+    _kernel()[(triton.cdiv(n, BLOCK),)](
         master, grad, exp_avg, exp_avg_sq, param if param is not None else master, n, *scalars,
         HAS_PARAM=param is not None, BLOCK=BLOCK)

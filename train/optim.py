@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from train.config import OptimConfig
+from train.errors import UserError
 
 MOMENT_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 UPDATES = ("auto", "fused", "foreach", "triton")  # optim.update, AdamW(update=...)
@@ -154,6 +155,14 @@ class AdamW(torch.optim.Optimizer):
 
     def update_on(self, device: torch.device) -> str:
         """The update path this optimizer runs for tensors on ``device`` (``update`` with auto resolved)."""
+        if self.update == "triton" and not triton_importable():
+            raise UserError("optim.update=triton needs Triton (pip install -e '.[gpu]'); use optim.update=auto")
+        if self.update == "triton" and device.type != "cuda":
+            from fp8.triton_gemm import interpret_mode
+
+            if not interpret_mode():
+                raise UserError(f"optim.update=triton runs on CUDA (or under TRITON_INTERPRET=1), not on "
+                                f"{device.type}; use optim.update=auto")
         if self.update != "auto":
             return self.update
         if device.type == "cpu":

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from tests.unit.test_optim import BETAS, LR, groups, make_grads, make_params, run
+from train.errors import UserError
 from train.optim import AdamW
 
 pytest.importorskip("triton", reason="Triton is not installed (the gpu extra)")
@@ -96,3 +97,34 @@ def test_auto_picks_triton_on_cuda_only():
     assert AdamW([nn.Parameter(torch.ones(2))], update="foreach").update_on(torch.device("cuda")) == "foreach"
     with pytest.raises(ValueError, match="update"):
         AdamW([nn.Parameter(torch.ones(2))], update="fast")
+    p = nn.Parameter(torch.ones(3))
+    p.grad = torch.ones(3)
+    with pytest.raises(UserError, match="optim.update=triton runs on CUDA .* not on cpu"):
+        AdamW([p], update="triton").step()  # without TRITON_INTERPRET
+
+
+@pytest.mark.usefixtures("compiled_mode")
+def test_compiles_for_hopper_with_ieee_roots_and_divisions_and_vector_accesses():
+    """The kernel as a launch on an H100/H200 compiles it (no GPU needed to compile): square root and
+    divisions IEEE-rounded (``sqrt.rn``, ``div.rn``; the approximate ones would break the agreement
+    above), and 16-byte loads and stores where the size is a multiple of 16 (Triton's specialization)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    from train.adamw_triton import BLOCK, _adamw_kernel
+
+    signature = {"master_ptr": "*fp32", "grad_ptr": "*fp32", "exp_avg_ptr": "*bf16", "exp_avg_sq_ptr": "*bf16",
+                 "param_ptr": "*bf16", "n": "i32", "HAS_PARAM": "constexpr", "BLOCK": "constexpr"}
+    for name in ("decay", "one_minus_beta1", "beta2", "one_minus_beta2", "bias_correction2_sqrt", "eps", "step_size"):
+        signature[name] = "fp32"
+    signature = {name: signature[name] for name in triton.jit(_adamw_kernel).arg_names}
+    attrs = {(index,): [["tt.divisibility", 16]] for index in range(6)}  # pointers and n
+    try:
+        src = triton.compiler.ASTSource(fn=triton.jit(_adamw_kernel), signature=signature,
+                                        constexprs={"HAS_PARAM": True, "BLOCK": BLOCK}, attrs=attrs)
+    except TypeError as exc:  # written against Triton 3.9's compiler API
+        pytest.skip(f"Triton {triton.__version__}'s ASTSource differs ({exc})")
+    ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm["ptx"]
+    assert "sqrt.rn.f32" in ptx and "div.rn.f32" in ptx
+    assert "sqrt.approx" not in ptx and "div.full" not in ptx and "div.approx" not in ptx
+    assert "ld.global.v4" in ptx and "st.global.v4" in ptx
