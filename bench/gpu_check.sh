@@ -6,7 +6,7 @@
 #   half alone fills it since +conf=1gpu was added (2026-11-29): run "fp8" first, "perf" in a second call
 #   run(command="bash bench/gpu_check.sh fp8", ...)  /  "... perf"          # one half each
 # fp8:  1. the Triton FP8 kernels (GEMM, fused quantization, experts) against the reference (tests that skip
-#          without CUDA); the torch backend's operands for torch._scaled_mm's blockwise scales
+#          without CUDA), the Triton AdamW compiled; the torch backend's operands for torch._scaled_mm's blockwise scales
 #       2. FP8 GEMM TFLOPS against BF16 torch.matmul at the report's shapes (goal >= 1.4x), the experts'
 #          K-grouped Wgrad against the per-expert loop
 #       3. training MFU of +conf=1gpu (the largest that fits one 80 GB GPU) and +conf=small, BF16 and FP8,
@@ -53,7 +53,7 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 PYTEST="python3 -m pytest -q -p no:cacheprovider -rs"
 if [ "$PART" != perf ]; then
   step 110 fp8_tests.txt $PYTEST tests/unit/test_fp8_triton.py tests/unit/test_fp8_wgrad.py \
-    tests/unit/test_fp8_triton_quant.py tests/unit/test_fp8_experts.py
+    tests/unit/test_fp8_triton_quant.py tests/unit/test_fp8_experts.py tests/unit/test_optim_triton.py
   step 40 fp8_gemm.txt python3 bench/scaled_mm_layouts.py
   step 100 fp8_gemm.txt python3 bench/fp8_gemm.py --device cuda --tokens 4096,16384
   step 220 mfu.txt python3 bench/mfu.py --device cuda --preset 1gpu --steps 8 --warmup 3 \
