@@ -15,7 +15,8 @@
 #       4. fused quantization against the PyTorch operations; Triton tile configurations
 # perf: 5. where a training step makes the host wait for the GPU (BF16 and FP8); the EP dispatch's sync-free
 #          index lists (tests/unit/test_host_reads.py)
-#       6. the planner's activation table against what autograd keeps with the GPU's attention kernels
+#       6. the planner's activation table against what autograd keeps with the GPU's attention kernels; MLA's
+#          attention with v padded (the model's call) against the native call and each SDPA backend
 #       7. a training step against HF transformers, ours eager and compiled; the harness (experts, optimizer)
 # Each step has its own limit, cut to what is left of GPU_CHECK_BUDGET; what does not fit is skipped and
 # says so. At most 8 files under ${OUT:-/tmp/gpu_out} (what a device call brings back).
@@ -74,6 +75,7 @@ if [ "$PART" != fp8 ]; then
   done
   step 45 host_syncs.txt $PYTEST tests/unit/test_host_reads.py
   step 40 memory_plan.txt python3 bench/memory.py --plan-only --device cuda --shape small
+  step 60 memory_plan.txt python3 bench/attention.py --device cuda
   step 120 perf_rest.txt python3 bench/train_throughput.py --device cuda --shape small --batch 8 --seq 1024 \
     --rounds 3 --hf-experts default,grouped_mm --compile-ours
   step 60 perf_rest.txt python3 -m bench --device cuda moe optimizer

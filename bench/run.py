@@ -23,6 +23,8 @@ Benchmarks (names for the command line), what "ours" and "baseline" are, and wha
     optimizer our AdamW step (BF16 moments), its fast path (fused on CPU, Triton on CUDA) vs its foreach
               reference and vs torch's AdamW as HF runs it (bench/optimizer.py); checked: fast and foreach
               parameters agree to FP32 rounding
+    attention MLA's attention (d_v < d_qk): the native SDPA call and each forced backend vs the model's call
+              (v padded to d_qk; bench/attention.py); checked: outputs and input gradients against FP32 math
     checkpoint the training stall of a background (async) checkpoint vs a synchronous one, and load vs save
               throughput (bench/checkpoint.py); checked: the loaded state equals the saved one bit for bit
 
@@ -202,6 +204,18 @@ def bench_moe(opt: Options) -> list[Row]:
                 check_at_most("output and gradients", err, r.tolerance)) for impl, err in r.rel_err.items()]
 
 
+def bench_attention(opt: Options) -> list[Row]:
+    from bench import attention
+
+    shape = attention.QUICK if opt.quick else attention.V3 if opt.device == "cuda" else attention.SMALL
+    r = attention.compare(shape, opt.device, rounds=3 if opt.quick else 5, perturb=opt.perturb)
+    baseline = check_at_most(f"{attention.BASELINE} vs FP32 math", r.rel_err[attention.BASELINE], r.tolerance)
+    return [Row(f"attention: {name} vs {attention.BASELINE} (MLA d_qk {shape.d_qk}, d_v {shape.d_v}, T {shape.seq})",
+                "calls/s ↑", 1 / seconds, 1 / r.seconds[attention.BASELINE],
+                check_all(check_at_most(f"{name} vs FP32 math", r.rel_err[name], r.tolerance), baseline))
+            for name, seconds in r.seconds.items() if name != attention.BASELINE]
+
+
 def bench_pipeline(opt: Options) -> list[Row]:
     from bench import pipeline as bp
     from parallel.pipeline.simulate import Costs
@@ -318,6 +332,7 @@ def bench_checkpoint(opt: Options) -> list[Row]:
 BENCHMARKS: dict[str, Callable[[Options], list[Row]]] = {
     "train": bench_train, "gemm": bench_gemm, "moe": bench_moe, "pipeline": bench_pipeline, "ep": bench_ep,
     "memory": bench_memory, "optimizer": bench_optimizer, "checkpoint": bench_checkpoint,
+    "attention": bench_attention,
 }
 
 
