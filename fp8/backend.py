@@ -13,9 +13,9 @@ Backends (``get_backend(name, device)``):
   reference, only the fp32 rounding and summation order differ (see ``EmulateBackend``). Runs anywhere
   torch does; fast enough to train small models on CPU.
 * ``triton``: ``fp8.triton_gemm.TritonBackend`` (fused CUDA kernel; needs the ``gpu`` extra).
-* ``torch``: ``torch._scaled_mm`` with blockwise 1x128 / 128x128 fp32 scales where the installed torch
-  supports it on the device; probed once at construction against ``emulate``. CPU builds reject
-  blockwise scales.
+* ``torch``: ``torch._scaled_mm`` (cuBLAS) with blockwise 1x128 / 128x128 fp32 scales where the installed
+  torch supports it on the device, for the dense GEMMs; probed once at construction against ``emulate``.
+  CPU builds reject blockwise scales. The experts' grouped GEMMs go through Triton where it imports.
 * ``te``: TransformerEngine. Its FP8 is a module-level recipe (``te.Linear`` under ``fp8_autocast``
   with a block-scaling recipe) that owns quantization and activation caching; it is not a GEMM and is
   not wired into ``fp8_linear`` (out of scope): the returned object only explains that.
@@ -210,10 +210,12 @@ class TorchScaledMMBackend:
     """``torch._scaled_mm`` with blockwise scales (probe with ``probe_scaled_mm`` before use).
 
     E5M6 operands (wo's Wgrad) have no ``_scaled_mm`` path: those GEMMs fall back to ``EmulateBackend``.
-    Grouped GEMMs loop over experts.
+    torch has no grouped GEMM with blockwise scales: the experts' grouped GEMMs go to ``grouped`` (the
+    Triton backend where it imports, ``get_backend``), else loop over experts.
     """
 
     name: str = "torch"
+    grouped: GemmBackend | None = None
 
     def gemm(self, a: Quantized, b: Quantized) -> Tensor:
         if a.fmt != "e4m3" or b.fmt != "e4m3":
@@ -221,9 +223,13 @@ class TorchScaledMMBackend:
         return scaled_mm_blockwise(a, b)
 
     def grouped_gemm(self, a: Quantized, b: Quantized, counts: list[int] | Tensor) -> Tensor:
+        if self.grouped is not None:
+            return self.grouped.grouped_gemm(a, b, counts)
         return _expert_loop(self.gemm, a, b, counts)
 
     def k_grouped_gemm(self, a: Quantized, b: Quantized, offsets: list[int] | Tensor) -> Tensor:
+        if self.grouped is not None:
+            return self.grouped.k_grouped_gemm(a, b, offsets)
         return k_grouped_loop(self.gemm, a, b, offsets)
 
 
@@ -322,7 +328,13 @@ def get_backend(name: str, device: torch.device | str | None = None) -> GemmBack
         return _import_triton_backend()()
     if name == "torch":
         probe_scaled_mm(device)
-        return TorchScaledMMBackend()
+        grouped = None
+        if device.type == "cuda":
+            try:
+                grouped = _import_triton_backend()()
+            except RuntimeError:
+                pass
+        return TorchScaledMMBackend(grouped=grouped)
     # name == "te"
     try:
         importlib.import_module("transformer_engine.pytorch")

@@ -181,6 +181,12 @@ def test_torch_backend_scale_layouts(monkeypatch):
     offsets = [0, 256, 256, 384]
     wgrads, expected = backend.k_grouped_gemm(a, b, offsets), EMULATE.k_grouped_gemm(a, b, offsets)
     assert wgrads.shape == (3, 40, 24) and (wgrads - expected).abs().max() <= 1e-4 * expected.abs().max()
+    # with a grouped backend (Triton on a GPU) the experts' GEMMs go there, the dense ones stay on _scaled_mm
+    hybrid = TorchScaledMMBackend(grouped=EMULATE)
+    xq = quantize(xs, 1)
+    assert torch.equal(hybrid.grouped_gemm(xq, quantize_experts(ws), counts),
+                       EMULATE.grouped_gemm(xq, quantize_experts(ws), counts))
+    assert torch.equal(hybrid.k_grouped_gemm(a, b, offsets), expected)
 
 
 def test_transpose_blocks_and_expert_blocks():
