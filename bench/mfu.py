@@ -12,6 +12,7 @@ on a CPU the resident set also holds the Python and torch runtime.
 
     python bench/mfu.py --device cuda                         # +conf=small on one GPU
     python bench/mfu.py --device cuda --preset small --set train.micro_batch_size=16
+    python bench/mfu.py --device cuda --preset 1gpu --fp8-backends triton,torch   # two FP8 GEMM backends
     python bench/mfu.py --device cpu --peak-tflops 1 --preset tiny --steps 6   # the plumbing, on a CPU
 """
 
@@ -40,8 +41,8 @@ class RunResult:
 
 
 def run_trainer(preset: str, fp8: bool, device: str, steps: int, warmup: int, peak: float, extra: list[str],
-                workdir: Path) -> RunResult:
-    run_dir = workdir / f"{preset}_{'fp8' if fp8 else 'bf16'}"
+                workdir: Path, tag: str = "") -> RunResult:
+    run_dir = workdir / f"{preset}_{'fp8' if fp8 else 'bf16'}{tag}"
     command = [sys.executable, str(ROOT / "launch" / "pretrain.py"), f"+conf={preset}", f"run.dir={run_dir}",
                f"train.steps={steps}", f"train.device={device}", f"fp8.enabled={str(fp8).lower()}",
                f"logging.peak_tflops={peak}", "checkpoint.every=0", "logging.every=1",
@@ -80,21 +81,36 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--peak-tflops", type=float, default=0.0, help="0: look the GPU up (train/mfu.py)")
     ap.add_argument("--loss-tolerance", type=float, default=0.01, help="relative, FP8 mean loss vs BF16")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra trainer override")
+    ap.add_argument("--fp8-backends", default="auto", help="comma-separated fp8.backend values: one FP8 run each")
     args = ap.parse_args(argv)
+    backends = [b for b in args.fp8_backends.split(",") if b]
+    failures: dict[str, str] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        results = {fp8: run_trainer(args.preset, fp8, args.device, args.steps, args.warmup, args.peak_tflops,
-                                    args.set, Path(tmp)) for fp8 in (False, True)}
-    bf16, fp8 = results[False], results[True]
+        bf16 = run_trainer(args.preset, False, args.device, args.steps, args.warmup, args.peak_tflops, args.set,
+                           Path(tmp))
+        fp8_runs = {}
+        for backend in backends:
+            extra = [*args.set, f"fp8.backend={backend}"] if backend != "auto" else args.set
+            try:
+                fp8_runs[backend] = run_trainer(args.preset, True, args.device, args.steps, args.warmup,
+                                                args.peak_tflops, extra, Path(tmp), f"_{backend}")
+            except RuntimeError as exc:  # e.g. a backend this machine refuses: the others still run
+                lines = str(exc).strip().splitlines()
+                failures[backend] = next((line for line in lines if line.startswith("error")), lines[-1])[:200]
     print(f"+conf={args.preset} on {args.device}, {args.steps} steps ({args.warmup} warm-up), overrides {args.set}")
-    for name, r in (("no FP8", bf16), ("FP8", fp8)):  # no FP8: BF16 autocast on a GPU, FP32 on a CPU
+    runs = [("no FP8", bf16)] + [(f"FP8 {b}" if b != "auto" else "FP8", r) for b, r in fp8_runs.items()]
+    for name, r in runs:  # no FP8: BF16 autocast on a GPU, FP32 on a CPU
         mfu = f"{r.mfu:.1%}" if r.mfu is not None else "- (peak unknown: --peak-tflops)"
-        print(f"  {name:<7} {r.tokens_per_s:>12,.0f} tokens/s   MFU {mfu:<8}   mean loss {r.mean_loss:.4f}   "
+        print(f"  {name:<12} {r.tokens_per_s:>12,.0f} tokens/s   MFU {mfu:<8}   mean loss {r.mean_loss:.4f}   "
               f"peak memory {r.memory_gib:.2f} GiB (planned {r.planned_gib:.2f})")
-    print(f"  FP8 / BF16 step speed: {fp8.tokens_per_s / bf16.tokens_per_s:.2f}x")
-    diff = abs(fp8.mean_loss - bf16.mean_loss) / bf16.mean_loss
-    ok = diff <= args.loss_tolerance
-    print(f"  FP8 vs BF16 mean loss: relative difference {diff:.2e} ({'ok' if ok else 'FAILED'}, "
-          f"tolerance {args.loss_tolerance:g})")
+    ok = not failures
+    for backend, why in failures.items():
+        print(f"  FP8 {backend}: the run failed: {why}")
+    for name, r in runs[1:]:
+        diff = abs(r.mean_loss - bf16.mean_loss) / bf16.mean_loss
+        ok &= diff <= args.loss_tolerance
+        print(f"  {name} / BF16 step speed: {r.tokens_per_s / bf16.tokens_per_s:.2f}x; mean loss relative difference "
+              f"{diff:.2e} ({'ok' if diff <= args.loss_tolerance else 'FAILED'}, tolerance {args.loss_tolerance:g})")
     return 0 if ok else 1
 
 

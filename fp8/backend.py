@@ -18,7 +18,7 @@ Backends (``get_backend(name, device)``):
   CPU builds reject blockwise scales. The experts' grouped GEMMs go through Triton where it imports.
 * ``te``: TransformerEngine. Its FP8 is a module-level recipe (``te.Linear`` under ``fp8_autocast``
   with a block-scaling recipe) that owns quantization and activation caching; it is not a GEMM and is
-  not wired into ``fp8_linear`` (out of scope): the returned object only explains that.
+  not wired into ``fp8_linear`` (out of scope): asking for it says so (``BackendUnavailable``).
 * ``auto``: ``triton`` on CUDA when it imports, else ``emulate``.
 """
 
@@ -36,6 +36,10 @@ from fp8.gemm import (check_counts, expert_offsets, expert_width, gemm_reference
 from fp8.quant import BLOCK, Quantized, dequantize_2d
 
 BACKEND_NAMES = ("auto", "emulate", "reference", "triton", "torch", "te")
+
+
+class BackendUnavailable(RuntimeError):
+    """The fp8 backend asked for cannot run here; the message is one line: what is missing, what to use."""
 GPU_EXTRA_HINT = "install the GPU extra on a CUDA machine (pip install -e '.[gpu]'), or use backend 'emulate'"
 
 
@@ -235,7 +239,7 @@ class TorchScaledMMBackend:
 
 def probe_scaled_mm(device: torch.device) -> None:
     """Run the two scale layouts fp8_linear needs (1x128 x 128x128, 1x128 x 1x128) on ``device`` and
-    compare with ``EmulateBackend``; RuntimeError with the reason if either is rejected or wrong."""
+    compare with ``EmulateBackend``; BackendUnavailable with the reason if either is rejected or wrong."""
     from fp8.quant import quantize
 
     g = torch.Generator().manual_seed(0)
@@ -249,13 +253,13 @@ def probe_scaled_mm(device: torch.device) -> None:
             out = scaled_mm_blockwise(a, b)
         except Exception as exc:  # torch raises RuntimeError/ValueError/NotImplementedError by build
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise RuntimeError(f"fp8 backend 'torch': torch._scaled_mm (torch {torch.__version__}) on "
+            raise BackendUnavailable(f"fp8 backend 'torch': torch._scaled_mm (torch {torch.__version__}) on "
                                f"{device.type} rejects blockwise {layout} scales ({reason}); use backend "
                                "'emulate' or 'triton'") from None
         expected = emulate.gemm(a, b)
         magnitude = dequantize_2d(a).abs() @ dequantize_2d(b).abs().t()
         if not bool(((out.float() - expected).abs() <= 1e-3 * magnitude + 1e-30).all()):
-            raise RuntimeError(f"fp8 backend 'torch': torch._scaled_mm (torch {torch.__version__}) on "
+            raise BackendUnavailable(f"fp8 backend 'torch': torch._scaled_mm (torch {torch.__version__}) on "
                                f"{device.type} gave wrong results for blockwise {layout} scales (scale layout "
                                "not as expected); use backend 'emulate' or 'triton'")
 
@@ -265,23 +269,8 @@ def probe_scaled_mm(device: torch.device) -> None:
 
 TE_MESSAGE = ("fp8 backend 'te': TransformerEngine's FP8 is a module-level recipe (te.Linear / te.GroupedLinear "
               "under te.fp8_autocast with a block-scaling recipe) that owns quantization and activation "
-              "caching; it is not a GEMM and is not integrated with fp8_linear / convert_to_fp8")
-
-
-@dataclass
-class TransformerEngineBackend:
-    """Placeholder returned when ``transformer_engine.pytorch`` imports: every call raises (see TE_MESSAGE)."""
-
-    name: str = "te"
-
-    def gemm(self, a: Quantized, b: Quantized) -> Tensor:
-        raise NotImplementedError(TE_MESSAGE)
-
-    def grouped_gemm(self, a: Quantized, b: Quantized, counts: list[int] | Tensor) -> Tensor:
-        raise NotImplementedError(TE_MESSAGE)
-
-    def k_grouped_gemm(self, a: Quantized, b: Quantized, offsets: list[int] | Tensor) -> Tensor:
-        raise NotImplementedError(TE_MESSAGE)
+              "caching; it is not a GEMM and is not integrated with fp8_linear / convert_to_fp8; use backend "
+              "'triton' (or 'auto')")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -289,24 +278,24 @@ class TransformerEngineBackend:
 
 
 def _import_triton_backend() -> type:
-    """``fp8.triton_gemm.TritonBackend``; RuntimeError naming what is missing and how to install."""
+    """``fp8.triton_gemm.TritonBackend``; BackendUnavailable naming what is missing and how to install."""
     try:
         module = importlib.import_module("fp8.triton_gemm")
     except ImportError as exc:
         missing = getattr(exc, "name", None) or str(exc)
-        raise RuntimeError(f"fp8 backend 'triton' is not available: cannot import fp8.triton_gemm "
+        raise BackendUnavailable(f"fp8 backend 'triton' is not available: cannot import fp8.triton_gemm "
                            f"(missing {missing}); {GPU_EXTRA_HINT}") from None
     backend_cls = getattr(module, "TritonBackend", None)
     if backend_cls is None:
-        raise RuntimeError("fp8 backend 'triton' is not available: fp8.triton_gemm has no TritonBackend")
+        raise BackendUnavailable("fp8 backend 'triton' is not available: fp8.triton_gemm has no TritonBackend")
     return backend_cls
 
 
 def get_backend(name: str, device: torch.device | str | None = None) -> GemmBackend:
     """The GEMM backend called ``name`` for tensors on ``device`` (default cpu).
 
-    Raises ValueError for an unknown name and RuntimeError (one line: what is missing, how to get it)
-    for a backend that cannot run here.
+    Raises ValueError for an unknown name and ``BackendUnavailable`` (a RuntimeError; one line: what is
+    missing, what to use instead) for a backend that cannot run here.
     """
     if name not in BACKEND_NAMES:
         raise ValueError(f"unknown fp8 backend {name!r}; expected one of {', '.join(BACKEND_NAMES)}")
@@ -322,10 +311,17 @@ def get_backend(name: str, device: torch.device | str | None = None) -> GemmBack
         return EmulateBackend()
     if name == "reference":
         if device.type != "cpu":
-            raise RuntimeError(f"fp8 backend 'reference' runs on cpu only (got {device.type}); use 'emulate'")
+            raise BackendUnavailable(f"fp8 backend 'reference' runs on cpu only (got {device.type}); use 'emulate'")
         return ReferenceBackend()
     if name == "triton":
-        return _import_triton_backend()()
+        backend = _import_triton_backend()()
+        if device.type != "cuda":
+            from fp8.triton_gemm import interpret_mode
+
+            if not interpret_mode():
+                raise BackendUnavailable(f"fp8 backend 'triton' runs on CUDA (or under TRITON_INTERPRET=1, slowly), "
+                                         f"not on {device.type}; use backend 'auto' or 'emulate'")
+        return backend
     if name == "torch":
         probe_scaled_mm(device)
         grouped = None
@@ -340,6 +336,6 @@ def get_backend(name: str, device: torch.device | str | None = None) -> GemmBack
         importlib.import_module("transformer_engine.pytorch")
     except Exception as exc:  # ImportError, or TE's own errors when CUDA is missing
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise RuntimeError(f"fp8 backend 'te' is not available: transformer_engine.pytorch does not import "
-                           f"({reason}); {GPU_EXTRA_HINT}") from None
-    return TransformerEngineBackend()
+        raise BackendUnavailable(f"fp8 backend 'te' is not available: transformer_engine.pytorch does not import "
+                                 f"({reason}); {GPU_EXTRA_HINT}") from None
+    raise BackendUnavailable(TE_MESSAGE)

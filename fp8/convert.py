@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from fp8.backend import TE_MESSAGE, get_backend
+from fp8.backend import get_backend
 from fp8.experts import fp8_expert_ffn
 from fp8.linear import Fp8Linear
 from train.model import MLA, MLP, Gate, RMSNorm, RoutedExperts
@@ -81,8 +81,6 @@ def convert_to_fp8(model: nn.Module, backend: str = "auto", device: torch.device
     if is_fp8(model):
         raise ValueError("model is already converted to FP8 (convert_to_fp8 was applied before)")
     gemm = get_backend(backend, device if device is not None else _default_device(model))
-    if gemm.name == "te":
-        raise NotImplementedError(TE_MESSAGE)
     report = Fp8ConversionReport(backend=gemm.name)
 
     def swap(parent: nn.Module, prefix: str, names: tuple[str, ...]) -> None:

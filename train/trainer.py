@@ -29,6 +29,7 @@ from train.balance import update_gate_biases
 from train.compile import compile_model
 from train.config import Config, config_to_yaml
 from train.ema import CpuEma
+from train.errors import UserError
 from train.guards import LossGuard, TrainingHalted
 from train.losses import compute_losses
 from train.metrics import MetricsLogger
@@ -127,10 +128,14 @@ def _train(cfg: Config, runtime: Runtime, model: Transformer, log: MetricsLogger
 
     quantizer = None
     if cfg.fp8.enabled:  # design order: the FP8 swap, then the pipeline split and the expert sharding
+        from fp8.backend import BackendUnavailable
         from fp8.convert import convert_to_fp8
         from fp8.dispatch import Fp8DispatchQuantizer
 
-        log.info(f"fp8: {convert_to_fp8(model, cfg.fp8.backend, runtime.device).summary()}")
+        try:
+            log.info(f"fp8: {convert_to_fp8(model, cfg.fp8.backend, runtime.device).summary()}")
+        except BackendUnavailable as err:  # a backend this machine cannot run: one line, what to use instead
+            raise UserError(f"fp8.backend={cfg.fp8.backend}: {err}") from None
         if cfg.fp8.dispatch:
             quantizer = Fp8DispatchQuantizer(runtime.compute_dtype)
     if layout.ep > 1:

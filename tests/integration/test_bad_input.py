@@ -332,6 +332,17 @@ def test_671b_prints_its_size_and_the_layout_it_needs(tmp_path):
     assert "model too large" in line and "parallel.pp=16 parallel.ep=64" in line
 
 
+def test_fp8_backends_this_machine_cannot_run_say_so_in_one_line(tmp_path, data_cache):
+    """A CPU box: the Triton kernels and torch._scaled_mm's blockwise scales need CUDA, and the te backend is
+    not a GEMM: each is refused at start-up in one line that names a backend to use, not at the first GEMM."""
+    reasons = {"triton": ("runs on CUDA", "cannot import"), "torch": ("rejects blockwise",), "te": ("fp8 backend 'te'",)}
+    for backend, fragments in reasons.items():
+        line = one_error_line(run_pretrain(tmp_path / backend, data_cache, "fp8.enabled=true",
+                                           f"fp8.backend={backend}", "train.steps=1"))
+        assert line.startswith(f"error: fp8.backend={backend}: ") and "use " in line, line
+        assert any(fragment in line for fragment in fragments), line
+
+
 def test_missing_corpus_names_the_path(tmp_path, data_cache):
     line = one_error_line(run_pretrain(tmp_path / "run", data_cache, f"data.source={tmp_path}/no_such_corpus"))
     assert "no_such_corpus" in line
