@@ -57,7 +57,7 @@ if [ "$PART" != perf ]; then
     tests/unit/test_fp8_triton_quant.py tests/unit/test_fp8_experts.py tests/unit/test_optim_triton.py
   step 40 fp8_gemm.txt python3 bench/scaled_mm_layouts.py
   step 100 fp8_gemm.txt python3 bench/fp8_gemm.py --device cuda --tokens 4096,16384
-  step 220 mfu.txt python3 bench/mfu.py --device cuda --preset 1gpu --steps 8 --warmup 3 \
+  step 280 mfu.txt python3 bench/mfu.py --device cuda --preset 1gpu --steps 7 --warmup 3 --fp8-backends auto,torch \
     --set data.max_bytes=6000000 --set train.batch_size_start=16
   step 120 mfu.txt python3 bench/mfu.py --device cuda --preset small --steps 25 --warmup 10 \
     --set data.max_bytes=6000000
