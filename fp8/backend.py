@@ -47,10 +47,12 @@ GPU_EXTRA_HINT = "install the GPU extra on a CUDA machine (pip install -e '.[gpu
 class GemmBackend(Protocol):
     """fp32 GEMMs on operands quantized in tiles of 128 along K.
 
-    ``gemm(a, b)``: a [M, K], b [N, K] (group_rows 1 or 128 each) -> fp32 ``A @ B.T`` [M, N].
-    ``grouped_gemm(a, b, counts)``: rows of a [T, K] sorted by expert, ``counts[e]`` rows for expert e;
+    ``gemm(a, b, out_dtype)``: a [M, K], b [N, K] (group_rows 1 or 128 each) -> ``A @ B.T`` [M, N], accumulated
+    in fp32 and returned in ``out_dtype`` (fp32 by default; bf16 rounds the fp32 result to nearest even, as
+    ``.to(torch.bfloat16)`` would, without the fp32 tensor).
+    ``grouped_gemm(a, b, counts, out_dtype)``: rows of a [T, K] sorted by expert, ``counts[e]`` rows for expert e;
     b the stacked expert weights [E * N, K] in 128x128 blocks, N a multiple of 128 (``fp8.linear.
-    quantize_experts`` pads each expert with zero rows) -> fp32 [T, N], expert e's rows times ``W_e.T``.
+    quantize_experts`` pads each expert with zero rows) -> [T, N] in ``out_dtype``, expert e's rows times ``W_e.T``.
     ``counts`` may be a tensor (the router's, on the device): a backend that needs them on the host reads
     them; the Triton one builds its tile table on the device (no host sync).
     ``k_grouped_gemm(a, b, offsets)``: the experts' Wgrad in one call (K-grouped, K = tokens): a [M, Kp],
@@ -62,9 +64,10 @@ class GemmBackend(Protocol):
 
     name: str
 
-    def gemm(self, a: Quantized, b: Quantized) -> Tensor: ...
+    def gemm(self, a: Quantized, b: Quantized, out_dtype: torch.dtype = torch.float32) -> Tensor: ...
 
-    def grouped_gemm(self, a: Quantized, b: Quantized, counts: list[int] | Tensor) -> Tensor: ...
+    def grouped_gemm(self, a: Quantized, b: Quantized, counts: list[int] | Tensor,
+                     out_dtype: torch.dtype = torch.float32) -> Tensor: ...
 
     def k_grouped_gemm(self, a: Quantized, b: Quantized, offsets: list[int] | Tensor) -> Tensor: ...
 
@@ -80,7 +83,8 @@ def _check_counts(a: Quantized, b: Quantized, counts: list[int]) -> int:
     return expert_width(b, len(counts))
 
 
-def _expert_loop(gemm, a: Quantized, b: Quantized, counts: list[int] | Tensor) -> Tensor:
+def _expert_loop(gemm, a: Quantized, b: Quantized, counts: list[int] | Tensor,
+                 out_dtype: torch.dtype = torch.float32) -> Tensor:
     """Grouped GEMM as one ``gemm`` per expert with rows (1x128 activation tiles: any cut is allowed)."""
     counts = host_counts(counts)
     n = _check_counts(a, b, counts)
@@ -89,9 +93,10 @@ def _expert_loop(gemm, a: Quantized, b: Quantized, counts: list[int] | Tensor) -
     outputs, start = [], 0
     for expert, count in enumerate(counts):
         if count:
-            outputs.append(gemm(a.row_slice(start, start + count), b.row_slice(expert * n, (expert + 1) * n)))
+            outputs.append(gemm(a.row_slice(start, start + count), b.row_slice(expert * n, (expert + 1) * n),
+                                out_dtype))
         start += count
-    return torch.cat(outputs) if outputs else torch.zeros(0, n, device=a.data.device)
+    return torch.cat(outputs) if outputs else torch.zeros(0, n, device=a.data.device, dtype=out_dtype)
 
 
 @dataclass
@@ -100,11 +105,12 @@ class ReferenceBackend:
 
     name: str = "reference"
 
-    def gemm(self, a: Quantized, b: Quantized) -> Tensor:
-        return gemm_reference(a, b)
+    def gemm(self, a: Quantized, b: Quantized, out_dtype: torch.dtype = torch.float32) -> Tensor:
+        return gemm_reference(a, b).to(out_dtype)
 
-    def grouped_gemm(self, a: Quantized, b: Quantized, counts: list[int] | Tensor) -> Tensor:
-        return grouped_gemm_reference(a, b, host_counts(counts))
+    def grouped_gemm(self, a: Quantized, b: Quantized, counts: list[int] | Tensor,
+                     out_dtype: torch.dtype = torch.float32) -> Tensor:
+        return grouped_gemm_reference(a, b, host_counts(counts)).to(out_dtype)
 
     def k_grouped_gemm(self, a: Quantized, b: Quantized, offsets: list[int] | Tensor) -> Tensor:
         return k_grouped_gemm_reference(a, b, offsets)
@@ -124,17 +130,18 @@ class EmulateBackend:
 
     name: str = "emulate"
 
-    def gemm(self, a: Quantized, b: Quantized) -> Tensor:
+    def gemm(self, a: Quantized, b: Quantized, out_dtype: torch.dtype = torch.float32) -> Tensor:
         _check_pair(a, b)
-        return dequantize_2d(a) @ dequantize_2d(b).t()
+        return (dequantize_2d(a) @ dequantize_2d(b).t()).to(out_dtype)
 
-    def grouped_gemm(self, a: Quantized, b: Quantized, counts: list[int] | Tensor) -> Tensor:
+    def grouped_gemm(self, a: Quantized, b: Quantized, counts: list[int] | Tensor,
+                     out_dtype: torch.dtype = torch.float32) -> Tensor:
         counts = host_counts(counts)
         _check_pair(a, b)
         n = _check_counts(a, b, counts)
         x, w = dequantize_2d(a), dequantize_2d(b).view(len(counts), n, -1)
         outputs = [rows @ w[e].t() for e, rows in enumerate(x.split(counts)) if rows.shape[0]]
-        return torch.cat(outputs) if outputs else x.new_zeros(0, n)
+        return (torch.cat(outputs) if outputs else x.new_zeros(0, n)).to(out_dtype)
 
     def k_grouped_gemm(self, a: Quantized, b: Quantized, offsets: list[int] | Tensor) -> Tensor:
         # Dequantize once (the columns up to the last offset); a column slice of the dequantized operand is
@@ -201,11 +208,11 @@ def scaled_mm_operands(a: Quantized, b: Quantized) -> tuple[Tensor, Tensor, Tens
     return da, db.t(), sa, sb
 
 
-def scaled_mm_blockwise(a: Quantized, b: Quantized) -> Tensor:
-    """fp32 ``A @ B.T`` through ``torch._scaled_mm`` with blockwise fp32 scales (layouts:
+def scaled_mm_blockwise(a: Quantized, b: Quantized, out_dtype: torch.dtype = torch.float32) -> Tensor:
+    """``A @ B.T`` in ``out_dtype`` through ``torch._scaled_mm`` with blockwise fp32 scales (layouts:
     ``scaled_mm_operands``)."""
     da, db_t, sa, sb = scaled_mm_operands(a, b)
-    out = torch._scaled_mm(da, db_t, scale_a=sa, scale_b=sb, out_dtype=torch.float32)
+    out = torch._scaled_mm(da, db_t, scale_a=sa, scale_b=sb, out_dtype=out_dtype)
     return out[:a.shape[0], :b.shape[0]]
 
 
@@ -221,15 +228,16 @@ class TorchScaledMMBackend:
     name: str = "torch"
     grouped: GemmBackend | None = None
 
-    def gemm(self, a: Quantized, b: Quantized) -> Tensor:
+    def gemm(self, a: Quantized, b: Quantized, out_dtype: torch.dtype = torch.float32) -> Tensor:
         if a.fmt != "e4m3" or b.fmt != "e4m3":
-            return EmulateBackend().gemm(a, b)
-        return scaled_mm_blockwise(a, b)
+            return EmulateBackend().gemm(a, b, out_dtype)
+        return scaled_mm_blockwise(a, b, out_dtype)
 
-    def grouped_gemm(self, a: Quantized, b: Quantized, counts: list[int] | Tensor) -> Tensor:
+    def grouped_gemm(self, a: Quantized, b: Quantized, counts: list[int] | Tensor,
+                     out_dtype: torch.dtype = torch.float32) -> Tensor:
         if self.grouped is not None:
-            return self.grouped.grouped_gemm(a, b, counts)
-        return _expert_loop(self.gemm, a, b, counts)
+            return self.grouped.grouped_gemm(a, b, counts, out_dtype)
+        return _expert_loop(self.gemm, a, b, counts, out_dtype)
 
     def k_grouped_gemm(self, a: Quantized, b: Quantized, offsets: list[int] | Tensor) -> Tensor:
         if self.grouped is not None:

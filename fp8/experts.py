@@ -82,11 +82,12 @@ def quantize_experts(w: Tensor) -> Quantized:
     return _quantize(w.reshape(e * padded, k), BLOCK)
 
 
-def expert_gemm(backend: GemmBackend, a: Quantized, w: Tensor, counts: Tensor | list[int]) -> Tensor:
-    """fp32 [T, N]: the rows of a [T, K] (1x128 tiles, sorted by expert) times their expert's ``W_e^T``
-    for w [E, N, K], as one grouped GEMM on the padded stack (``quantize_experts``)."""
+def expert_gemm(backend: GemmBackend, a: Quantized, w: Tensor, counts: Tensor | list[int],
+                out_dtype: torch.dtype = torch.float32) -> Tensor:
+    """[T, N] in ``out_dtype`` (fp32 sums): the rows of a [T, K] (1x128 tiles, sorted by expert) times their
+    expert's ``W_e^T`` for w [E, N, K], as one grouped GEMM on the padded stack (``quantize_experts``)."""
     n = w.shape[1]
-    out = backend.grouped_gemm(a, quantize_experts(w), counts)
+    out = backend.grouped_gemm(a, quantize_experts(w), counts, out_dtype)
     return out if out.shape[1] == n else out[:, :n]
 
 
@@ -123,7 +124,7 @@ class _Fp8ExpertFFN(torch.autograd.Function):
             gate = expert_gemm(backend, qx, w1, counts)  # [T, I] fp32
             up = expert_gemm(backend, qx, w3, counts)
             hidden = _swiglu_parts(gate, up)[2] * weights.float()[:, None]
-            out = expert_gemm(backend, _quantize(hidden, 1), w2, counts)  # [T, D]
+            out = expert_gemm(backend, _quantize(hidden, 1), w2, counts, out_dtype)  # [T, D]
             # Cache: the SwiGLU inputs in FP8 1x128 tiles, and x in 128x1 tiles per expert for Wgrad; the
             # SwiGLU output is recomputed in backward.
             q_gate, q_up = _quantize(gate, 1), _quantize(up, 1)
@@ -132,7 +133,7 @@ class _Fp8ExpertFFN(torch.autograd.Function):
                               x_t.data, x_t.scale)
         ctx.rows, ctx.backend, ctx.x_dtype, ctx.box = rows, backend, x.dtype, box
         ctx.weight_specs = [WeightSpec.of(w) for w in (w1, w2, w3)]
-        return out.to(out_dtype)
+        return out
 
     @staticmethod
     def backward(ctx, dout: Tensor):

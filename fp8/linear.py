@@ -110,12 +110,12 @@ class _Fp8Linear(torch.autograd.Function):
             else:
                 q_rows = _quantize(x2d, 1)
                 saved = _quantize(x2d, 1, "e5m6", pow2=True)  # 1x128 tiles, re-tiled in backward
-            y = backend.gemm(q_rows, _quantize_weight(weight))
+            y = backend.gemm(q_rows, _quantize_weight(weight), out_dtype)  # fp32 sums, rounded once
         # E5M6 codes are held in 12 bits (two per three bytes), not in their 16-bit container
         ctx.save_for_backward(saved.data if cache == "e4m3" else pack_12bit(saved.data), saved.scale, weight)
         ctx.x_shape, ctx.x_dtype, ctx.cache, ctx.backend, ctx.box = x.shape, x.dtype, cache, backend, box
         ctx.weight_spec = WeightSpec.of(weight)
-        return y.to(out_dtype).reshape(*x.shape[:-1], n)
+        return y.reshape(*x.shape[:-1], n)
 
     @staticmethod
     def backward(ctx, dy: Tensor):
@@ -130,7 +130,7 @@ class _Fp8Linear(torch.autograd.Function):
             dy2d = dy.reshape(-1, n)
             if ctx.needs_input_grad[0]:  # Dgrad: K of this GEMM is N
                 wt = transpose_blocks(_quantize_weight(weight))  # [K, N]
-                dx = backend.gemm(_quantize(dy2d, 1), wt).to(ctx.x_dtype).reshape(ctx.x_shape)
+                dx = backend.gemm(_quantize(dy2d, 1), wt, ctx.x_dtype).reshape(ctx.x_shape)
         if not ctx.needs_input_grad[1]:
             return dx, None, None, None, None
         cache = ctx.cache

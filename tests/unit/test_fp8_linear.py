@@ -365,6 +365,9 @@ def test_fp8_linear_module_and_autocast():
         y = module(x)
         reference = linear(x)
     assert y.dtype == reference.dtype == torch.bfloat16
+    # the GEMM returns bf16 itself (out_dtype): its fp32 sums rounded once, as casting the fp32 product would
+    fp32_product = EMULATE.gemm(quantize(x.reshape(-1, 200), 1), quantize_weight(linear.weight.detach()))
+    assert torch.equal(y, (fp32_product.to(torch.bfloat16) + linear.bias.to(torch.bfloat16)).reshape(3, 5, 72))
     y.float().square().sum().backward()
     assert module.weight.grad.dtype == torch.float32 and module.weight.dtype == torch.float32
     assert module.bias.grad is not None and torch.isfinite(module.weight.grad).all()

@@ -35,13 +35,13 @@ class CountingBackend(EmulateBackend):
     def _kind(self, b: Quantized) -> str:
         return "block" if b.group_rows == 128 else "wgrad"
 
-    def gemm(self, a: Quantized, b: Quantized) -> torch.Tensor:
+    def gemm(self, a: Quantized, b: Quantized, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
         self.calls[self._kind(b)] += 1
-        return super().gemm(a, b)
+        return super().gemm(a, b, out_dtype)
 
-    def grouped_gemm(self, a: Quantized, b: Quantized, counts) -> torch.Tensor:
+    def grouped_gemm(self, a: Quantized, b: Quantized, counts, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
         self.calls["grouped"] += 1
-        return super().grouped_gemm(a, b, counts)
+        return super().grouped_gemm(a, b, counts, out_dtype)
 
     def k_grouped_gemm(self, a: Quantized, b: Quantized, offsets) -> torch.Tensor:
         self.calls["k_grouped"] += 1
