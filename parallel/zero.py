@@ -161,6 +161,11 @@ def unpack_chunks(dst: Tensor, src: Tensor, dim: int, rows: int) -> None:
         dst.narrow(dim, full * rows, rest).copy_(src[full].narrow(dim, 0, rest))
 
 
+def grads_empty(device: torch.device) -> Tensor:
+    """The flattened gradient of a parameter without one: no elements, no squares."""
+    return torch.zeros(0, dtype=torch.float32, device=device)
+
+
 def sum_of_squares(x: Tensor, row: int = 256) -> Tensor:
     """FP64 sum of the squares of a flat FP32 tensor, from FP32 sums over rows of ``row`` elements.
 
@@ -341,8 +346,8 @@ class ZeroAdamW:
         it is all-reduced): the gradients are dropped and nothing changes (parameters, masters, moments,
         AdamW step counts); the norm is still returned.
         """
-        grads, has_grad = self._reduce_scatter_gradients()
-        norm = self._global_norm(grads, has_grad)
+        grads, chunks, has_grad = self._reduce_scatter_gradients()
+        norm = self._global_norm(chunks, has_grad)
         if skip or not math.isfinite(norm):
             self.zero_grad()
             return norm
@@ -358,9 +363,11 @@ class ZeroAdamW:
         self.zero_grad()
         return norm
 
-    def _reduce_scatter_gradients(self) -> tuple[list[Tensor], Tensor]:
-        """Each bucket's reduced gradient segment ([numel], padding zero), the masters' .grad view into it;
-        and per parameter (model order) 1.0 where this rank had a gradient for it, else 0.0 (float64).
+    def _reduce_scatter_gradients(self) -> tuple[list[Tensor], list[Tensor], Tensor]:
+        """The masters' averaged gradients (.grad): each bucket's reduced segment ([numel], padding zero) that
+        they view, or on a one-rank bucket the parameters' own gradients (nothing to send: no copy). Returns
+        those tensors (what clipping scales), each parameter's gradient flattened in model order (empty
+        without one) and per parameter 1.0 where this rank had a gradient for it, else 0.0 (float64).
         Buckets the last backward did not issue (``overlap_next_backward``) are packed and issued now, in
         the same fixed order on every rank.
 
@@ -378,20 +385,34 @@ class ZeroAdamW:
         for index in range(len(self.buckets)):
             if index not in reduction.issued:  # one-rank buckets: nothing to send
                 self._issue(index)
-        segments = []
+        grads, chunk_of = [], {}
         for index, bucket in enumerate(self.buckets):
             segment, work = reduction.issued[index]
+            if segment is None:  # one rank: each master takes its parameter's gradient as it is
+                for shard in bucket.shards:
+                    grad, shard.param.grad = shard.param.grad, None
+                    if grad is not None:
+                        if self.dp > 1:  # experts with edp 1: summed over their ep group by the all-to-all
+                            grad.div_(self.dp)
+                        shard.master.grad = grad
+                        reduction.with_grad.add(id(shard))
+                        grads.append(grad)
+                    chunk_of[id(shard)] = grad.view(-1) if grad is not None else grads_empty(self.device)
+                continue
             if work is not None:
                 work.wait()
             if self.dp > 1:
                 segment.div_(self.dp)
             for shard in bucket.shards:
                 shard.master.grad = bucket.own(segment, shard)
-            segments.append(segment)
+                chunk_of[id(shard)] = segment[shard.offset:shard.offset + shard.chunk_numel]
+            grads.append(segment)
         has_grad = torch.tensor([float(id(s) in reduction.with_grad) for s in self.shards.values()],
                                 dtype=torch.float64)
         reduction.reset()
-        return segments, has_grad
+        # per parameter in the model's order (padding zero), so that neither the norm's sums nor their order
+        # depend on how buckets group the parameters
+        return grads, [chunk_of[id(s)] for s in self.shards.values()], has_grad
 
     def overlap_next_backward(self) -> None:
         """Start each bucket's reduce-scatter during the coming backward, as soon as its gradients are
@@ -436,8 +457,12 @@ class ZeroAdamW:
 
     @torch.no_grad()
     def _issue(self, index: int) -> None:
-        """Pack what is left of bucket ``index`` and start its reduce-scatter (a one-rank bucket is its own)."""
+        """Pack what is left of bucket ``index`` and start its reduce-scatter; a one-rank bucket whose
+        parameters' gradients can be the masters' as they are is left alone (``_direct``)."""
         bucket = self.buckets[index]
+        if bucket.size == 1 and self._direct(bucket):
+            self.reduction.issued[index] = (None, None)
+            return
         for shard in bucket.shards:
             if id(shard) not in self.reduction.packed:
                 self._pack(index, shard)
@@ -452,16 +477,21 @@ class ZeroAdamW:
             self.comm.overlapped_reduce_scatters += 1
         self.reduction.issued[index] = (segment, work)
 
-    def _global_norm(self, segments: list[Tensor], has_grad: Tensor) -> float:
+    @staticmethod
+    def _direct(bucket: Bucket) -> bool:
+        """Whether a one-rank bucket's gradients can serve as its masters' unchanged: FP32, contiguous, each of
+        its master's shape (a one-rank shard is the whole parameter)."""
+        return all(s.param.grad is None or (s.param.grad.dtype == torch.float32 and s.param.grad.is_contiguous()
+                                            and s.param.grad.shape == s.master.shape) for s in bucket.shards)
+
+    def _global_norm(self, chunks: list[Tensor], has_grad: Tensor) -> float:
         """L2 norm of the full averaged gradient: every element lies in exactly one rank's shard (dense
         shards partition over dp; expert shards over edp x ep = dp), so the local sums of squares are
         summed over the dp group, and over the pipeline stages (a parameter on k pipeline ranks, ``copies``,
         adds 1/k of its squares on each). The same all-reduce sums ``has_grad``
-        (1 per parameter with a gradient here): the shards of parameters with none anywhere lose .grad."""
-        segment_of = {id(shard): segment for bucket, segment in zip(self.buckets, segments) for shard in bucket.shards}
-        # per parameter in the model's order (the padding is zero), so that neither the sums nor their order
-        # depend on how buckets group the parameters; parameters held by several pipeline ranks count once
-        chunks = [segment_of[id(s)][s.offset:s.offset + s.chunk_numel] for s in self.shards.values()]
+        (1 per parameter with a gradient here): the shards of parameters with none anywhere lose .grad.
+        ``chunks``: each parameter's gradient here, flattened, in model order; parameters held by several
+        pipeline ranks count once (``norm_weights``)."""
         squares = (parameter_squares(chunks, self.device.type).to(self.device) * self.norm_weights).sum()
         if self.dp > 1:  # the flags travel with the squares; from pinned memory the copy does not wait
             flags = has_grad.pin_memory() if self.device.type == "cuda" else has_grad
@@ -488,9 +518,10 @@ class ZeroAdamW:
         pending = []
         for bucket in self.buckets:
             separate = bucket.dtype != torch.float32
-            if bucket.size == 1:  # only the lower-precision parameters need their masters
+            if bucket.size == 1:  # only the lower-precision parameters need their masters, rounded in place
                 if separate:
-                    pending.append((bucket, bucket.masters.to(bucket.dtype), None))
+                    for shard in bucket.shards:
+                        shard.param.detach().copy_(shard.master)
                 continue
             if separate:  # what this rank sends: its slices of every parameter (the padding zero)
                 segment = bucket.masters.to(bucket.dtype)
