@@ -9,8 +9,9 @@ All three GEMMs of a linear layer run on FP8 operands (Figure 6), each quantized
 * Wgrad  ``dW = dy^T x``: reduction over tokens, so dy and x are both tiled 128x1 (per channel, per 128
   tokens), i.e. the 1x128 tiles of dy^T [N, T] and x^T [K, T].
 
-Storage (sec 3.3.3): the weight stays the FP32 master (re-quantized online in backward: no FP8 weight
-copy is kept), gradients to it are fp32, and the activation is cached for Wgrad in FP8: x already
+Storage (sec 3.3.3): the weight stays the FP32 master (or its BF16 working copy), quantized online; within
+a training step its FP8 blocks are made once and shared by every micro-batch (``StepWeight``), gradients
+to it are fp32, and the activation is cached for Wgrad in FP8: x already
 quantized 128x1, not x. ``cache="e5m6"`` (the linear after attention, MLA's ``wo``) caches x in E5M6 with
 power-of-two scales in 1x128 tiles, its 12-bit codes packed two per three bytes (``pack_12bit``), and
 re-tiles it to 128x1 in backward (``convert_tiles``, exact); that Wgrad then multiplies an E4M3 dy by the
@@ -95,12 +96,58 @@ def _quantized_input(x: Tensor, x2d: Tensor) -> tuple[Quantized, Quantized]:
     return quantized
 
 
+class StepWeight:
+    """A weight's FP8 blocks for one training step: W's (Fprop) and W^T's (Dgrad), each made at its first use.
+
+    The weights do not change inside a step, so within ``train.ops.step_memo`` (the trainer's step) every
+    micro-batch's forward and backward share one quantization of each (as Transformer Engine's FP8 weight
+    caching across micro-batches), instead of two quantizations and a transposed copy per micro-batch: the
+    same numbers (a quantization is deterministic), fewer launches, 2 bytes per FP8-linear parameter held
+    for the step (the planner's ``casts`` term). Outside a step nothing is kept (``keep`` False): Fprop
+    and Dgrad quantize afresh, as the report's online quantization. The entry travels in the autograd
+    context, so backward finds it on any thread (CUDA runs backward on its own, where the step's
+    context variable is not set)."""
+
+    def __init__(self, weight: Tensor, keep: bool):
+        self.weight, self.version, self.keep = weight, weight._version, keep
+        self._blocks: Quantized | None = None
+        self._transposed: Quantized | None = None
+
+    def blocks(self) -> Quantized:
+        if self._blocks is not None:
+            return self._blocks
+        blocks = _quantize_weight(self.weight)
+        if self.keep:
+            self._blocks = blocks
+        return blocks
+
+    def transposed(self) -> Quantized:
+        if self._transposed is not None:
+            return self._transposed
+        transposed = transpose_blocks(self.blocks())
+        if self.keep:
+            self._transposed = transposed
+        return transposed
+
+    @staticmethod
+    def of(weight: Tensor) -> StepWeight:
+        """The step's entry for ``weight`` (a fresh one outside a step, or once the weight was changed)."""
+        memo = step_memo("fp8_linear_weight")
+        entry = memo.get(weight) if memo is not None else None
+        if entry is None or entry.version != weight._version:
+            entry = StepWeight(weight, keep=memo is not None)
+            if memo is not None:
+                memo[weight] = entry
+        return entry
+
+
 class _Fp8Linear(torch.autograd.Function):
     """y = x W^T with FP8 Fprop, Dgrad and Wgrad (sec 3.3.1); x cached in FP8 (or E5M6) for Wgrad.
     W enters through ``fp8.wgrad.weight_entry``, which runs the Wgrad GEMM (deferrable to a W pass)."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, backend: GemmBackend, cache: str, box: WeightGradBox) -> Tensor:
+    def forward(ctx, x: Tensor, weight: Tensor, backend: GemmBackend, cache: str, box: WeightGradBox,
+                step_weight: StepWeight) -> Tensor:
         out_dtype = _output_dtype(x)
         n, k = weight.shape
         with _no_autocast(x):
@@ -110,10 +157,11 @@ class _Fp8Linear(torch.autograd.Function):
             else:
                 q_rows = _quantize(x2d, 1)
                 saved = _quantize(x2d, 1, "e5m6", pow2=True)  # 1x128 tiles, re-tiled in backward
-            y = backend.gemm(q_rows, _quantize_weight(weight), out_dtype)  # fp32 sums, rounded once
+            y = backend.gemm(q_rows, step_weight.blocks(), out_dtype)  # fp32 sums, rounded once
         # E5M6 codes are held in 12 bits (two per three bytes), not in their 16-bit container
         ctx.save_for_backward(saved.data if cache == "e4m3" else pack_12bit(saved.data), saved.scale, weight)
         ctx.x_shape, ctx.x_dtype, ctx.cache, ctx.backend, ctx.box = x.shape, x.dtype, cache, backend, box
+        ctx.step_weight = step_weight
         ctx.weight_spec = WeightSpec.of(weight)
         return y.reshape(*x.shape[:-1], n)
 
@@ -121,7 +169,7 @@ class _Fp8Linear(torch.autograd.Function):
     def backward(ctx, dy: Tensor):
         box: WeightGradBox = ctx.box
         if box.is_replay():  # the W pass of a split backward: only the entry node's Wgrad is left
-            return None, no_weight_grad(ctx.weight_spec), None, None, None
+            return None, no_weight_grad(ctx.weight_spec), None, None, None, None
         data, scale, weight = ctx.saved_tensors
         n, k = weight.shape
         backend: GemmBackend = ctx.backend
@@ -129,10 +177,10 @@ class _Fp8Linear(torch.autograd.Function):
         with _no_autocast(dy):
             dy2d = dy.reshape(-1, n)
             if ctx.needs_input_grad[0]:  # Dgrad: K of this GEMM is N
-                wt = transpose_blocks(_quantize_weight(weight))  # [K, N]
+                wt = ctx.step_weight.transposed()  # [K, N]: W's blocks transposed
                 dx = backend.gemm(_quantize(dy2d, 1), wt, ctx.x_dtype).reshape(ctx.x_shape)
         if not ctx.needs_input_grad[1]:
-            return dx, None, None, None, None
+            return dx, None, None, None, None, None
         cache = ctx.cache
 
         def wgrad() -> tuple[Tensor]:  # K of this GEMM is the token dim
@@ -145,7 +193,7 @@ class _Fp8Linear(torch.autograd.Function):
                 return (backend.gemm(_quantize_t(dy.reshape(-1, n)), x_t).to(wgrad_dtype(weight)),)
 
         box.defer(wgrad)
-        return dx, no_weight_grad(ctx.weight_spec), None, None, None
+        return dx, no_weight_grad(ctx.weight_spec), None, None, None, None
 
 
 def fp8_linear(x: Tensor, weight: Tensor, backend: GemmBackend, cache: str = "e4m3") -> Tensor:
@@ -160,8 +208,9 @@ def fp8_linear(x: Tensor, weight: Tensor, backend: GemmBackend, cache: str = "e4
     if weight.dim() != 2 or x.shape[-1] != weight.shape[1]:
         raise ValueError(f"fp8_linear: x {tuple(x.shape)} does not match weight {tuple(weight.shape)}")
     box = WeightGradBox()
+    step_weight = StepWeight.of(weight)
     (weight,) = weight_entry(box, weight)
-    return _Fp8Linear.apply(x, weight, backend, cache, box)
+    return _Fp8Linear.apply(x, weight, backend, cache, box, step_weight)
 
 
 class Fp8Linear(nn.Linear):

@@ -69,11 +69,13 @@ def rank_memory(cfg: Config, cluster: Cluster, layout: Any, p: Precision,
             buffers += tokens * m.vocab_size * p.act
         buffers += max(s.recompute_bytes for s in mine)  # full recompute: one block rebuilt at a time
         casts = sum(s.cast_dense for s in mine) + sum(s.cast_expert for s in mine) / layout.ep
+        fp8_copies = 2 * sum(s.fp8_dense for s in mine)  # FP8 blocks of W and of W^T: 1 byte each
         kept = sum(s.fp32_params for s in mine)  # norms and gates: FP32 parameters, their own masters
         terms = {
             "weights": kept * 4 + (params - kept) * p.weight,  # on every data-parallel rank
             "masters": p.master * ((dense - kept) / layout.dp + expert / layout.edp),  # ZeRO-1, of BF16 weights
-            "casts": casts * p.act,  # one BF16 copy of the weights BF16 GEMMs read, for the step (FP32 weights)
+            # one BF16 copy of the weights BF16 GEMMs read (FP32 weights), the FP8 linears' FP8 blocks: for the step
+            "casts": casts * p.act + fp8_copies,
             "gradients": params * p.grad,
             "moments": p.moments * (dense / layout.dp + expert / layout.edp),  # ZeRO-1
             "activations": peaks[r][0],

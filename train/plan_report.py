@@ -18,7 +18,7 @@ RECOMPUTE_TEXT = {"none": "nothing recomputed", "selective": "RMSNorms, MLA proj
                   "full": "whole blocks recomputed"}
 
 TERM_NAMES = {
-    "weights": "weights", "masters": "FP32 masters (ZeRO-1)", "casts": "BF16 weight casts (per step)",
+    "weights": "weights", "masters": "FP32 masters (ZeRO-1)", "casts": "weight casts (per step)",
     "gradients": "gradients",
     "moments": "AdamW moments (ZeRO-1)", "activations": "activations", "buffers": "all-to-all and logits buffers",
     "reserve": "reserve",

@@ -409,6 +409,52 @@ def test_two_linears_on_one_input_share_its_fp8_copy_within_a_step():
         assert not torch.equal(first, fp8_linear(x, w1.detach(), EMULATE))
 
 
+def test_micro_batches_of_a_step_share_one_quantization_of_each_weight(monkeypatch):
+    """Inside a step (``shared_weight_casts``) every micro-batch's Fprop and Dgrad use one quantization of W
+    and one transposed copy of its blocks, made at first use; outside, each call makes its own. Outputs and
+    gradients are bit-identical; a weight changed in place (as the optimizer does between steps) is
+    quantized again."""
+    import fp8.linear as fl
+
+    calls = {"quantize": 0, "transpose": 0}
+
+    def counted(name, fn):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(fl, "_quantize_weight", counted("quantize", fl._quantize_weight))
+    monkeypatch.setattr(fl, "transpose_blocks", counted("transpose", fl.transpose_blocks))
+    torch.manual_seed(0)
+    weight = nn.Parameter(torch.randn(160, 256))
+    xs = [torch.randn(8, 256) for _ in range(3)]
+
+    def run(context):
+        weight.grad = None
+        calls.update(quantize=0, transpose=0)
+        outs, dxs = [], []
+        with context:
+            for x0 in xs:  # micro-batches: forward and backward each
+                x = x0.clone().requires_grad_()
+                y = fp8_linear(x, weight, EMULATE)
+                y.square().sum().backward()
+                outs.append(y.detach())
+                dxs.append(x.grad)
+        return dict(calls), outs, dxs, weight.grad.clone()
+
+    alone, *plain = run(contextlib.nullcontext())
+    shared, *step = run(shared_weight_casts())
+    assert alone == {"quantize": 6, "transpose": 3} and shared == {"quantize": 1, "transpose": 1}
+    for a, b in zip(plain, step):
+        assert all(torch.equal(u, v) for u, v in zip(a, b)) if isinstance(a, list) else torch.equal(a, b)
+    with shared_weight_casts():
+        first = fp8_linear(xs[0], weight.detach(), EMULATE)
+        with torch.no_grad():
+            weight.mul_(2)
+        assert torch.equal(fp8_linear(xs[0], weight.detach(), EMULATE), 2 * first)  # powers of two scale exactly
+
+
 def test_fp8_linear_input_grad_dtype_and_no_weight_grad():
     x = torch.randn(4, 130, dtype=torch.bfloat16, requires_grad=True)
     w = torch.randn(20, 130)  # frozen weight: only Dgrad runs

@@ -232,7 +232,16 @@ def test_memory_terms_by_hand_zero1_expert_parallel_and_fp8():
     assert pl.memory["weights"] == pytest.approx(local * 4)
     assert pl.memory["gradients"] == pytest.approx(local * 4)
     assert pl.memory["moments"] == pytest.approx(4 * (dense / 8 + experts / 4 / 2))
-    assert pl.memory["casts"] == 2 * (16384 * 512 + 2 * 512 * 512)  # under FP8 only the head and eh_proj
+    # under FP8 only the head and eh_proj are cast to BF16; the FP8 linears' blocks and their transposes are
+    # kept for the step (fp8/linear.py StepWeight): 2 bytes per weight of the linears convert_to_fp8 swaps
+    from fp8.convert import convert_to_fp8
+    from fp8.linear import Fp8Linear
+
+    with torch.device("meta"):
+        swapped = Transformer(m)
+    convert_to_fp8(swapped, "emulate")
+    fp8_linears = sum(mod.weight.numel() for mod in swapped.modules() if isinstance(mod, Fp8Linear))
+    assert pl.memory["casts"] == 2 * (16384 * 512 + 2 * 512 * 512) + 2 * fp8_linears
     fp8, e5m6 = 1 + 4 / 128, 1.5 + 4 / 128
     # as the BF16 table of the test above, with the FP8 caches: a GEMM input in FP8 (one copy for the
     # GEMMs that read it), the wo input in E5M6, the routed SwiGLU inputs in FP8 with their output recomputed
