@@ -69,3 +69,40 @@ def test_micro_batch_activations_are_what_autograd_keeps(fp8):
     for measured, planned in zip(measured_activation_bytes(cfg, lengths), planned_activation_bytes(cfg, lengths),
                                  strict=True):
         assert planned == pytest.approx(measured, rel=1e-3)
+
+
+@pytest.mark.parametrize("mtp_depth", [0, 1, 2])
+def test_the_logits_gradients_of_all_depths_are_live_together(monkeypatch, mtp_depth):
+    """The planner's logits buffer holds the gradients of the main head's and every MTP depth's logits at
+    once: the cross-entropy nodes are the graph's last, so backward runs all of them before any head's
+    matmul consumes one (measured: the most ``_CrossEntropy.backward`` outputs alive at one time), and
+    the buffer is their bytes."""
+    import weakref
+
+    import torch
+
+    from train import losses
+    from train.model import Transformer
+    from train.plan import plan
+    from train.plan_cluster import Cluster
+
+    live, most, original = [0], [0], losses._CrossEntropy.backward
+
+    def counted(ctx, grad):
+        out, none = original(ctx, grad)
+        live[0] += 1
+        most[0] = max(most[0], live[0])
+        weakref.finalize(out.untyped_storage(), lambda: live.__setitem__(0, live[0] - 1))
+        return out, none
+
+    monkeypatch.setattr(losses._CrossEntropy, "backward", staticmethod(counted))
+    cfg = load_config(["+conf=tiny", f"model.mtp_depth={mtp_depth}", "train.micro_batch_size=2"])
+    torch.manual_seed(0)
+    model = Transformer(cfg.model)
+    model.init_weights(seed=0)
+    window = torch.randint(0, cfg.model.vocab_size, (2, cfg.train.seq_len + 1))
+    losses.compute_losses(model(window[:, :-1]), window, 0.3, 1e-4).loss.backward()
+    assert most[0] == 1 + mtp_depth
+    t, m = cfg.train, cfg.model
+    logits = sum(t.micro_batch_size * (t.seq_len - k) * m.vocab_size * 4 for k in range(mtp_depth + 1))  # FP32
+    assert plan(cfg, Cluster(gpus=1, device="cpu"), suggest=False).memory["buffers"] == logits
