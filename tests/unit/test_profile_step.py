@@ -57,3 +57,26 @@ def test_profile_runs_on_the_cpu():
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "step " in proc.stdout and "aten::mm" in proc.stdout
+
+
+def test_live_tensors_on_the_cpu_finds_the_peak_and_what_was_live_then():
+    """``LiveTensors`` (--memory on a CPU): storages made under it count from their operation until they are
+    freed; the peak and the bytes live at it, by site and operation; small tensors are left out."""
+    import torch
+
+    from bench.profile_step import LiveTensors
+
+    mib = 1 << 20
+    with LiveTensors() as tracker:
+        a = torch.empty(2 * mib, dtype=torch.uint8)
+        b = torch.zeros(3 * mib, dtype=torch.uint8)
+        view = b[:10]  # a view: no new storage
+        del a
+        c = torch.empty(1 * mib, dtype=torch.uint8)
+        torch.empty(100)  # under 1 MiB: not followed
+    assert tracker.peak == 5 * mib and tracker.current == 4 * mib
+    sites = {site.split(" ")[-1]: size for site, size in tracker.at_peak.items()}
+    assert sites == {"[empty.memory_format]": 2 * mib, "[zeros.default]": 3 * mib}
+    assert all("test_profile_step.py" in site for site in tracker.at_peak)
+    del b, view, c
+    assert tracker.current == 0
