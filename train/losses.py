@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from train.model import ModelOutput
+if TYPE_CHECKING:  # train.model computes each head's cross-entropy with ``cross_entropy`` below
+    from train.model import ModelOutput
 
 
 @dataclass
@@ -82,11 +84,15 @@ def compute_losses(out: ModelOutput, window: Tensor, mtp_weight: float, balance_
 
     window: [B, T+1] tokens; the model saw window[:, :T]. Main targets are window[:, 1:]; MTP depth k
     at position i predicts token i+k+1, so its targets are window[:, k+1:]. L_MTP = (lambda/D) sum_k
-    L_MTP^k (eq. 25): the average over depths, not the sum.
+    L_MTP^k (eq. 25): the average over depths, not the sum. Where the model already computed each head's
+    cross-entropy (``Transformer.forward(tokens, window)``), those are used: the same numbers.
     """
-    lm_loss = cross_entropy(out.logits, window[:, 1:])
-    if out.mtp_logits:
+    if out.cross_entropies:
+        lm_loss, depth_losses = out.cross_entropies[0], out.cross_entropies[1:]
+    else:
+        lm_loss = cross_entropy(out.logits, window[:, 1:])
         depth_losses = [cross_entropy(logits, window[:, k + 1 :]) for k, logits in enumerate(out.mtp_logits, start=1)]
+    if depth_losses:
         mtp_loss = torch.stack(depth_losses).mean()
     else:
         mtp_loss = lm_loss.new_zeros(())

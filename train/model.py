@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from train.config import ModelConfig
+from train.losses import cross_entropy
 from train.ops import cast_weight, combine_rows, embedding, gate_scores, rms_norm, swiglu, to_compute_dtype
 
 
@@ -444,6 +445,8 @@ class ModelOutput:
     mtp_logits: list[Tensor]  # depth k: [B, T-k, V], position i predicts token i+k+1
     balance_loss: Tensor  # sum over MoE layers (main and MTP) of the sequence balance loss, without alpha
     expert_load: Tensor  # [n_moe_layers, E] tokens per expert, in the order of Transformer.moe_layers()
+    # with the window passed to forward: the main head's and each depth's cross-entropy, made right after it
+    cross_entropies: list[Tensor] = field(default_factory=list)
 
 
 class Transformer(nn.Module):
@@ -475,8 +478,11 @@ class Transformer(nn.Module):
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)
 
-    def forward(self, tokens: Tensor) -> ModelOutput:
-        """tokens: [B, T] input ids. Returns main and MTP logits plus MoE statistics."""
+    def forward(self, tokens: Tensor, window: Tensor | None = None) -> ModelOutput:
+        """tokens: [B, T] input ids. Returns main and MTP logits plus MoE statistics. ``window``: the
+        micro-batch [B, T+1] (tokens = window[:, :T]): each head's cross-entropy is then computed right after
+        the head, so that backward consumes each logits gradient before making the next (one alive at a
+        time, not 1 + D: the planner's logits buffer)."""
         seqlen = tokens.shape[1]
         cos, sin = self.rope_cos[:seqlen], self.rope_sin[:seqlen]
         embed = to_compute_dtype(self.embed(tokens))  # the residual stream: BF16 under BF16 autocast (sec 3.3)
@@ -488,6 +494,7 @@ class Transformer(nn.Module):
                 stats.append(layer_stats)
         h = self.norm(h)  # MTP depth 1 takes the normalised hidden state (as HF's MtpModel / the released weights)
         logits = self.head(h)
+        cross_entropies = [] if window is None else [cross_entropy(logits, window[:, 1:])]
 
         mtp_logits = []
         for depth, module in enumerate(self.mtp, start=1):
@@ -497,6 +504,8 @@ class Transformer(nn.Module):
                 stats.append(layer_stats)
             h = module.norm(h)  # and depth k+1 takes depth k's normalised output
             mtp_logits.append(self.head(h))
+            if window is not None:
+                cross_entropies.append(cross_entropy(mtp_logits[-1], window[:, depth + 1:]))
 
         if stats:
             balance_loss = torch.stack([s.balance_loss for s in stats]).sum()
@@ -504,7 +513,7 @@ class Transformer(nn.Module):
         else:
             balance_loss = logits.new_zeros((), dtype=torch.float32)
             expert_load = torch.zeros(0, self.cfg.n_routed_experts, dtype=torch.long, device=tokens.device)
-        return ModelOutput(logits, mtp_logits, balance_loss, expert_load)
+        return ModelOutput(logits, mtp_logits, balance_loss, expert_load, cross_entropies)
 
 
 @torch.no_grad()

@@ -66,10 +66,10 @@ def rank_memory(cfg: Config, cluster: Cluster, layout: Any, p: Precision,
             # receive buffers of one layer's dispatch and combine, for the two micro-batches of an F&B
             buffers += 2 * tokens * a2a.target_gpus * (a2a.dispatch_row + a2a.combine_row)
         if any(s.has_head for s in mine):
-            # the logits' gradients in their dtype (train/losses.py), of the main head and of every MTP depth at
-            # once: the cross-entropy nodes are the graph's last, so backward runs them all before any head
-            rows = t.micro_batch_size * (t.seq_len + sum(t.seq_len - k for k in range(1, m.mtp_depth + 1)))
-            buffers += rows * m.vocab_size * p.act
+            # the logits' gradient in their dtype (train/losses.py), one at a time: each head's cross-entropy is
+            # made right after the head (Transformer.forward with the window), so backward consumes one before
+            # making the next; made after all the heads, all 1 + D would be alive together
+            buffers += tokens * m.vocab_size * p.act
         buffers += max(s.recompute_bytes for s in mine)  # full recompute: one block rebuilt at a time
         casts = sum(s.cast_dense for s in mine) + sum(s.cast_expert for s in mine) / layout.ep
         fp8_copies = 2 * sum(s.fp8_dense for s in mine)  # FP8 blocks of W and of W^T: 1 byte each

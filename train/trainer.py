@@ -424,7 +424,7 @@ def forward_backward(model: Transformer, windows: list[torch.Tensor], mtp_weight
     with one_weight_cast_per_step(lambda: autocast(runtime), runtime.device.type):
         for window in windows:
             with autocast(runtime):
-                out = model(window[:, :-1])
+                out = model(window[:, :-1], window)  # each head's cross-entropy right after it
             losses = compute_losses(out, window, mtp_weight, balance_alpha)
             if before_last_backward is not None and window is windows[-1]:
                 before_last_backward()

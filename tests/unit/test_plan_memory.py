@@ -72,11 +72,12 @@ def test_micro_batch_activations_are_what_autograd_keeps(fp8):
 
 
 @pytest.mark.parametrize("mtp_depth", [0, 1, 2])
-def test_the_logits_gradients_of_all_depths_are_live_together(monkeypatch, mtp_depth):
-    """The planner's logits buffer holds the gradients of the main head's and every MTP depth's logits at
-    once: the cross-entropy nodes are the graph's last, so backward runs all of them before any head's
-    matmul consumes one (measured: the most ``_CrossEntropy.backward`` outputs alive at one time), and
-    the buffer is their bytes."""
+def test_one_logits_gradient_alive_at_a_time(monkeypatch, mtp_depth):
+    """The planner's logits buffer is one gradient of the logits: with the window, the model computes each
+    head's cross-entropy right after the head, so backward consumes each gradient (the head's matmul)
+    before making the next (measured: the most ``_CrossEntropy.backward`` outputs alive at one time). The
+    cross-entropies made after all the heads (``compute_losses`` on logits alone) keep all 1 + D alive
+    together: the CE nodes are then the graph's last and backward runs them all first; same losses."""
     import weakref
 
     import torch
@@ -101,8 +102,14 @@ def test_the_logits_gradients_of_all_depths_are_live_together(monkeypatch, mtp_d
     model = Transformer(cfg.model)
     model.init_weights(seed=0)
     window = torch.randint(0, cfg.model.vocab_size, (2, cfg.train.seq_len + 1))
-    losses.compute_losses(model(window[:, :-1]), window, 0.3, 1e-4).loss.backward()
-    assert most[0] == 1 + mtp_depth
+    loss = {}
+    for inside in (True, False):
+        most[0] = 0
+        out = model(window[:, :-1], window if inside else None)
+        loss[inside] = losses.compute_losses(out, window, 0.3, 1e-4).loss
+        loss[inside].backward()
+        assert most[0] == (1 if inside else 1 + mtp_depth)
+    assert torch.equal(loss[True], loss[False])
     t, m = cfg.train, cfg.model
-    logits = sum(t.micro_batch_size * (t.seq_len - k) * m.vocab_size * 4 for k in range(mtp_depth + 1))  # FP32
+    logits = t.micro_batch_size * t.seq_len * m.vocab_size * 4  # FP32 on the CPU
     assert plan(cfg, Cluster(gpus=1, device="cpu"), suggest=False).memory["buffers"] == logits
