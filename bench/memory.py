@@ -51,7 +51,7 @@ def measure_recompute(model: Transformer, window: torch.Tensor, repeats: int,
     fail; 0 in a real run)."""
 
     def step() -> torch.Tensor:
-        out = model(window[:, :-1])
+        out = model(window[:, :-1], window)  # as the trainer: each head's cross-entropy after it
         loss = compute_losses(out, window, 0.3, 1e-4).loss
         loss.backward()
         return loss.detach()
@@ -123,7 +123,7 @@ def main(argv: list[str]) -> int:
     tokens = batch * seq
 
     def step() -> None:
-        out = model(window[:, :-1])
+        out = model(window[:, :-1], window)  # as the trainer: each head's cross-entropy after it
         compute_losses(out, window, 0.3, 1e-4).loss.backward()
 
     print(f"+conf={args.shape}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "

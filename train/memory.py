@@ -68,7 +68,7 @@ def measured_activation_bytes(cfg: Any, lengths: tuple[int, ...], seed: int = 0,
 
         def forward(window: Tensor = window) -> Tensor:
             with autocast_to(device_type, compute):
-                return compute_losses(model(window[:, :-1]), window, 0.3, 1e-4).loss
+                return compute_losses(model(window[:, :-1], window), window, 0.3, 1e-4).loss
 
         with one_weight_cast_per_step(lambda: autocast_to(device_type, compute), device_type):
             nbytes, loss = saved_activation_bytes(model, forward)
