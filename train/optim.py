@@ -10,6 +10,7 @@ beta1 = 0.9, beta2 = 0.95, weight decay 0.1 on matrices only.
 from __future__ import annotations
 
 import importlib
+import warnings
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -98,7 +99,7 @@ class AdamW(torch.optim.Optimizer):
         self.moment_dtype = moment_dtype
         self.chunk_numel = chunk_numel
         self.update = update
-        self._scratch: dict[torch.device, Tensor] = {}  # CPU: FP32 temporaries of a chunk, reused every step
+        self.triton_failure: str | None = None  # why the Triton update failed here (auto then uses foreach)
         self._scratch: dict[torch.device, Tensor] = {}  # CPU: FP32 temporaries of a chunk, reused every step
 
     def init_state(self, p: Tensor) -> None:
@@ -167,7 +168,8 @@ class AdamW(torch.optim.Optimizer):
             return self.update
         if device.type == "cpu":
             return "fused"
-        return "triton" if device.type == "cuda" and triton_importable() else "foreach"
+        usable = device.type == "cuda" and triton_importable() and self.triton_failure is None
+        return "triton" if usable else "foreach"
 
     def _scratch_views(self, device: torch.device, sizes: list[int]) -> list[Tensor]:
         """Flat FP32 tensors of ``sizes``. On the CPU: consecutive views of one scratch buffer that grows
@@ -241,16 +243,26 @@ class AdamW(torch.optim.Optimizer):
 
         beta1, beta2 = group["betas"]
         rest = []
-        for p in params:
+        for index, p in enumerate(params):
             state = self.state[p]
             master = state.get("master", p)
-            if not (master.is_contiguous() and p.is_contiguous()):
+            if self.triton_failure is not None or not (master.is_contiguous() and p.is_contiguous()):
                 rest.append(p)
                 continue
+            try:  # the kernel compiles at its first launch with a new signature: it raises before any write
+                adamw_update(master, p.grad.contiguous(), state["exp_avg"], state["exp_avg_sq"],
+                             p if p is not master else None, lr=float(group["lr"]), beta1=beta1, beta2=beta2,
+                             eps=group["eps"], weight_decay=group["weight_decay"], step=state["step"].item() + 1)
+            except Exception as exc:  # a kernel that cannot build or run on this GPU
+                if self.update == "triton":  # asked for by name: say so
+                    raise
+                self.triton_failure = f"{type(exc).__name__}: {str(exc).strip()[:300]}"
+                warnings.warn(f"AdamW: the Triton update failed ({self.triton_failure}); updating with the foreach "
+                              "reference from now on (slower, same numbers to FP32 rounding)", RuntimeWarning,
+                              stacklevel=4)
+                rest.extend(params[index:])
+                break
             state["step"] += 1
-            adamw_update(master, p.grad.contiguous(), state["exp_avg"], state["exp_avg_sq"],
-                         p if p is not master else None, lr=float(group["lr"]), beta1=beta1, beta2=beta2,
-                         eps=group["eps"], weight_decay=group["weight_decay"], step=state["step"].item())
         if rest:
             self._update(rest, group)
 

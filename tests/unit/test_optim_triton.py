@@ -4,6 +4,8 @@ same tests where CUDA is present)."""
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from torch import nn
@@ -128,3 +130,43 @@ def test_compiles_for_hopper_with_ieee_roots_and_divisions_and_vector_accesses()
     assert "sqrt.rn.f32" in ptx and "div.rn.f32" in ptx
     assert "sqrt.approx" not in ptx and "div.full" not in ptx and "div.approx" not in ptx
     assert "ld.global.v4" in ptx and "st.global.v4" in ptx
+
+
+def test_a_kernel_that_cannot_build_falls_back_to_foreach_once(device, monkeypatch):
+    """With update="auto", a Triton kernel that fails (to compile, on some GPU) costs one warning: this and
+    every later update run the foreach reference, nothing half-updated (the step counts advance once). Asked
+    for by name (update="triton"), the failure is raised."""
+    import train.adamw_triton as at
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("PassManager::run failed")
+
+    monkeypatch.setattr(at, "adamw_update", broken)
+    grads = [[g.to(device) for g in step] for step in make_grads()[:2]]
+    a, b = on(make_params(), device), on(make_params(), device)
+    reference = AdamW(groups(a), lr=LR, betas=BETAS, update="foreach")
+    fallback = AdamW(groups(b), lr=LR, betas=BETAS, update="auto")
+    for step_grads in grads:
+        for params, opt in ((a, reference), (b, fallback)):
+            for p, g in zip(params, step_grads):
+                p.grad = g.clone()
+            if opt is reference:
+                opt.step()
+                continue
+            for p in params:  # what step() does before choosing the update
+                if not opt.state[p]:
+                    opt.init_state(p)
+            with pytest.warns(RuntimeWarning, match="Triton update failed") if opt.triton_failure is None \
+                    else contextlib.nullcontext(), torch.no_grad():
+                for group in opt.param_groups:
+                    opt._update_triton([p for p in group["params"] if p.grad is not None], group)
+    assert fallback.triton_failure.startswith("RuntimeError: PassManager::run failed")
+    assert fallback.update_on(torch.device("cuda")) == "foreach"
+    for p, q in zip(a, b):
+        assert torch.equal(p, q) and fallback.state[q]["step"].item() == 2
+    explicit = AdamW(groups(b), lr=LR, update="triton")
+    for p, g in zip(b, grads[0]):
+        p.grad = g.clone()
+        explicit.init_state(p)
+    with pytest.raises(RuntimeError, match="PassManager"), torch.no_grad():
+        explicit._update_triton([p for p in explicit.param_groups[0]["params"]], explicit.param_groups[0])
