@@ -106,7 +106,8 @@ def test_auto_picks_triton_on_cuda_only():
 
 
 @pytest.mark.usefixtures("compiled_mode")
-def test_compiles_for_hopper_with_ieee_roots_and_divisions_and_vector_accesses():
+@pytest.mark.parametrize("moments", ["bf16", "fp32"])
+def test_compiles_for_hopper_with_ieee_roots_and_divisions_and_vector_accesses(moments):
     """The kernel as a launch on an H100/H200 compiles it (no GPU needed to compile): square root and
     divisions IEEE-rounded (``sqrt.rn``, ``div.rn``; the approximate ones would break the agreement
     above), and 16-byte loads and stores where the size is a multiple of 16 (Triton's specialization)."""
@@ -115,7 +116,7 @@ def test_compiles_for_hopper_with_ieee_roots_and_divisions_and_vector_accesses()
 
     from train.adamw_triton import BLOCK, _adamw_kernel
 
-    signature = {"master_ptr": "*fp32", "grad_ptr": "*fp32", "exp_avg_ptr": "*bf16", "exp_avg_sq_ptr": "*bf16",
+    signature = {"master_ptr": "*fp32", "grad_ptr": "*fp32", "exp_avg_ptr": f"*{moments}", "exp_avg_sq_ptr": f"*{moments}",
                  "param_ptr": "*bf16", "n": "i32", "HAS_PARAM": "constexpr", "BLOCK": "constexpr"}
     for name in ("decay", "one_minus_beta1", "beta2", "one_minus_beta2", "bias_correction2_sqrt", "eps", "step_size"):
         signature[name] = "fp32"
