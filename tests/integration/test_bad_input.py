@@ -320,8 +320,28 @@ def test_other_errors_are_printed_by_each_rank_with_its_number(monkeypatch, caps
                                    ("0", "4", ConfigError("bad field"), "error: bad field\n")]:
         monkeypatch.setenv("RANK", rank)
         monkeypatch.setenv("WORLD_SIZE", world)
-        print_error(err)
+        print_error(err, rank0_grace_s=0.0)
         assert capsys.readouterr().err == want
+
+
+def test_other_ranks_wait_for_rank_0s_line(monkeypatch, capsys):
+    """A config error every rank meets: the ranks that print nothing wait before they exit, because torchrun
+    stops every worker as soon as one exits with an error and would cut rank 0 off before its line (a job
+    that failed without a word, seen under load). Rank 0, and an error of one rank's own, do not wait."""
+    import train.errors
+    from train.config import ConfigError
+    from train.errors import CheckpointError, print_error
+
+    waits: list[float] = []
+    monkeypatch.setattr(train.errors.time, "sleep", waits.append)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank, err, want in [("1", ConfigError("bad field"), [10.0]), ("0", ConfigError("bad field"), []),
+                            ("1", CheckpointError("shard 1 missing"), [])]:
+        waits.clear()
+        monkeypatch.setenv("RANK", rank)
+        print_error(err)
+        assert waits == want, (rank, err)
+    capsys.readouterr()
 
 
 def test_671b_prints_its_size_and_the_layout_it_needs(tmp_path):
