@@ -62,7 +62,9 @@ in the other one), hence the hand-written ceil-divisions and ``tl.full``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -107,7 +109,7 @@ GROUPED_CONFIG = KernelConfig(block_m=64, block_n=128, num_warps=4, num_stages=4
 
 
 # --------------------------------------------------------------------------------------------------
-# Kernel (plain function; ``_kernel()`` wraps it with triton.jit lazily, once per interpret mode)
+# Kernel (plain function; ``jitted`` wraps it with triton.jit lazily, once per interpret mode)
 
 
 def _fp8_gemm_kernel(
@@ -204,9 +206,6 @@ def _fp8_gemm_kernel(
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
-_JITTED: dict[bool, object] = {}
-
-
 def interpret_mode() -> bool:
     """Whether Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``), read now."""
     knobs = getattr(triton, "knobs", None)
@@ -215,12 +214,16 @@ def interpret_mode() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
 
 
-def _kernel():
-    """The kernel wrapped by ``triton.jit`` for the current mode (compiled or interpreted)."""
-    mode = interpret_mode()
-    if mode not in _JITTED:
-        _JITTED[mode] = triton.jit(_fp8_gemm_kernel)
-    return _JITTED[mode]
+@functools.cache
+def _jit(kernel: Callable, interpreted: bool) -> object:
+    return triton.jit(kernel)
+
+
+def jitted(kernel: Callable) -> object:
+    """``triton.jit(kernel)`` for the current mode (compiled or ``TRITON_INTERPRET=1``), made once per kernel
+    and mode: the project's kernels are plain functions calling no other jitted function, so both modes can
+    run in one process (the tests interpret them and compile them for sm_90)."""
+    return _jit(kernel, interpret_mode())
 
 
 # --------------------------------------------------------------------------------------------------
@@ -275,7 +278,7 @@ class Launch:
         if device.type != "cuda" and not interpret_mode():
             raise RuntimeError(f"TritonBackend needs CUDA tensors, got {device} (Triton kernels run on a GPU); "
                                "set TRITON_INTERPRET=1 to run them slowly on CPU in Triton's interpreter")
-        _kernel()[(self.grid,)](*self.args, **self.constexprs, **self.options)
+        jitted(_fp8_gemm_kernel)[(self.grid,)](*self.args, **self.constexprs, **self.options)
 
 
 def _plan(a: Quantized, b: Quantized, out: Tensor, tiles: Tensor | None, m: int, n: int,

@@ -32,14 +32,13 @@ import torch
 from torch import Tensor
 
 try:
-    import triton
     import triton.language as tl
 except ImportError as exc:  # pragma: no cover - exercised only without triton
     raise ImportError("fp8.triton_quant needs Triton: pip install -e '.[gpu]' (or: pip install triton)",
                       name="triton") from exc
 
 from fp8.quant import BLOCK, E4M3_MAX, MIN_SCALE, Quantized
-from fp8.triton_gemm import interpret_mode
+from fp8.triton_gemm import jitted
 
 INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 ROWS_PER_PROGRAM = 32  # 1x128 tiles: 32 rows x 128 columns per program
@@ -83,16 +82,6 @@ def _quantize_kernel(
     tl.store(q_ptrs, y.to(q_ptr.dtype.element_ty), mask=mask)
 
 
-_JITTED: dict[bool, object] = {}
-
-
-def _kernel():
-    mode = interpret_mode()
-    if mode not in _JITTED:
-        _JITTED[mode] = triton.jit(_quantize_kernel)
-    return _JITTED[mode]
-
-
 def supports(x: Tensor) -> bool:
     """Whether the kernel takes this input: a 2-D fp32/bf16/fp16 tensor (the caller, ``fp8.quant``, has
     already chosen E4M3 on a GPU)."""
@@ -129,7 +118,7 @@ def _launch(view: Tensor, rows: int, cols: int, per_row: bool, pow2: bool, block
     interpreted = view.device.type == "cpu"  # the interpreter: store fp32, let torch round to E4M3
     p = plan(view, rows, cols, per_row, pow2, block_r, torch.float32 if interpreted else torch.float8_e4m3fn)
     if rows and cols:
-        _kernel()[p.grid](*p.args, **p.constexprs, **p.options)
+        jitted(_quantize_kernel)[p.grid](*p.args, **p.constexprs, **p.options)
     payload = p.payload.to(torch.float8_e4m3fn) if interpreted else p.payload
     return Quantized(payload, p.scale, 1 if per_row else BLOCK, "e4m3", pow2)
 

@@ -16,14 +16,16 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from fp8.triton_gemm import jitted
+
 BLOCK = 1024
 
 
 def _adamw_kernel(master_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, param_ptr, n,
                   decay, one_minus_beta1, beta2, one_minus_beta2, bias_correction2_sqrt, eps, step_size,
                   HAS_PARAM: tl.constexpr, BLOCK: tl.constexpr):
-    """A plain function: ``_kernel()`` wraps it with triton.jit once per mode (compiled or interpreted), and
-    it calls no other jitted function, so both modes can run in one process (as fp8/triton_gemm.py)."""
+    """A plain function: ``fp8.triton_gemm.jitted`` wraps it with triton.jit once per mode (compiled or
+    interpreted); it calls no other jitted function, so both modes can run in one process."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     master = tl.load(master_ptr + offs, mask=mask)
@@ -55,19 +57,6 @@ def _adamw_kernel(master_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, param_ptr, 
         tl.store(param_ptr + offs, master.to(param_ptr.dtype.element_ty), mask=mask)
 
 
-_JITTED: dict[bool, object] = {}
-
-
-def _kernel():
-    """The kernel wrapped by ``triton.jit`` for the current mode (compiled or ``TRITON_INTERPRET=1``)."""
-    from fp8.triton_gemm import interpret_mode
-
-    mode = interpret_mode()
-    if mode not in _JITTED:
-        _JITTED[mode] = triton.jit(_adamw_kernel)
-    return _JITTED[mode]
-
-
 def adamw_update(master: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, param: Tensor | None, *,
                  lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, step: float) -> None:
     """One AdamW step of one tensor in place (``step``: the update's number, from 1). ``param``: the
@@ -85,6 +74,6 @@ def adamw_update(master: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tens
                -(lr / (1 - beta1 ** step))]
     # rounded to FP32 here, as torch's foreach ops round a Python scalar (Triton's interpreter would keep FP64)
     scalars = torch.tensor(scalars, dtype=torch.float32).tolist()
-    _kernel()[(triton.cdiv(n, BLOCK),)](
+    jitted(_adamw_kernel)[(triton.cdiv(n, BLOCK),)](
         master, grad, exp_avg, exp_avg_sq, param if param is not None else master, n, *scalars,
         HAS_PARAM=param is not None, BLOCK=BLOCK)
