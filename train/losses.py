@@ -74,6 +74,12 @@ def cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
     return _CrossEntropy.apply(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
 
 
+def head_cross_entropy(logits: Tensor, window: Tensor, depth: int = 0) -> Tensor:
+    """Cross-entropy of the head at MTP ``depth`` (0: the main head) on micro-batch ``window`` [B, T+1]: its
+    position i predicts token i+depth+1, so its targets are window[:, depth+1:]."""
+    return cross_entropy(logits, window[:, depth + 1:])
+
+
 def cross_entropy_reference(logits: Tensor, targets: Tensor) -> Tensor:
     """``F.cross_entropy`` on an FP32 copy of the logits (what HF's causal-LM loss does): the reference."""
     return F.cross_entropy(logits.float().flatten(0, -2), targets.flatten())
@@ -90,8 +96,8 @@ def compute_losses(out: ModelOutput, window: Tensor, mtp_weight: float, balance_
     if out.cross_entropies:
         lm_loss, depth_losses = out.cross_entropies[0], out.cross_entropies[1:]
     else:
-        lm_loss = cross_entropy(out.logits, window[:, 1:])
-        depth_losses = [cross_entropy(logits, window[:, k + 1 :]) for k, logits in enumerate(out.mtp_logits, start=1)]
+        lm_loss = head_cross_entropy(out.logits, window)
+        depth_losses = [head_cross_entropy(logits, window, k) for k, logits in enumerate(out.mtp_logits, start=1)]
     if depth_losses:
         mtp_loss = torch.stack(depth_losses).mean()
     else:

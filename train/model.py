@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from train.config import ModelConfig
-from train.losses import cross_entropy
+from train.losses import head_cross_entropy
 from train.ops import cast_weight, combine_rows, embedding, gate_scores, rms_norm, swiglu, to_compute_dtype
 
 
@@ -494,7 +494,7 @@ class Transformer(nn.Module):
                 stats.append(layer_stats)
         h = self.norm(h)  # MTP depth 1 takes the normalised hidden state (as HF's MtpModel / the released weights)
         logits = self.head(h)
-        cross_entropies = [] if window is None else [cross_entropy(logits, window[:, 1:])]
+        cross_entropies = [] if window is None else [head_cross_entropy(logits, window)]
 
         mtp_logits = []
         for depth, module in enumerate(self.mtp, start=1):
@@ -505,7 +505,7 @@ class Transformer(nn.Module):
             h = module.norm(h)  # and depth k+1 takes depth k's normalised output
             mtp_logits.append(self.head(h))
             if window is not None:
-                cross_entropies.append(cross_entropy(mtp_logits[-1], window[:, depth + 1:]))
+                cross_entropies.append(head_cross_entropy(mtp_logits[-1], window, depth))
 
         if stats:
             balance_loss = torch.stack([s.balance_loss for s in stats]).sum()

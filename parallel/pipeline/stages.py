@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from train.losses import Losses, compute_losses, cross_entropy
+from train.losses import Losses, compute_losses, head_cross_entropy
 from train.model import Block, MoE, ModelOutput, RoutedExperts, Transformer, rope_tables
 from train.ops import to_compute_dtype
 
@@ -126,7 +126,7 @@ class Stage(nn.Module):
             raise ValueError(f"stage {self.index} is the last stage: it needs the micro-batch's window [mb, T+1]")
         h = self.norm(h)
         logits = self.head(h)
-        cross_entropies = [cross_entropy(logits, window[:, 1:])]  # each right after its head (Transformer.forward)
+        cross_entropies = [head_cross_entropy(logits, window)]  # each right after its head (Transformer.forward)
         mtp_logits = []
         if len(self.mtp):
             if embedded is None:
@@ -140,7 +140,7 @@ class Stage(nn.Module):
                     loads.append(stats.expert_load)
                 h = module.norm(h)
                 mtp_logits.append(self.head(h))
-                cross_entropies.append(cross_entropy(mtp_logits[-1], window[:, depth + 1:]))
+                cross_entropies.append(head_cross_entropy(mtp_logits[-1], window, depth))
         out = self._output(None, balance, loads, balance_alpha)
         losses = compute_losses(ModelOutput(logits, mtp_logits, out.balance_loss, out.expert_load, cross_entropies),
                                 window, mtp_weight, balance_alpha)
