@@ -323,12 +323,11 @@ def get_backend(name: str, device: torch.device | str | None = None) -> GemmBack
         return ReferenceBackend()
     if name == "triton":
         backend = _import_triton_backend()()
-        if device.type != "cuda":
-            from fp8.triton_gemm import interpret_mode
+        from fp8.triton_gemm import runs_on
 
-            if not interpret_mode():
-                raise BackendUnavailable(f"fp8 backend 'triton' runs on CUDA (or under TRITON_INTERPRET=1, slowly), "
-                                         f"not on {device.type}; use backend 'auto' or 'emulate'")
+        if not runs_on(device):
+            raise BackendUnavailable(f"fp8 backend 'triton' runs on CUDA (or under TRITON_INTERPRET=1, slowly), "
+                                     f"not on {device.type}; use backend 'auto' or 'emulate'")
         return backend
     if name == "torch":
         probe_scaled_mm(device)

@@ -214,6 +214,11 @@ def interpret_mode() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
 
 
+def runs_on(device: torch.device) -> bool:
+    """Whether Triton kernels can run on tensors of ``device``: CUDA, or anything under the interpreter."""
+    return device.type == "cuda" or interpret_mode()
+
+
 @functools.cache
 def _jit(kernel: Callable, interpreted: bool) -> object:
     return triton.jit(kernel)
@@ -275,7 +280,7 @@ class Launch:
 
     def run(self) -> None:
         device = self.args[0].device
-        if device.type != "cuda" and not interpret_mode():
+        if not runs_on(device):
             raise RuntimeError(f"TritonBackend needs CUDA tensors, got {device} (Triton kernels run on a GPU); "
                                "set TRITON_INTERPRET=1 to run them slowly on CPU in Triton's interpreter")
         jitted(_fp8_gemm_kernel)[(self.grid,)](*self.args, **self.constexprs, **self.options)

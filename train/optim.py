@@ -158,10 +158,10 @@ class AdamW(torch.optim.Optimizer):
         """The update path this optimizer runs for tensors on ``device`` (``update`` with auto resolved)."""
         if self.update == "triton" and not triton_importable():
             raise UserError("optim.update=triton needs Triton (pip install -e '.[gpu]'); use optim.update=auto")
-        if self.update == "triton" and device.type != "cuda":
-            from fp8.triton_gemm import interpret_mode
+        if self.update == "triton":
+            from fp8.triton_gemm import runs_on
 
-            if not interpret_mode():
+            if not runs_on(device):
                 raise UserError(f"optim.update=triton runs on CUDA (or under TRITON_INTERPRET=1), not on "
                                 f"{device.type}; use optim.update=auto")
         if self.update != "auto":
