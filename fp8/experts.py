@@ -19,7 +19,8 @@ No value goes to the host on a GPU with the Triton backend: ``counts`` stays a d
 into tile tables and offsets on the device (the other backends read it; on the CPU that costs nothing).
 
 Caching (sec 3.3.3): x in FP8 (128x1, the layout above) for Wgrad, the SwiGLU inputs (gate and up) in
-FP8 1x128 tiles; the SwiGLU output is recomputed in backward instead of stored.
+FP8 1x128 tiles; the SwiGLU output is recomputed in backward instead of stored. Inside a training step
+the weights' FP8 blocks are made once and shared by every micro-batch (``StepExpertWeights``).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import torch
 from torch import Tensor
 
 from fp8.backend import GemmBackend
-from fp8.linear import _no_autocast, _output_dtype, _quantize, _quantize_t, _rebuild, wgrad_dtype
+from fp8.linear import StepWeight, _no_autocast, _output_dtype, _quantize, _quantize_t, _rebuild, wgrad_dtype
 from fp8.quant import BLOCK, Quantized, dequantize
 from fp8.wgrad import WeightGradBox, WeightSpec, no_weight_grad, weight_entry
 
@@ -70,24 +71,60 @@ class ExpertRows:
         return [_quantize_t(x.new_zeros(self.padded_rows, x.shape[1]).index_copy_(0, where, x)) for x in xs]
 
 
+def _padded(n: int) -> int:
+    return -(-n // BLOCK) * BLOCK
+
+
 def quantize_experts(w: Tensor) -> Quantized:
     """Expert weights [E, N, K] -> the Quantized of the stacked [E * N_pad, K] in 128x128 blocks, where
     each expert is padded with zero rows to N_pad = N rounded up to 128. Zero rows change no block's
     max-abs, so every expert's payloads and scales are those of ``quantize_weight(w[e])`` and no block
     straddles two experts (any N; real configs have N % 128 == 0 and need no padding)."""
     e, n, k = w.shape
-    padded = -(-n // BLOCK) * BLOCK
+    padded = _padded(n)
     if padded != n:
         w = torch.cat([w, w.new_zeros(e, padded - n, k)], dim=1)
     return _quantize(w.reshape(e * padded, k), BLOCK)
 
 
-def expert_gemm(backend: GemmBackend, a: Quantized, w: Tensor, counts: Tensor | list[int],
+def transpose_expert_blocks(q: Quantized, shape: tuple[int, int, int]) -> Quantized:
+    """``quantize_experts(w.transpose(1, 2))`` from ``q = quantize_experts(w)`` for w of ``shape`` [E, N, K],
+    without re-quantizing: each expert's 128x128 blocks transposed (the same elements share a block in W_e
+    and W_e^T, and padding rows are zeros), each W_e^T zero-padded to K rounded up to 128 rows. Exact."""
+    e, n, k = shape
+    n_pad, k_pad = _padded(n), _padded(k)
+    data = q.data.view(e, n_pad, k)[:, :n].transpose(1, 2)  # [E, K, N]
+    if k_pad == k:
+        data = data.contiguous()
+    else:
+        data = torch.cat([data, data.new_zeros(e, k_pad - k, n)], dim=1)
+    scale = q.scale.view(e, n_pad // BLOCK, k_pad // BLOCK).transpose(1, 2).reshape(e * k_pad // BLOCK, -1)
+    return Quantized(data.reshape(e * k_pad, n), scale, BLOCK, q.fmt, q.pow2)
+
+
+class StepExpertWeights(StepWeight):
+    """The routed experts' weight [E, N, K] as FP8 blocks for one training step (``fp8.linear.StepWeight``):
+    the padded stack of ``quantize_experts``, made once and shared by every micro-batch's Fprop; Dgrad's
+    W^T blocks are transposed from it at each use (``transpose_expert_blocks``: 2 bytes moved per
+    parameter instead of a quantization reading the FP32 master), so a step keeps 1 byte per expert
+    parameter (the planner's ``casts`` term under FP8), less than the BF16 copy a BF16 step keeps."""
+
+    memo_name = "fp8_expert_weight"
+    keep_transposed = False
+
+    def quantize(self) -> Quantized:
+        return quantize_experts(self.weight)
+
+    def transpose(self, blocks: Quantized) -> Quantized:
+        return transpose_expert_blocks(blocks, tuple(self.weight.shape))
+
+
+def expert_gemm(backend: GemmBackend, a: Quantized, w: Quantized, n: int, counts: Tensor | list[int],
                 out_dtype: torch.dtype = torch.float32) -> Tensor:
     """[T, N] in ``out_dtype`` (fp32 sums): the rows of a [T, K] (1x128 tiles, sorted by expert) times their
-    expert's ``W_e^T`` for w [E, N, K], as one grouped GEMM on the padded stack (``quantize_experts``)."""
-    n = w.shape[1]
-    out = backend.grouped_gemm(a, quantize_experts(w), counts, out_dtype)
+    expert's ``W_e^T``, for ``w`` the padded stack of ``quantize_experts`` of weights [E, N, K], as one
+    grouped GEMM."""
+    out = backend.grouped_gemm(a, w, counts, out_dtype)
     return out if out.shape[1] == n else out[:, :n]
 
 
@@ -116,22 +153,24 @@ class _Fp8ExpertFFN(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, w1: Tensor, w2: Tensor, w3: Tensor, rows: ExpertRows, backend: GemmBackend,
-                box: WeightGradBox, weights: Tensor) -> Tensor:
+                box: WeightGradBox, weights: Tensor, step_weights: tuple[StepExpertWeights, ...]) -> Tensor:
         out_dtype = _output_dtype(x)
         counts = rows.counts
+        inter, dim = w1.shape[1], w2.shape[1]
         with _no_autocast(x):
+            blocks1, blocks2, blocks3 = (s.blocks() for s in step_weights)
             qx = _quantize(x, 1)
-            gate = expert_gemm(backend, qx, w1, counts)  # [T, I] fp32
-            up = expert_gemm(backend, qx, w3, counts)
+            gate = expert_gemm(backend, qx, blocks1, inter, counts)  # [T, I] fp32
+            up = expert_gemm(backend, qx, blocks3, inter, counts)
             hidden = _swiglu_parts(gate, up)[2] * weights.float()[:, None]
-            out = expert_gemm(backend, _quantize(hidden, 1), w2, counts, out_dtype)  # [T, D]
+            out = expert_gemm(backend, _quantize(hidden, 1), blocks2, dim, counts, out_dtype)  # [T, D]
             # Cache: the SwiGLU inputs in FP8 1x128 tiles, and x in 128x1 tiles per expert for Wgrad; the
             # SwiGLU output is recomputed in backward.
             q_gate, q_up = _quantize(gate, 1), _quantize(up, 1)
             (x_t,) = rows.quantize_tokens(x)
         ctx.save_for_backward(q_gate.data, q_gate.scale, q_up.data, q_up.scale, w1, w2, w3, weights,
                               x_t.data, x_t.scale)
-        ctx.rows, ctx.backend, ctx.x_dtype, ctx.box = rows, backend, x.dtype, box
+        ctx.rows, ctx.backend, ctx.x_dtype, ctx.box, ctx.step_weights = rows, backend, x.dtype, box, step_weights
         ctx.weight_specs = [WeightSpec.of(w) for w in (w1, w2, w3)]
         return out
 
@@ -140,10 +179,12 @@ class _Fp8ExpertFFN(torch.autograd.Function):
         box: WeightGradBox = ctx.box
         no_weight_grads = [no_weight_grad(spec) for spec in ctx.weight_specs]
         if box.is_replay():  # the W pass of a split backward: only the entry node's Wgrad is left
-            return None, *no_weight_grads, None, None, None, None
+            return None, *no_weight_grads, None, None, None, None, None
         gate_data, gate_scale, up_data, up_scale, w1, w2, w3, weights, x_data, x_scale = ctx.saved_tensors
         rows: ExpertRows = ctx.rows
         backend = ctx.backend
+        step1, step2, step3 = ctx.step_weights
+        inter, dim = w1.shape[1], w2.shape[1]
         x_t = _rebuild(x_data, x_scale, 1, "e4m3", False)
         with _no_autocast(dout):
             dout32 = dout.float()
@@ -154,18 +195,18 @@ class _Fp8ExpertFFN(torch.autograd.Function):
             hidden = unweighted * row_weights
 
             # down projection: Dgrad dh = dout W2 (K = D); then through the gate weights
-            dweighted = expert_gemm(backend, _quantize(dout32, 1), w2.transpose(1, 2), rows.counts)
+            dweighted = expert_gemm(backend, _quantize(dout32, 1), step2.transposed(), inter, rows.counts)
             dweights = (dweighted * unweighted).sum(-1).to(weights.dtype) if ctx.needs_input_grad[7] else None
             dhidden = dweighted * row_weights
             dgate = dhidden * up * sig * (1 + gate * (1 - sig))
             dup = dhidden * act
             dx = None
             if ctx.needs_input_grad[0]:  # Dgrad of gate and up: K = I
-                dx = (expert_gemm(backend, _quantize(dgate, 1), w1.transpose(1, 2), rows.counts)
-                      + expert_gemm(backend, _quantize(dup, 1), w3.transpose(1, 2), rows.counts))
+                dx = (expert_gemm(backend, _quantize(dgate, 1), step1.transposed(), dim, rows.counts)
+                      + expert_gemm(backend, _quantize(dup, 1), step3.transposed(), dim, rows.counts))
                 dx = dx.to(ctx.x_dtype)
             if not any(ctx.needs_input_grad[1:4]):
-                return dx, None, None, None, None, None, None, dweights
+                return dx, None, None, None, None, None, None, dweights, None
 
             # Wgrad operands (K = the experts' tokens), quantized now: a split backward keeps them, in FP8,
             # until its W pass instead of fp32 dout, h, dgate and dup
@@ -176,7 +217,7 @@ class _Fp8ExpertFFN(torch.autograd.Function):
                     expert_wgrad(backend, dup_t, x_t, rows, w3))
 
         box.defer(wgrad)
-        return dx, *no_weight_grads, None, None, None, dweights
+        return dx, *no_weight_grads, None, None, None, dweights, None
 
 
 def fp8_expert_ffn(x_sorted: Tensor, counts: Tensor | list[int], w1: Tensor, w2: Tensor, w3: Tensor,
@@ -197,8 +238,9 @@ def fp8_expert_ffn(x_sorted: Tensor, counts: Tensor | list[int], w1: Tensor, w2:
     if not counts.is_cuda and sum(counts.tolist()) != x_sorted.shape[0]:
         raise ValueError(f"counts ({sum(counts.tolist())} rows) do not match x_sorted {tuple(x_sorted.shape)}")
     box = WeightGradBox()
+    step_weights = tuple(StepExpertWeights.of(w) for w in (w1, w2, w3))
     w1, w2, w3 = weight_entry(box, w1, w2, w3)
     if weights is None:
         weights = x_sorted.new_ones(x_sorted.shape[0], dtype=torch.float32)
     return _Fp8ExpertFFN.apply(x_sorted, w1, w2, w3, ExpertRows.of(counts, x_sorted.shape[0]), backend, box,
-                               weights)
+                               weights, step_weights)

@@ -106,17 +106,28 @@ class StepWeight:
     for the step (the planner's ``casts`` term). Outside a step nothing is kept (``keep`` False): Fprop
     and Dgrad quantize afresh, as the report's online quantization. The entry travels in the autograd
     context, so backward finds it on any thread (CUDA runs backward on its own, where the step's
-    context variable is not set)."""
+    context variable is not set). Subclasses change the layout (``fp8.experts.StepExpertWeights``)."""
+
+    memo_name = "fp8_linear_weight"
+    keep_transposed = True  # False: W^T's blocks are made from W's at each use (1 byte per parameter kept, not 2)
 
     def __init__(self, weight: Tensor, keep: bool):
         self.weight, self.version, self.keep = weight, weight._version, keep
         self._blocks: Quantized | None = None
         self._transposed: Quantized | None = None
 
+    def quantize(self) -> Quantized:
+        """W's blocks, made from the weight."""
+        return _quantize_weight(self.weight)
+
+    def transpose(self, blocks: Quantized) -> Quantized:
+        """W^T's blocks, made from W's (exact)."""
+        return transpose_blocks(blocks)
+
     def blocks(self) -> Quantized:
         if self._blocks is not None:
             return self._blocks
-        blocks = _quantize_weight(self.weight)
+        blocks = self.quantize()
         if self.keep:
             self._blocks = blocks
         return blocks
@@ -124,18 +135,18 @@ class StepWeight:
     def transposed(self) -> Quantized:
         if self._transposed is not None:
             return self._transposed
-        transposed = transpose_blocks(self.blocks())
-        if self.keep:
+        transposed = self.transpose(self.blocks())
+        if self.keep and self.keep_transposed:
             self._transposed = transposed
         return transposed
 
-    @staticmethod
-    def of(weight: Tensor) -> StepWeight:
+    @classmethod
+    def of(cls, weight: Tensor) -> StepWeight:
         """The step's entry for ``weight`` (a fresh one outside a step, or once the weight was changed)."""
-        memo = step_memo("fp8_linear_weight")
+        memo = step_memo(cls.memo_name)
         entry = memo.get(weight) if memo is not None else None
         if entry is None or entry.version != weight._version:
-            entry = StepWeight(weight, keep=memo is not None)
+            entry = cls(weight, keep=memo is not None)
             if memo is not None:
                 memo[weight] = entry
         return entry

@@ -72,7 +72,8 @@ def rank_memory(cfg: Config, cluster: Cluster, layout: Any, p: Precision,
             buffers += tokens * m.vocab_size * p.act
         buffers += max(s.recompute_bytes for s in mine)  # full recompute: one block rebuilt at a time
         casts = sum(s.cast_dense for s in mine) + sum(s.cast_expert for s in mine) / layout.ep
-        fp8_copies = 2 * sum(s.fp8_dense for s in mine)  # FP8 blocks of W and of W^T: 1 byte each
+        # FP8 blocks of W and of W^T, 1 byte each; the routed experts keep W's only (fp8/experts.py)
+        fp8_copies = 2 * sum(s.fp8_dense for s in mine) + sum(s.fp8_expert for s in mine) / layout.ep
         kept = sum(s.fp32_params for s in mine)  # norms and gates: FP32 parameters, their own masters
         terms = {
             "weights": kept * 4 + (params - kept) * p.weight,  # on every data-parallel rank

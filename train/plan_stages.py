@@ -93,6 +93,7 @@ class StagePlan:
     cast_dense: int = 0  # parameters outside the routed experts that BF16 GEMMs read (cast once per step)
     cast_expert: int = 0  # routed-expert parameters that BF16 GEMMs read (the whole stage's; 1/ep per rank)
     fp8_dense: int = 0  # FP8 linears' weights (blocks, not experts): their FP8 blocks and transpose, per step
+    fp8_expert: int = 0  # routed-expert weights under FP8 (the whole stage's): their FP8 blocks, per step
 
 
 
@@ -106,7 +107,7 @@ def stage_plans(cfg: Config, n_stages: int, p: Precision, boundaries: list[int] 
         act = working = fixed = 0.0
         flops = dict.fromkeys(("fp8", "bf16", "attention", "recompute_fp8", "recompute_bf16"), 0.0)
         ids = list(range(lo, hi)) + ([m.n_layers + k for k in range(m.mtp_depth)] if last else [])
-        cast_dense = cast_expert = kept = fp8_dense = 0
+        cast_dense = cast_expert = kept = fp8_dense = fp8_expert = 0
         for layer in ids:
             d, e = layer_params(m, layer)
             dense, expert = dense + d, expert + e
@@ -117,6 +118,7 @@ def stage_plans(cfg: Config, n_stages: int, p: Precision, boundaries: list[int] 
                 cast_expert += e
             else:  # quantized once per step and shared by the micro-batches (fp8/linear.py StepWeight)
                 fp8_dense += d - free
+                fp8_expert += e
             moe += not is_dense(m, layer)
             length = t.seq_len if layer < m.n_layers else t.seq_len - (layer - m.n_layers + 1)
             if layer < m.n_layers:  # MTP blocks: in tail_activation_bytes
@@ -143,7 +145,7 @@ def stage_plans(cfg: Config, n_stages: int, p: Precision, boundaries: list[int] 
             cast_dense = cast_expert = 0
         plans.append(StagePlan(index, (lo, hi), dense, kept, expert, embed, moe, act * tokens + fixed,
                                {k: v * tokens for k, v in flops.items()}, last, working * tokens,
-                               cast_dense, cast_expert, fp8_dense))
+                               cast_dense, cast_expert, fp8_dense, fp8_expert))
     return plans
 
 

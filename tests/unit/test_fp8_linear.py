@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fp8.backend import EmulateBackend, ReferenceBackend
-from fp8.experts import expert_gemm, fp8_expert_ffn, quantize_experts
+from fp8.experts import expert_gemm, fp8_expert_ffn, quantize_experts, transpose_expert_blocks
 from fp8.gemm import gemm_reference
 from fp8.linear import Fp8Linear, fp8_linear, transpose_blocks
 from fp8.quant import BLOCK, E4M3_MAX, Quantized, dequantize_2d, quantize, quantize_act_transposed, quantize_weight
@@ -95,8 +95,8 @@ def test_emulate_grouped_matches_reference():
     emulated = EMULATE.grouped_gemm(a, b, counts)
     assert emulated.shape == (sum(counts), 128)  # each expert padded to 128 rows
     assert torch.allclose(emulated, reference, rtol=1e-5, atol=1e-5 * reference.abs().max().item())
-    assert torch.equal(expert_gemm(EMULATE, a, w, counts), emulated[:, :n])
-    empty = expert_gemm(EMULATE, quantize(torch.zeros(0, k), 1), w, [0] * 5)
+    assert torch.equal(expert_gemm(EMULATE, a, b, n, counts), emulated[:, :n])
+    empty = expert_gemm(EMULATE, quantize(torch.zeros(0, k), 1), b, n, [0] * 5)
     assert empty.shape == (0, n)
     with pytest.raises(ValueError, match="sum"):
         EMULATE.grouped_gemm(a, b, [5, 0, 130, 1, 63])
@@ -174,8 +174,8 @@ def test_torch_backend_scale_layouts(monkeypatch):
     assert torch.equal(backend.gemm(a, b), EMULATE.gemm(a, b))
     counts = [3, 0, 9]
     xs, ws = torch.randn(12, 256), torch.randn(3, 32, 256)
-    grouped = expert_gemm(backend, quantize(xs, 1), ws, counts)
-    expected = expert_gemm(EMULATE, quantize(xs, 1), ws, counts)
+    grouped = expert_gemm(backend, quantize(xs, 1), quantize_experts(ws), 32, counts)
+    expected = expert_gemm(EMULATE, quantize(xs, 1), quantize_experts(ws), 32, counts)
     assert grouped.shape == (12, 32) and (grouped - expected).abs().max() <= 1e-4 * expected.abs().max()
     a, b = quantize(torch.randn(40, 384), 1), quantize(torch.randn(24, 384), 1)  # the experts' Wgrad
     offsets = [0, 256, 256, 384]
@@ -202,6 +202,12 @@ def test_transpose_blocks_and_expert_blocks():
             alone, part = quantize_weight(experts[e]), stacked.row_slice(e * padded, (e + 1) * padded)
             assert torch.equal(part.scale, alone.scale)
             assert torch.equal(part.data[:rows].float(), alone.data.float()) and not part.data[rows:].float().any()
+        # and the stack of the W_e^T (Dgrad's operand) from it, without re-quantizing: the same bits
+        for cols in (200, 256):
+            w = experts[..., :cols]
+            made, direct = transpose_expert_blocks(quantize_experts(w), tuple(w.shape)), quantize_experts(w.transpose(1, 2))
+            assert made.data.shape == direct.data.shape and torch.equal(made.scale, direct.scale)
+            assert torch.equal(made.data.float(), direct.data.float())
 
 
 # --------------------------------------------------------------------------------------------------
@@ -547,6 +553,55 @@ def test_fp8_expert_ffn_no_rows_and_autocast():
     assert rel(out, reference) < 0.10
     with pytest.raises(ValueError, match="counts"):
         fp8_expert_ffn(xb, torch.tensor([7, 0, 8]), *ws, backend=EMULATE)
+
+
+def test_micro_batches_of_a_step_share_one_quantization_of_the_expert_weights(monkeypatch):
+    """Inside a step the routed experts' weights are quantized once (``StepExpertWeights``) for every
+    micro-batch's Fprop; each Dgrad transposes those blocks (1 byte kept per parameter, not 2) instead of
+    quantizing W^T from the master. Outside a step every use quantizes. Outputs and all gradients are
+    bit-identical either way; a weight changed in place is quantized again."""
+    import fp8.experts as fe
+
+    calls = {"quantize": 0, "transpose": 0}
+
+    def counted(name, fn):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(fe, "quantize_experts", counted("quantize", fe.quantize_experts))
+    monkeypatch.setattr(fe, "transpose_expert_blocks", counted("transpose", fe.transpose_expert_blocks))
+    counts = [40, 0, 90]
+    micro_batches = [expert_inputs(counts, 192, 160, seed=s) for s in range(3)]
+    weights = [nn.Parameter(t.float()) for t in micro_batches[0][1:4]]
+
+    def run(context):
+        calls.update(quantize=0, transpose=0)
+        for w in weights:
+            w.grad = None
+        outs, dxs = [], []
+        with context:
+            for x0, *_, dout in micro_batches:
+                x = x0.float().requires_grad_()
+                out = fp8_expert_ffn(x, torch.tensor(counts), *weights, gate_weights(counts).float(), backend=EMULATE)
+                out.backward(dout.float())
+                outs.append(out.detach())
+                dxs.append(x.grad)
+        return dict(calls), outs, dxs, [w.grad.clone() for w in weights]
+
+    alone, *plain = run(contextlib.nullcontext())
+    shared, *step = run(shared_weight_casts())
+    assert alone == {"quantize": 18, "transpose": 9} and shared == {"quantize": 3, "transpose": 9}
+    for a, b in zip(plain, step):
+        assert all(torch.equal(u, v) for u, v in zip(a, b))
+    x0 = micro_batches[0][0].float()
+    calls.update(quantize=0, transpose=0)
+    with shared_weight_casts(), torch.no_grad():  # the same Parameter objects: the memo's keys
+        first = fp8_expert_ffn(x0, counts, *weights, backend=EMULATE)
+        weights[1].mul_(2)  # w2 (down): the output is linear in it
+        again = fp8_expert_ffn(x0, counts, *weights, backend=EMULATE)
+    assert calls["quantize"] == 4 and torch.equal(again, 2 * first)  # powers of two scale exactly
 
 
 def test_fp8_training_path_reads_nothing_back_and_carries_nan():
