@@ -1,9 +1,9 @@
 """Fused FP8 quantization (fp8/triton_quant.py) against the PyTorch operations it replaces, at the report's
 shapes, with the payload bits and scales compared in the same run.
 
-Every FP8 linear quantizes six tensors per micro-batch (x in 1x128 and 128x1 tiles, W twice in 128x128
-blocks, dy in 1x128 and 128x1 tiles); as PyTorch operations each is about ten kernels and an FP32 copy for
-the transposed layout. The table gives milliseconds, the bytes moved per second (input read once, FP8
+Every FP8 linear quantizes x and dy per micro-batch, each in 1x128 and 128x1 tiles (its weight once per step,
+in 128x128 blocks); as PyTorch operations each is about ten kernels and an FP32 copy for the transposed
+layout, fused one kernel per layout or one for both layouts of a tensor ("both from one read"). The table gives milliseconds, the bytes moved per second (input read once, FP8
 payload and scales written once) and the speed-up.
 
     python bench/fp8_quant.py --device cuda            # in bash bench/gpu_check.sh fp8
@@ -30,15 +30,18 @@ def cases(tokens: list[int], dim: int, inter: int) -> list[tuple[str, tuple[int,
     for t in tokens:
         out.append((f"activation {t} x {dim}, 1x128", (t, dim), "rows"))
         out.append((f"activation {t} x {dim}, 128x1 (transposed)", (t, dim), "columns"))
+        out.append((f"activation {t} x {dim}, both from one read", (t, dim), "both"))
     out.append((f"weight {inter} x {dim}, 128x128", (inter, dim), "blocks"))
     out.append((f"weight {dim} x {inter}, 128x128", (dim, inter), "blocks"))
     return out
 
 
-def torch_ops(x: torch.Tensor, layout: str) -> Quantized:
+def torch_ops(x: torch.Tensor, layout: str) -> tuple[Quantized, ...]:
+    if layout == "both":
+        return torch_ops(x, "rows") + torch_ops(x, "columns")
     if layout == "columns":
-        return quantize_with_torch_ops(x.t().contiguous(), 1, "e4m3", False, False)
-    return quantize_with_torch_ops(x, 1 if layout == "rows" else BLOCK, "e4m3", False, False)
+        return (quantize_with_torch_ops(x.t().contiguous(), 1, "e4m3", False, False),)
+    return (quantize_with_torch_ops(x, 1 if layout == "rows" else BLOCK, "e4m3", False, False),)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,15 +72,21 @@ def main(argv: list[str] | None = None) -> int:
         if fused is None:
             print(f"{label:<44} {base:>12.3f} {'-':>9} {'-':>10} {'-':>8}  -")
             continue
-        run = {"rows": fused.quantize_rows, "blocks": fused.quantize_blocks, "columns": fused.quantize_columns}[layout]
-        out = run(x)
-        same = (torch.equal(out.scale, reference.scale)
-                and torch.equal(out.data.view(torch.uint8), reference.data.view(torch.uint8)))
+        run = {"rows": lambda x: (fused.quantize_rows(x),), "blocks": lambda x: (fused.quantize_blocks(x),),
+               "columns": lambda x: (fused.quantize_columns(x),), "both": fused.quantize_rows_and_columns}[layout]
+        outs = run(x)
+        same = all(torch.equal(out.scale, ref.scale) and torch.equal(out.data.view(torch.uint8), ref.data.view(torch.uint8))
+                   for out, ref in zip(outs, reference))
         failures += not same
         ms = median_ms(lambda: run(x), device, args.warmup, args.repeats)
-        moved = x.numel() * (x.element_size() + 1) + out.scale.numel() * 4
+        moved = x.numel() * x.element_size() + sum(out.data.numel() + out.scale.numel() * 4 for out in outs)
+        note = ""
+        if layout == "both":  # against the two kernels it replaces
+            two = median_ms(lambda: (fused.quantize_rows(x), fused.quantize_columns(x)), device, args.warmup,
+                            args.repeats)
+            note = f"  (two kernels: {two:.3f} ms, {two / ms:.2f}x)"
         print(f"{label:<44} {base:>12.3f} {ms:>9.3f} {moved / ms / 1e6:>10.0f} {base / ms:>7.2f}x  "
-              f"{'same' if same else 'DIFFER'}")
+              f"{'same' if same else 'DIFFER'}{note}")
     if failures:
         print(f"{failures} case(s) where the fused kernel's bits differ from the PyTorch operations")
     return 1 if failures else 0

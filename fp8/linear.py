@@ -32,7 +32,8 @@ import torch
 from torch import Tensor, nn
 
 from fp8.backend import GemmBackend
-from fp8.quant import (BLOCK, Quantized, convert_tiles, pack_12bit, quantize, quantize_act_transposed, quantize_weight,
+from fp8.quant import (BLOCK, Quantized, convert_tiles, pack_12bit, quantize, quantize_act_transposed, quantize_both_layouts,
+                      quantize_weight,
                        unpack_12bit)
 from fp8.wgrad import WeightGradBox, WeightSpec, no_weight_grad, weight_entry
 from train.ops import step_memo
@@ -44,6 +45,7 @@ CACHE_FORMATS = ("e4m3", "e5m6")
 # step (fp8/quant.py, ``check_finite``).
 _quantize = functools.partial(quantize, check_finite=False)
 _quantize_t = functools.partial(quantize_act_transposed, check_finite=False)
+_quantize_both = functools.partial(quantize_both_layouts, check_finite=False)
 _quantize_weight = functools.partial(quantize_weight, check_finite=False)
 
 
@@ -90,7 +92,7 @@ def _quantized_input(x: Tensor, x2d: Tensor) -> tuple[Quantized, Quantized]:
     hit = memo.get(x) if memo is not None else None
     if hit is not None and hit[0] == x._version and hit[1].data.shape[0] == x2d.shape[0]:
         return hit[1], hit[2]
-    quantized = _quantize(x2d, 1), _quantize_t(x2d)
+    quantized = _quantize_both(x2d)  # one read of x on a GPU
     if memo is not None:
         memo[x] = (x._version, *quantized)
     return quantized
@@ -184,24 +186,33 @@ class _Fp8Linear(torch.autograd.Function):
         data, scale, weight = ctx.saved_tensors
         n, k = weight.shape
         backend: GemmBackend = ctx.backend
-        dx = None
+        dx = dy_t = None
+        need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         with _no_autocast(dy):
             dy2d = dy.reshape(-1, n)
-            if ctx.needs_input_grad[0]:  # Dgrad: K of this GEMM is N
+            # dy in 1x128 tiles for Dgrad (K of that GEMM is N) and 128x1 tiles for Wgrad (K = tokens), made
+            # now from one read of dy: a split backward keeps the FP8 Wgrad operand for its W pass, not dy
+            if need_dx and need_dw:
+                q_dy, dy_t = _quantize_both(dy2d)
+            elif need_dx:
+                q_dy = _quantize(dy2d, 1)
+            elif need_dw:
+                dy_t = _quantize_t(dy2d)
+            if need_dx:
                 wt = ctx.step_weight.transposed()  # [K, N]: W's blocks transposed
-                dx = backend.gemm(_quantize(dy2d, 1), wt, ctx.x_dtype).reshape(ctx.x_shape)
-        if not ctx.needs_input_grad[1]:
+                dx = backend.gemm(q_dy, wt, ctx.x_dtype).reshape(ctx.x_shape)
+        if not need_dw:
             return dx, None, None, None, None, None
         cache = ctx.cache
 
-        def wgrad() -> tuple[Tensor]:  # K of this GEMM is the token dim
-            with _no_autocast(dy):
+        def wgrad() -> tuple[Tensor]:
+            with _no_autocast(data):
                 if cache == "e4m3":
                     x_t = _rebuild(data, scale, 1, "e4m3", False)
                 else:
                     codes = unpack_12bit(data, k)
                     x_t = convert_tiles(_rebuild(codes, scale, 1, "e5m6", True))  # 1x128 -> 128x1, exact
-                return (backend.gemm(_quantize_t(dy.reshape(-1, n)), x_t).to(wgrad_dtype(weight)),)
+                return (backend.gemm(dy_t, x_t).to(wgrad_dtype(weight)),)
 
         box.defer(wgrad)
         return dx, no_weight_grad(ctx.weight_spec), None, None, None, None

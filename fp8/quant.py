@@ -387,6 +387,19 @@ def quantize_act_transposed(x: Tensor, fmt: str = "e4m3", pow2: bool = False, *,
     return fused if fused is not None else quantize(x2d.t().contiguous(), 1, fmt, pow2, check_finite=check_finite)
 
 
+def quantize_both_layouts(x: Tensor, fmt: str = "e4m3", pow2: bool = False, *,
+                          check_finite: bool = True) -> tuple[Quantized, Quantized]:
+    """``(quantize(x2d, 1), quantize_act_transposed(x))`` for x [..., K] flattened to x2d [T, K]: the 1x128
+    tiles a GEMM reads along K and the 128x1 tiles Wgrad reads along T. On the training path a CUDA
+    tensor in E4M3 is read once for both (``fp8.triton_quant.quantize_rows_and_columns``, same numbers)."""
+    x2d = x.reshape(-1, x.shape[-1])
+    fused = None if check_finite else _quantize_fused("rows_and_columns", x2d, fmt, pow2)
+    if fused is not None:
+        return fused
+    return (quantize(x2d, 1, fmt, pow2, check_finite=check_finite),
+            quantize_act_transposed(x2d, fmt, pow2, check_finite=check_finite))
+
+
 def convert_tiles(q: Quantized) -> Quantized:
     """Re-tile q (the Quantized of x [R, K], normally 1x128 tiles) into the Quantized of x.T [K, R] with
     1x128 tiles, i.e. 128x1 tiles of x (sec 3.3.3: the attention-output activation cached in E5M6 and

@@ -1,5 +1,6 @@
 """fp8/triton_quant.py, the fused E4M3 quantization kernel, against fp8.quant's PyTorch operations: the same
-payload bits and scales, for 1x128 tiles, 128x128 blocks and 128x1 tiles written transposed.
+payload bits and scales, for 1x128 tiles, 128x128 blocks, 128x1 tiles written transposed, and the first and
+the last from one read.
 
 * Interpreted (CPU): Triton's interpreter binds ``tl.max`` to the mode ``triton`` was imported in, so
   these checks run in a subprocess started with ``TRITON_INTERPRET=1``.
@@ -18,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fp8.quant import BLOCK, quantize, quantize_act_transposed
+from fp8.quant import BLOCK, quantize, quantize_act_transposed, quantize_both_layouts
 
 triton = pytest.importorskip("triton", reason="Triton is not installed (the gpu extra)")
 
@@ -59,7 +60,10 @@ def check_against_reference(device: str = "cpu") -> int:
                 same(tq.quantize_rows(x, pow2), quantize(x, 1, "e4m3", pow2))
                 same(tq.quantize_blocks(x, pow2), quantize(x, BLOCK, "e4m3", pow2))
                 same(tq.quantize_columns(x, pow2), quantize_act_transposed(x, "e4m3", pow2))
-                cases += 3
+                rows_q, columns_q = tq.quantize_rows_and_columns(x, pow2)  # both layouts from one read
+                same(rows_q, quantize(x, 1, "e4m3", pow2))
+                same(columns_q, quantize_act_transposed(x, "e4m3", pow2))
+                cases += 4
     # power-of-two scales where amax / 448 lies next to a power of two: 448 * 2^e times 1 + k ulp, k in
     # -4..4, e over the normal range; the kernel rounds the fp32 quotient up, fp8.quant the fp64 one
     k = torch.arange(-4, 5, dtype=torch.float32)
@@ -70,7 +74,10 @@ def check_against_reference(device: str = "cpu") -> int:
     x[:, 200] = -amax.flatten().to(device) / 3
     same(tq.quantize_rows(x, True), quantize(x, 1, "e4m3", True))
     same(tq.quantize_columns(x.t(), True), quantize_act_transposed(x.t(), "e4m3", True))
-    cases += 2
+    for got, expected in zip(tq.quantize_rows_and_columns(x, True),
+                             (quantize(x, 1, "e4m3", True), quantize_act_transposed(x, "e4m3", True))):
+        same(got, expected)
+    cases += 3
     empty = torch.zeros(0, 256, device=device)
     assert tq.quantize_rows(empty).data.shape == (0, 256)
     return cases
@@ -84,10 +91,10 @@ def test_interpreted_kernel_equals_the_pytorch_operations():
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
                             timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
-    assert f"cases {len(SHAPES) * 2 * 2 * 3 + 2}" in result.stdout
+    assert f"cases {len(SHAPES) * 2 * 2 * 4 + 3}" in result.stdout
 
 
-@pytest.mark.parametrize("layout", ["rows", "blocks", "columns"])
+@pytest.mark.parametrize("layout", ["rows", "blocks", "columns", "both"])
 @pytest.mark.parametrize("pow2", [False, True], ids=["amax-scales", "pow2-scales"])
 def test_compiles_for_hopper_with_ieee_division_and_a_saturating_cast(compiled_mode, layout, pow2, tmp_path):
     from fp8 import triton_quant as tq
@@ -98,8 +105,10 @@ def test_compiles_for_hopper_with_ieee_division_and_a_saturating_cast(compiled_m
         p = tq.plan(x, 4096, 7168, True, pow2, tq.ROWS_PER_PROGRAM)
     elif layout == "blocks":
         p = tq.plan(x, 4096, 7168, False, pow2, BLOCK)
-    else:
+    elif layout == "columns":
         p = tq.plan(x.t(), 7168, 4096, True, pow2, tq.ROWS_PER_PROGRAM)
+    else:
+        p = tq.plan(x, 4096, 7168, True, pow2, BLOCK, columns_too=True)
     kernel = compile_for_sm90(tq._quantize_kernel, p.args, p.constexprs, p.options)
     ptx = kernel.asm["ptx"]
     assert "div.rn.f32" in ptx and "div.full" not in ptx and "div.approx" not in ptx  # torch's quotients
@@ -115,13 +124,15 @@ def test_compiles_for_hopper_with_ieee_division_and_a_saturating_cast(compiled_m
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_kernel_equals_the_pytorch_operations(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    assert check_against_reference("cuda") == len(SHAPES) * 2 * 2 * 3 + 2
+    assert check_against_reference("cuda") == len(SHAPES) * 2 * 2 * 4 + 3
     # and fp8.quant takes it on the training path (check_finite=False), with the same numbers
     from fp8 import quant
 
     x = inputs(300, 200, torch.bfloat16, "cuda")
     assert quant._fused_kernels(x, "e4m3") is not None
     same(quantize(x, 1, check_finite=False), quantize(x, 1))
+    for got, expected in zip(quantize_both_layouts(x, check_finite=False), (quantize(x, 1), quantize_act_transposed(x))):
+        same(got, expected)
     x[5, 9] = float("nan")  # the training path's NaN reaches the GEMM output (then the loss)
     for q in (quantize(x, 1, check_finite=False), quantize(x, BLOCK, check_finite=False),
               quantize_act_transposed(x, check_finite=False)):
