@@ -415,6 +415,17 @@ def test_two_linears_on_one_input_share_its_fp8_copy_within_a_step():
         assert not torch.equal(first, fp8_linear(x, w1.detach(), EMULATE))
 
 
+def count_calls(monkeypatch, module, **functions: str) -> dict[str, int]:
+    """From now on, count the calls of each ``module.<function>``, under its label: {label: calls}."""
+    calls = dict.fromkeys(functions, 0)
+    for label, name in functions.items():
+        def counted(*args, _label=label, _fn=getattr(module, name), **kwargs):
+            calls[_label] += 1
+            return _fn(*args, **kwargs)
+        monkeypatch.setattr(module, name, counted)
+    return calls
+
+
 def test_micro_batches_of_a_step_share_one_quantization_of_each_weight(monkeypatch):
     """Inside a step (``shared_weight_casts``) every micro-batch's Fprop and Dgrad use one quantization of W
     and one transposed copy of its blocks, made at first use; outside, each call makes its own. Outputs and
@@ -422,16 +433,7 @@ def test_micro_batches_of_a_step_share_one_quantization_of_each_weight(monkeypat
     quantized again."""
     import fp8.linear as fl
 
-    calls = {"quantize": 0, "transpose": 0}
-
-    def counted(name, fn):
-        def wrapper(*args, **kwargs):
-            calls[name] += 1
-            return fn(*args, **kwargs)
-        return wrapper
-
-    monkeypatch.setattr(fl, "_quantize_weight", counted("quantize", fl._quantize_weight))
-    monkeypatch.setattr(fl, "transpose_blocks", counted("transpose", fl.transpose_blocks))
+    calls = count_calls(monkeypatch, fl, quantize="_quantize_weight", transpose="transpose_blocks")
     torch.manual_seed(0)
     weight = nn.Parameter(torch.randn(160, 256))
     xs = [torch.randn(8, 256) for _ in range(3)]
@@ -562,16 +564,7 @@ def test_micro_batches_of_a_step_share_one_quantization_of_the_expert_weights(mo
     bit-identical either way; a weight changed in place is quantized again."""
     import fp8.experts as fe
 
-    calls = {"quantize": 0, "transpose": 0}
-
-    def counted(name, fn):
-        def wrapper(*args, **kwargs):
-            calls[name] += 1
-            return fn(*args, **kwargs)
-        return wrapper
-
-    monkeypatch.setattr(fe, "quantize_experts", counted("quantize", fe.quantize_experts))
-    monkeypatch.setattr(fe, "transpose_expert_blocks", counted("transpose", fe.transpose_expert_blocks))
+    calls = count_calls(monkeypatch, fe, quantize="quantize_experts", transpose="transpose_expert_blocks")
     counts = [40, 0, 90]
     micro_batches = [expert_inputs(counts, 192, 160, seed=s) for s in range(3)]
     weights = [nn.Parameter(t.float()) for t in micro_batches[0][1:4]]
