@@ -21,6 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.fp8_gemm import median_ms  # noqa: E402
+from fp8.experts import ExpertRows  # noqa: E402
 from fp8.quant import BLOCK, Quantized, quantize_with_torch_ops  # noqa: E402
 
 
@@ -31,12 +32,25 @@ def cases(tokens: list[int], dim: int, inter: int) -> list[tuple[str, tuple[int,
         out.append((f"activation {t} x {dim}, 1x128", (t, dim), "rows"))
         out.append((f"activation {t} x {dim}, 128x1 (transposed)", (t, dim), "columns"))
         out.append((f"activation {t} x {dim}, both from one read", (t, dim), "both"))
+        out.append((f"expert rows {t} x {dim}, both, aligned layout", (t, dim), "experts"))
     out.append((f"weight {inter} x {dim}, 128x128", (inter, dim), "blocks"))
     out.append((f"weight {dim} x {inter}, 128x128", (dim, inter), "blocks"))
     return out
 
 
-def torch_ops(x: torch.Tensor, layout: str) -> tuple[Quantized, ...]:
+def expert_rows(tokens: int, device: torch.device, experts: int = 32) -> ExpertRows:
+    """The routed experts' rows of ``tokens`` rows (already top-k), spread unevenly over ``experts`` (a
+    rank's share: V3's 256 over EP 8)."""
+    weights = torch.rand(experts, generator=torch.Generator().manual_seed(0)) + 0.5
+    counts = torch.bincount(torch.multinomial(weights, tokens, replacement=True, generator=torch.Generator().manual_seed(1)),
+                            minlength=experts)
+    return ExpertRows.of(counts.to(device), tokens)
+
+
+def torch_ops(x: torch.Tensor, layout: str, rows: ExpertRows | None = None) -> tuple[Quantized, ...]:
+    if layout == "experts":  # the 1x128 tiles and the aligned layout's 128x1 tiles, as the experts made them
+        aligned = x.new_zeros(rows.padded_rows, x.shape[1]).index_copy_(0, rows.destinations(), x)
+        return torch_ops(x, "rows") + torch_ops(aligned, "columns")
     if layout == "both":
         return torch_ops(x, "rows") + torch_ops(x, "columns")
     if layout == "columns":
@@ -67,13 +81,19 @@ def main(argv: list[str] | None = None) -> int:
     failures = 0
     for label, shape, layout in shapes:
         x = torch.randn(*shape, device=device, dtype=dtype)
-        reference = torch_ops(x, layout)
-        base = median_ms(lambda: torch_ops(x, layout), device, args.warmup, args.repeats)
+        rows = expert_rows(x.shape[0], device) if layout == "experts" else None
+        reference = torch_ops(x, layout, rows)
+        base = median_ms(lambda: torch_ops(x, layout, rows), device, args.warmup, args.repeats)
         if fused is None:
             print(f"{label:<44} {base:>12.3f} {'-':>9} {'-':>10} {'-':>8}  -")
             continue
+        def separate_kernels(x):  # what the experts did before the row index: rows, scatter, columns
+            aligned = x.new_zeros(rows.padded_rows, x.shape[1]).index_copy_(0, rows.destinations(), x)
+            return fused.quantize_rows(x), fused.quantize_columns(aligned)
+
         run = {"rows": lambda x: (fused.quantize_rows(x),), "blocks": lambda x: (fused.quantize_blocks(x),),
-               "columns": lambda x: (fused.quantize_columns(x),), "both": fused.quantize_rows_and_columns}[layout]
+               "columns": lambda x: (fused.quantize_columns(x),), "both": fused.quantize_rows_and_columns,
+               "experts": lambda x: fused.quantize_rows_and_columns(x, row_index=rows.sources())}[layout]
         outs = run(x)
         same = all(torch.equal(out.scale, ref.scale) and torch.equal(out.data.view(torch.uint8), ref.data.view(torch.uint8))
                    for out, ref in zip(outs, reference))
@@ -81,10 +101,11 @@ def main(argv: list[str] | None = None) -> int:
         ms = median_ms(lambda: run(x), device, args.warmup, args.repeats)
         moved = x.numel() * x.element_size() + sum(out.data.numel() + out.scale.numel() * 4 for out in outs)
         note = ""
-        if layout == "both":  # against the two kernels it replaces
-            two = median_ms(lambda: (fused.quantize_rows(x), fused.quantize_columns(x)), device, args.warmup,
-                            args.repeats)
-            note = f"  (two kernels: {two:.3f} ms, {two / ms:.2f}x)"
+        if layout in ("both", "experts"):  # against the kernels it replaces
+            before = separate_kernels if layout == "experts" else lambda x: (fused.quantize_rows(x),
+                                                                             fused.quantize_columns(x))
+            two = median_ms(lambda: before(x), device, args.warmup, args.repeats)
+            note = f"  (separate kernels: {two:.3f} ms, {two / ms:.2f}x)"
         print(f"{label:<44} {base:>12.3f} {ms:>9.3f} {moved / ms / 1e6:>10.0f} {base / ms:>7.2f}x  "
               f"{'same' if same else 'DIFFER'}{note}")
     if failures:

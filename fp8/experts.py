@@ -15,6 +15,9 @@ projection (gate ``w1``, up ``w3``, down ``w2``):
   everywhere makes the memory a CPU run measures the GPU's (``ceil(T / 128)`` whole tiles per token
   row, as the planner counts them, plus ``128 E`` rows per layer).
 
+With the fused quantization (a GPU), the aligned layout is not written: one kernel reads each sorted row
+once and writes its 1x128 tiles and the layout's 128x1 tiles (``ExpertRows.quantize``).
+
 No value goes to the host on a GPU with the Triton backend: ``counts`` stays a device tensor, turned
 into tile tables and offsets on the device (the other backends read it; on the CPU that costs nothing).
 
@@ -31,7 +34,8 @@ import torch
 from torch import Tensor
 
 from fp8.backend import GemmBackend
-from fp8.linear import StepWeight, _no_autocast, _output_dtype, _quantize, _quantize_t, _rebuild, wgrad_dtype
+from fp8.linear import (StepWeight, _no_autocast, _output_dtype, _quantize, _quantize_both, _quantize_t, _rebuild,
+                        wgrad_dtype)
 from fp8.quant import BLOCK, Quantized, dequantize
 from fp8.wgrad import WeightGradBox, WeightSpec, no_weight_grad, weight_entry
 
@@ -63,6 +67,21 @@ class ExpertRows:
         expert = torch.repeat_interleave(torch.arange(c.shape[0], device=c.device), c, output_size=self.rows)
         first_row = torch.cumsum(c, 0) - c
         return self.offsets[expert] + torch.arange(self.rows, device=c.device) - first_row[expert]
+
+    def sources(self) -> Tensor:
+        """int64 [padded_rows]: the expert-sorted row at each row of the aligned layout, -1 for padding."""
+        c = self.counts
+        where = self.destinations()
+        return torch.full((self.padded_rows,), -1, dtype=torch.int64, device=c.device).index_copy_(
+            0, where, torch.arange(self.rows, device=c.device))
+
+    def quantize(self, x: Tensor, tiles: bool = True, tokens: bool = True) -> tuple[Quantized | None, Quantized | None]:
+        """x [T, K] (rows sorted by expert) in 1x128 tiles (a grouped GEMM's operand) if ``tiles``, and in
+        128x1 tiles per expert (``quantize_tokens``) if ``tokens``, else None in its place. Both: one read of
+        x on a GPU, the aligned layout built inside the kernel (``fp8.quant.quantize_both_layouts``)."""
+        if tiles and tokens:
+            return _quantize_both(x, row_index=self.sources())
+        return (_quantize(x, 1) if tiles else None), (self.quantize_tokens(x)[0] if tokens else None)
 
     def quantize_tokens(self, *xs: Tensor) -> list[Quantized]:
         """Each x [T, K] (rows sorted by expert) in 128x1 tiles per expert: the Quantized of the aligned
@@ -159,7 +178,7 @@ class _Fp8ExpertFFN(torch.autograd.Function):
         inter, dim = w1.shape[1], w2.shape[1]
         with _no_autocast(x):
             blocks1, blocks2, blocks3 = (s.blocks() for s in step_weights)
-            qx = _quantize(x, 1)
+            qx, x_t = rows.quantize(x)  # x in 128x1 tiles per expert: cached for Wgrad
             gate = expert_gemm(backend, qx, blocks1, inter, counts)  # [T, I] fp32
             up = expert_gemm(backend, qx, blocks3, inter, counts)
             hidden = _swiglu_parts(gate, up)[2] * weights.float()[:, None]
@@ -167,7 +186,6 @@ class _Fp8ExpertFFN(torch.autograd.Function):
             # Cache: the SwiGLU inputs in FP8 1x128 tiles, and x in 128x1 tiles per expert for Wgrad; the
             # SwiGLU output is recomputed in backward.
             q_gate, q_up = _quantize(gate, 1), _quantize(up, 1)
-            (x_t,) = rows.quantize_tokens(x)
         ctx.save_for_backward(q_gate.data, q_gate.scale, q_up.data, q_up.scale, w1, w2, w3, weights,
                               x_t.data, x_t.scale)
         ctx.rows, ctx.backend, ctx.x_dtype, ctx.box, ctx.step_weights = rows, backend, x.dtype, box, step_weights
@@ -186,31 +204,33 @@ class _Fp8ExpertFFN(torch.autograd.Function):
         step1, step2, step3 = ctx.step_weights
         inter, dim = w1.shape[1], w2.shape[1]
         x_t = _rebuild(x_data, x_scale, 1, "e4m3", False)
+        need_dx, need_w = ctx.needs_input_grad[0], any(ctx.needs_input_grad[1:4])
         with _no_autocast(dout):
-            dout32 = dout.float()
             gate = dequantize(_rebuild(gate_data, gate_scale, 1, "e4m3", False))
             up = dequantize(_rebuild(up_data, up_scale, 1, "e4m3", False))
             act, sig, unweighted = _swiglu_parts(gate, up)  # recomputed from the FP8 cache
             row_weights = weights.float()[:, None]
             hidden = unweighted * row_weights
 
-            # down projection: Dgrad dh = dout W2 (K = D); then through the gate weights
-            dweighted = expert_gemm(backend, _quantize(dout32, 1), step2.transposed(), inter, rows.counts)
+            # The Wgrad operands (K = the experts' tokens) are quantized with the Dgrad ones, from one read: a
+            # split backward keeps them, in FP8, until its W pass instead of dout, h, dgate and dup.
+            # Down projection: Dgrad dh = dout W2 (K = D); then through the gate weights.
+            q_dout, dout_t = rows.quantize(dout, tokens=need_w)
+            dweighted = expert_gemm(backend, q_dout, step2.transposed(), inter, rows.counts)
             dweights = (dweighted * unweighted).sum(-1).to(weights.dtype) if ctx.needs_input_grad[7] else None
             dhidden = dweighted * row_weights
             dgate = dhidden * up * sig * (1 + gate * (1 - sig))
             dup = dhidden * act
+            q_dgate, dgate_t = rows.quantize(dgate, tiles=need_dx, tokens=need_w)
+            q_dup, dup_t = rows.quantize(dup, tiles=need_dx, tokens=need_w)
             dx = None
-            if ctx.needs_input_grad[0]:  # Dgrad of gate and up: K = I
-                dx = (expert_gemm(backend, _quantize(dgate, 1), step1.transposed(), dim, rows.counts)
-                      + expert_gemm(backend, _quantize(dup, 1), step3.transposed(), dim, rows.counts))
+            if need_dx:  # Dgrad of gate and up: K = I
+                dx = (expert_gemm(backend, q_dgate, step1.transposed(), dim, rows.counts)
+                      + expert_gemm(backend, q_dup, step3.transposed(), dim, rows.counts))
                 dx = dx.to(ctx.x_dtype)
-            if not any(ctx.needs_input_grad[1:4]):
+            if not need_w:
                 return dx, None, None, None, None, None, None, dweights, None
-
-            # Wgrad operands (K = the experts' tokens), quantized now: a split backward keeps them, in FP8,
-            # until its W pass instead of fp32 dout, h, dgate and dup
-            dout_t, h_t, dgate_t, dup_t = rows.quantize_tokens(dout32, hidden, dgate, dup)
+            (h_t,) = rows.quantize_tokens(hidden)
 
         def wgrad() -> tuple[Tensor, Tensor, Tensor]:  # dW2 = dout^T h, dW1 = dgate^T x, dW3 = dup^T x
             return (expert_wgrad(backend, dgate_t, x_t, rows, w1), expert_wgrad(backend, dout_t, h_t, rows, w2),

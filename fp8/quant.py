@@ -283,14 +283,14 @@ def _fused_kernels(x: Tensor, fmt: str):
     return triton_quant if triton_quant.supports(x) else None
 
 
-def _quantize_fused(layout: str, x: Tensor, fmt: str, pow2: bool) -> Quantized | None:
+def _quantize_fused(layout: str, x: Tensor, fmt: str, pow2: bool, **options) -> Quantized | None:
     """The fused kernel's ``quantize_<layout>`` of x where it takes x, else None (the caller then uses the
     PyTorch operations; so does every later call once the kernel failed to build or run)."""
     kernels = _fused_kernels(x, fmt)
     if kernels is None:
         return None
     try:
-        return getattr(kernels, f"quantize_{layout}")(x, pow2)
+        return getattr(kernels, f"quantize_{layout}")(x, pow2, **options)
     except Exception as exc:  # a kernel that cannot build or run on this GPU
         _fused_failed(exc)
         return None
@@ -387,16 +387,23 @@ def quantize_act_transposed(x: Tensor, fmt: str = "e4m3", pow2: bool = False, *,
     return fused if fused is not None else quantize(x2d.t().contiguous(), 1, fmt, pow2, check_finite=check_finite)
 
 
-def quantize_both_layouts(x: Tensor, fmt: str = "e4m3", pow2: bool = False, *,
-                          check_finite: bool = True) -> tuple[Quantized, Quantized]:
+def quantize_both_layouts(x: Tensor, fmt: str = "e4m3", pow2: bool = False, *, check_finite: bool = True,
+                          row_index: Tensor | None = None) -> tuple[Quantized, Quantized]:
     """``(quantize(x2d, 1), quantize_act_transposed(x))`` for x [..., K] flattened to x2d [T, K]: the 1x128
-    tiles a GEMM reads along K and the 128x1 tiles Wgrad reads along T. On the training path a CUDA
-    tensor in E4M3 is read once for both (``fp8.triton_quant.quantize_rows_and_columns``, same numbers)."""
+    tiles a GEMM reads along K and the 128x1 tiles Wgrad reads along T. ``row_index`` [R] (int64; each of
+    x2d's rows once, -1 for a zero row): the 128x1 tiles are those of the [R, K] matrix whose row i is
+    ``x2d[row_index[i]]`` (the experts' 128-aligned token layout, fp8/experts.py). On the training path a
+    CUDA tensor in E4M3 is read once for both (``fp8.triton_quant.quantize_rows_and_columns``, which also
+    builds that matrix on the fly; same numbers)."""
     x2d = x.reshape(-1, x.shape[-1])
-    fused = None if check_finite else _quantize_fused("rows_and_columns", x2d, fmt, pow2)
+    fused = None if check_finite else _quantize_fused("rows_and_columns", x2d, fmt, pow2, row_index=row_index)
     if fused is not None:
         return fused
-    return (quantize(x2d, 1, fmt, pow2, check_finite=check_finite),
+    if row_index is not None:  # -1 picks the zero row appended at the end
+        x2d_rows, x2d = x2d, torch.cat([x2d, x2d.new_zeros(1, x2d.shape[1])])[row_index]
+    else:
+        x2d_rows = x2d
+    return (quantize(x2d_rows, 1, fmt, pow2, check_finite=check_finite),
             quantize_act_transposed(x2d, fmt, pow2, check_finite=check_finite))
 
 

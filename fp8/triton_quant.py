@@ -47,24 +47,33 @@ ROWS_PER_PROGRAM = 32  # 1x128 tiles: 32 rows x 128 columns per program
 
 
 def _quantize_kernel(
-    x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, rows, cols,
+    x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, index_ptr, rows, cols,
     stride_xr, stride_xc, stride_qr, stride_qc, stride_sr, stride_sc,
     stride_qtr, stride_qtc, stride_str, stride_stc,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, PER_ROW: tl.constexpr, COLUMNS_TOO: tl.constexpr,
-    POW2: tl.constexpr, FORMAT_MAX: tl.constexpr, SMALLEST_SCALE: tl.constexpr,
+    ROW_INDEX: tl.constexpr, POW2: tl.constexpr, FORMAT_MAX: tl.constexpr, SMALLEST_SCALE: tl.constexpr,
 ):
     """Tiles of ``BLOCK_R x BLOCK_C`` of the matrix seen through (stride_xr, stride_xc), reduced along
     its columns: one scale per row of the tile (PER_ROW, 1x128 tiles) or one per tile (128x128 blocks).
     Payload q [rows, cols] and scales s [row tiles or rows, col tiles] are written through their strides.
     COLUMNS_TOO (PER_ROW with 128-row tiles): the same tile also reduced along its rows, the 128x1 tiles,
-    written as x^T's 1x128 tiles to qt [cols, rows] and st [cols, row tiles]: both layouts from one read."""
+    written as x^T's 1x128 tiles to qt [cols, rows] and st [cols, row tiles]: both layouts from one read.
+    ROW_INDEX (with COLUMNS_TOO): the matrix's row i is x's row index[i], or zeros where that is -1, and
+    the 1x128 tiles are written at x's rows (the experts' 128-aligned token layout, built on the fly)."""
     pid_r = tl.program_id(0)
     pid_c = tl.program_id(1)
     offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask_r = offs_r < rows
-    mask = mask_r[:, None] & (offs_c[None, :] < cols)
-    x_ptrs = x_ptr + offs_r.to(tl.int64)[:, None] * stride_xr + offs_c.to(tl.int64)[None, :] * stride_xc
+    in_rows = offs_r < rows
+    mask_c = offs_c < cols
+    if ROW_INDEX:  # the row of x (and of q) behind each row of the matrix; -1: a zero row
+        x_rows = tl.load(index_ptr + offs_r, mask=in_rows, other=-1).to(tl.int64)
+        present = in_rows & (x_rows >= 0)
+    else:
+        x_rows = offs_r.to(tl.int64)
+        present = in_rows
+    mask = present[:, None] & mask_c[None, :]
+    x_ptrs = x_ptr + x_rows[:, None] * stride_xr + offs_c.to(tl.int64)[None, :] * stride_xc
     x = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
     if PER_ROW:
         amax = tl.max(tl.abs(x), axis=1)  # [BLOCK_R]
@@ -78,22 +87,21 @@ def _quantize_kernel(
         bits = (bits & 0x7F800000) + tl.where((bits & 0x7FFFFF) != 0, 0x800000, 0)
         scale = tl.where(scale == scale, bits.to(tl.float32, bitcast=True), scale)  # NaN stays NaN
     scale = tl.where(amax == 0, 1.0, scale)
-    if COLUMNS_TOO:
+    if COLUMNS_TOO:  # every row of the matrix, zero rows included
         scale, col_scale = tl.split(scale)
-        mask_c = offs_c < cols
         yt = tl.math.div_rn(x, col_scale[None, :])
         yt = tl.clamp(yt, -FORMAT_MAX, FORMAT_MAX, propagate_nan=tl.PropagateNan.ALL)
         tl.store(st_ptr + offs_c * stride_str + pid_r * stride_stc, col_scale, mask=mask_c)
         qt_ptrs = qt_ptr + offs_c.to(tl.int64)[None, :] * stride_qtr + offs_r.to(tl.int64)[:, None] * stride_qtc
-        tl.store(qt_ptrs, yt.to(qt_ptr.dtype.element_ty), mask=mask)
+        tl.store(qt_ptrs, yt.to(qt_ptr.dtype.element_ty), mask=in_rows[:, None] & mask_c[None, :])
     if PER_ROW:
         y = tl.math.div_rn(x, scale[:, None])
-        tl.store(s_ptr + offs_r * stride_sr + pid_c * stride_sc, scale, mask=mask_r)
+        tl.store(s_ptr + x_rows * stride_sr + pid_c * stride_sc, scale, mask=present)
     else:
         y = tl.math.div_rn(x, scale)
         tl.store(s_ptr + pid_r * stride_sr + pid_c * stride_sc, scale)
     y = tl.clamp(y, -FORMAT_MAX, FORMAT_MAX, propagate_nan=tl.PropagateNan.ALL)  # a NaN stays NaN
-    q_ptrs = q_ptr + offs_r.to(tl.int64)[:, None] * stride_qr + offs_c.to(tl.int64)[None, :] * stride_qc
+    q_ptrs = q_ptr + x_rows[:, None] * stride_qr + offs_c.to(tl.int64)[None, :] * stride_qc
     tl.store(q_ptrs, y.to(q_ptr.dtype.element_ty), mask=mask)
 
 
@@ -118,12 +126,16 @@ class Plan:
 
 
 def plan(view: Tensor, rows: int, cols: int, per_row: bool, pow2: bool, block_r: int,
-         payload_dtype: torch.dtype = torch.float8_e4m3fn, columns_too: bool = False) -> Plan:
+         payload_dtype: torch.dtype = torch.float8_e4m3fn, columns_too: bool = False,
+         row_index: Tensor | None = None) -> Plan:
     """The launch that quantizes the matrix ``view`` [rows, cols] (any strides) in tiles of (1 or 128) x 128
-    along cols; ``columns_too`` (1x128 tiles, ``block_r`` 128) also in 128x1 tiles, written transposed."""
-    payload = torch.empty(rows, cols, device=view.device, dtype=payload_dtype)
+    along cols; ``columns_too`` (1x128 tiles, ``block_r`` 128) also in 128x1 tiles, written transposed;
+    ``row_index`` [rows] (with ``columns_too``): the matrix is built from view's rows (-1: a zero row), and
+    the 1x128 tiles come out at view's rows (``view.shape[0]`` of them)."""
+    out_rows = rows if row_index is None else view.shape[0]
+    payload = torch.empty(out_rows, cols, device=view.device, dtype=payload_dtype)
     row_tiles, col_tiles = -(-rows // block_r), -(-cols // BLOCK)
-    scale = torch.empty(rows if per_row else row_tiles, col_tiles, device=view.device, dtype=torch.float32)
+    scale = torch.empty(out_rows if per_row else row_tiles, col_tiles, device=view.device, dtype=torch.float32)
     if columns_too:
         if not per_row or block_r != BLOCK:
             raise ValueError("columns_too needs 1x128 tiles in programs of 128 rows")
@@ -131,11 +143,13 @@ def plan(view: Tensor, rows: int, cols: int, per_row: bool, pow2: bool, block_r:
         scale_t = torch.empty(cols, row_tiles, device=view.device, dtype=torch.float32)
     else:  # not written: the kernel's COLUMNS_TOO branch is compiled out
         payload_t, scale_t = payload, scale
-    args = (view, payload, scale, payload_t, scale_t, rows, cols, view.stride(0), view.stride(1),
-            payload.stride(0), payload.stride(1), scale.stride(0), scale.stride(1),
+    if row_index is not None and (not columns_too or row_index.shape != (rows,)):
+        raise ValueError(f"row_index needs columns_too and one entry per row ({rows}), got {tuple(row_index.shape)}")
+    args = (view, payload, scale, payload_t, scale_t, row_index if row_index is not None else scale, rows, cols,
+            view.stride(0), view.stride(1), payload.stride(0), payload.stride(1), scale.stride(0), scale.stride(1),
             payload_t.stride(0), payload_t.stride(1), scale_t.stride(0), scale_t.stride(1))
-    constexprs = dict(BLOCK_R=block_r, BLOCK_C=BLOCK, PER_ROW=per_row, COLUMNS_TOO=columns_too, POW2=pow2,
-                      FORMAT_MAX=E4M3_MAX, SMALLEST_SCALE=MIN_SCALE)
+    constexprs = dict(BLOCK_R=block_r, BLOCK_C=BLOCK, PER_ROW=per_row, COLUMNS_TOO=columns_too,
+                      ROW_INDEX=row_index is not None, POW2=pow2, FORMAT_MAX=E4M3_MAX, SMALLEST_SCALE=MIN_SCALE)
     # a 128x128 tile reduced both ways: 16 warps hold it in 103 registers a thread (8: 192, 4: spills), sm_90
     warps = 16 if columns_too else 4 if per_row else 8
     return Plan(payload, scale, payload_t, scale_t, (row_tiles, col_tiles), args, constexprs,
@@ -143,10 +157,10 @@ def plan(view: Tensor, rows: int, cols: int, per_row: bool, pow2: bool, block_r:
 
 
 def _launch(view: Tensor, rows: int, cols: int, per_row: bool, pow2: bool, block_r: int,
-            columns_too: bool = False) -> tuple[Quantized, Quantized | None]:
+            columns_too: bool = False, row_index: Tensor | None = None) -> tuple[Quantized, Quantized | None]:
     interpreted = view.device.type == "cpu"  # the interpreter: store fp32, let torch round to E4M3
     p = plan(view, rows, cols, per_row, pow2, block_r, torch.float32 if interpreted else torch.float8_e4m3fn,
-             columns_too)
+             columns_too, row_index)
     if rows and cols:
         jitted(_quantize_kernel)[p.grid](*p.args, **p.constexprs, **p.options)
 
@@ -173,7 +187,12 @@ def quantize_columns(x: Tensor, pow2: bool = False) -> Quantized:
     return _launch(x.t(), x.shape[1], x.shape[0], True, pow2, ROWS_PER_PROGRAM)[0]
 
 
-def quantize_rows_and_columns(x: Tensor, pow2: bool = False) -> tuple[Quantized, Quantized]:
+def quantize_rows_and_columns(x: Tensor, pow2: bool = False, row_index: Tensor | None = None
+                              ) -> tuple[Quantized, Quantized]:
     """x [T, K] in 1x128 tiles and in 128x1 tiles (as x^T [K, T] in 1x128 tiles) from one read of x:
-    ``(quantize_rows(x), quantize_columns(x))``, the Fprop/Dgrad and the Wgrad operand of one tensor."""
-    return _launch(x, x.shape[0], x.shape[1], True, pow2, BLOCK, columns_too=True)
+    ``(quantize_rows(x), quantize_columns(x))``, the Fprop/Dgrad and the Wgrad operand of one tensor.
+    ``row_index`` [R] (int64, -1 for a zero row): the 128x1 tiles are those of the [R, K] matrix whose row
+    i is ``x[row_index[i]]`` (written as its transpose [K, R]); the 1x128 tiles stay x's (each row of x
+    must appear in row_index exactly once: a row that does not is not written)."""
+    rows = x.shape[0] if row_index is None else row_index.shape[0]
+    return _launch(x, rows, x.shape[1], True, pow2, BLOCK, columns_too=True, row_index=row_index)

@@ -91,5 +91,6 @@ def test_fp8_quant_bench_times_the_pytorch_operations_on_the_cpu(capsys):
 
     assert main(["--device", "cpu", "--quick", "--repeats", "1", "--warmup", "0"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert len([line for line in lines if line.startswith(("activation", "weight"))]) == 4
+    assert len([line for line in lines if line.startswith(("activation", "expert", "weight"))]) == 6
     assert any(line.startswith("activation 256 x 512, 128x1 (transposed)") for line in lines)
+    assert any(line.startswith("expert rows 256 x 512, both, aligned layout") for line in lines)

@@ -57,6 +57,23 @@ def test_quantize_tokens_are_each_experts_own_tiles():
     assert not q.data[:, 768:].float().any()  # and so is the unused tail of the worst-case layout
 
 
+def test_both_layouts_of_the_expert_rows_from_one_call():
+    """``ExpertRows.quantize``: the grouped GEMMs' 1x128 tiles of the sorted rows and the 128x1 tiles of the
+    aligned layout, the same bits as the two separate quantizations (on a GPU one kernel builds the layout
+    as it reads x: tests/unit/test_fp8_triton_quant.py checks that kernel against these)."""
+    x = sorted_rows(COUNTS, 200, seed=2).to(torch.bfloat16)
+    rows = ExpertRows.of(torch.tensor(COUNTS), x.shape[0])
+    sources = rows.sources()
+    assert sources.shape == (rows.padded_rows,) and (sources >= 0).sum() == x.shape[0]
+    assert torch.equal(sources[rows.destinations()], torch.arange(x.shape[0]))
+    tiles, tokens = rows.quantize(x)
+    (expected_tokens,) = rows.quantize_tokens(x)
+    for got, expected in ((tiles, quantize(x, 1)), (tokens, expected_tokens)):
+        assert torch.equal(got.scale, expected.scale) and got.group_rows == expected.group_rows
+        assert torch.equal(got.data.view(torch.uint8), expected.data.view(torch.uint8))
+    assert rows.quantize(x, tiles=False)[0] is None and rows.quantize(x, tokens=False)[1] is None
+
+
 def test_expert_wgrad_equals_the_per_expert_loop_bit_for_bit():
     """Reference backend: the K-grouped Wgrad on the aligned layout is the per-expert GEMM of each
     expert's own 128x1 tiles, bit for bit; an expert without rows gets zeros."""

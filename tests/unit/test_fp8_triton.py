@@ -339,7 +339,7 @@ def _fp8_zeros(rows: int, cols: int, group_rows: int) -> Quantized:
 
 
 _TYPES = {torch.float8_e4m3fn: "fp8e4nv", torch.float16: "fp16", torch.float32: "fp32",
-          torch.bfloat16: "bf16", torch.int32: "i32"}
+          torch.bfloat16: "bf16", torch.int32: "i32", torch.int64: "i64"}
 
 
 def _compile_for_sm90(launch: tg.Launch):

@@ -78,6 +78,16 @@ def check_against_reference(device: str = "cpu") -> int:
                              (quantize(x, 1, "e4m3", True), quantize_act_transposed(x, "e4m3", True))):
         same(got, expected)
     cases += 3
+    # the experts' aligned token layout built inside the kernel from a row index (-1: a zero row)
+    from fp8.experts import ExpertRows
+
+    for counts in ([5, 0, 130, 1, 256], [0, 0], [300]):
+        x = inputs(sum(counts), 200, torch.bfloat16, device, seed=1) if sum(counts) else torch.zeros(0, 200, device=device)
+        rows = ExpertRows.of(torch.tensor(counts, device=device), x.shape[0])
+        got = tq.quantize_rows_and_columns(x, False, rows.sources())
+        same(got[0], quantize(x, 1, "e4m3"))
+        same(got[1], rows.quantize_tokens(x)[0])
+        cases += 1
     empty = torch.zeros(0, 256, device=device)
     assert tq.quantize_rows(empty).data.shape == (0, 256)
     return cases
@@ -91,10 +101,10 @@ def test_interpreted_kernel_equals_the_pytorch_operations():
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
                             timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
-    assert f"cases {len(SHAPES) * 2 * 2 * 4 + 3}" in result.stdout
+    assert f"cases {len(SHAPES) * 2 * 2 * 4 + 3 + 3}" in result.stdout
 
 
-@pytest.mark.parametrize("layout", ["rows", "blocks", "columns", "both"])
+@pytest.mark.parametrize("layout", ["rows", "blocks", "columns", "both", "both-indexed"])
 @pytest.mark.parametrize("pow2", [False, True], ids=["amax-scales", "pow2-scales"])
 def test_compiles_for_hopper_with_ieee_division_and_a_saturating_cast(compiled_mode, layout, pow2, tmp_path):
     from fp8 import triton_quant as tq
@@ -107,8 +117,11 @@ def test_compiles_for_hopper_with_ieee_division_and_a_saturating_cast(compiled_m
         p = tq.plan(x, 4096, 7168, False, pow2, BLOCK)
     elif layout == "columns":
         p = tq.plan(x.t(), 7168, 4096, True, pow2, tq.ROWS_PER_PROGRAM)
-    else:
+    elif layout == "both":
         p = tq.plan(x, 4096, 7168, True, pow2, BLOCK, columns_too=True)
+    else:  # the experts' aligned layout, built from a row index
+        p = tq.plan(x, 4096 + 8192, 7168, True, pow2, BLOCK, columns_too=True,
+                    row_index=torch.empty(4096 + 8192, dtype=torch.int64))
     kernel = compile_for_sm90(tq._quantize_kernel, p.args, p.constexprs, p.options)
     ptx = kernel.asm["ptx"]
     assert "div.rn.f32" in ptx and "div.full" not in ptx and "div.approx" not in ptx  # torch's quotients
@@ -124,7 +137,7 @@ def test_compiles_for_hopper_with_ieee_division_and_a_saturating_cast(compiled_m
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_kernel_equals_the_pytorch_operations(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    assert check_against_reference("cuda") == len(SHAPES) * 2 * 2 * 4 + 3
+    assert check_against_reference("cuda") == len(SHAPES) * 2 * 2 * 4 + 3 + 3
     # and fp8.quant takes it on the training path (check_finite=False), with the same numbers
     from fp8 import quant
 
