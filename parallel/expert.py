@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
@@ -461,6 +461,14 @@ class ExpertParallelExperts(RoutedExperts):
         """Same semantics as RoutedExperts.forward: x [N, D] local tokens, GLOBAL expert ids; returns [N, D]."""
         handle = self.dispatch(x, routing)
         return self.combine(self.compute(handle.wait()), handle).wait()
+
+    def forward_beside(self, x: Tensor, routing: Routing, beside: Callable[[], Tensor | None]
+                       ) -> tuple[Tensor, Tensor | None]:
+        """``RoutedExperts.forward_beside`` with ``beside()`` (the shared experts) run while the dispatch's
+        all-to-all is in flight: on a GPU it computes on the default stream as NCCL moves the tokens."""
+        handle = self.dispatch(x, routing)
+        other = beside()
+        return self.combine(self.compute(handle.wait()), handle).wait(), other
 
     def dispatch(self, x: Tensor, routing: Routing) -> DispatchHandle:
         """Plan the exchange (one all-gather of counts, a host sync) and issue its first all-to-all.

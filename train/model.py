@@ -296,6 +296,12 @@ class RoutedExperts(nn.Module):
         out = self.ffn(x[token_of], counts, routing.weights.flatten()[order])
         return combine_rows(out, token_of, x.shape[0])
 
+    def forward_beside(self, x: Tensor, routing: Routing, beside: Callable[[], Tensor | None]
+                       ) -> tuple[Tensor, Tensor | None]:
+        """``(self(x, routing), beside())``: the routed experts' output and other work of the layer (the
+        shared experts), which an expert-parallel subclass runs while its tokens travel."""
+        return self(x, routing), beside()
+
 
 def count_per_expert(indices: Tensor, n_experts: int) -> Tensor:
     """How many of ``indices`` (expert ids < n_experts, any shape) fall on each expert: int64 [n_experts],
@@ -342,7 +348,8 @@ class MoE(nn.Module):
 
     def forward(self, x: Tensor) -> tuple[Tensor, MoEStats]:
         flat, routing, stats = self.route(x)
-        return self.mix(self.experts(flat, routing), self.shared(flat), x.shape), stats
+        routed, shared = self.experts.forward_beside(flat, routing, lambda: self.shared(flat))
+        return self.mix(routed, shared, x.shape), stats
 
     def route(self, x: Tensor) -> tuple[Tensor, Routing, MoEStats]:
         """Tokens [B, T, D] -> flat tokens [B*T, D], their routing and the layer's statistics."""

@@ -98,10 +98,13 @@ def _ep_moe_rank(rank, world, model, xs, grads, mode, ranks_per_node):
     model = copy.deepcopy(model)
     parallelize_experts(model, groups, mode)
     moe = model.moe_layers()[0]
+    # what had been sent when the shared experts ran: they run while the dispatch travels, before the combine
+    seen_by_shared = []
+    moe.shared_experts.register_forward_pre_hook(lambda *_: seen_by_shared.append(moe.experts.traffic.as_dict()))
     with HostReads() as reads:
         out, x_grad, param_grads, load = moe_forward_backward(moe, xs[rank], grads[rank])
     return to_bytes((out, x_grad, param_grads, load, moe.experts.expert_offset, moe.experts.traffic.as_dict(),
-                     dict(reads.places)))
+                     dict(reads.places), seen_by_shared))
 
 
 CASES = {  # name: (config, world, ranks per node, dispatch, gate bias per expert, batch per rank)
@@ -139,6 +142,10 @@ def test_ep_moe_matches_single_device(case):
             assert_close(sum(r[2][name] for r in results), want, name)
     assert torch.equal(sum(r[3] for r in results), want_load)  # MoE's loads: global ids, summed by the trainer
     assert [r[6] for r in results] == [{}] * world  # no host reads but the counts' tolist (unseen on the CPU)
+    for rank, r in enumerate(results):  # the shared experts ran between the dispatch and the combine
+        (seen,) = r[7]
+        assert seen["tokens"] == batches[rank] * seqlen
+        assert seen["combine_inter_node_bytes"] == seen["combine_intra_node_bytes"] == 0
     if case == "all tokens to rank 0":
         assert want_load[2:].sum() == 0
         assert all(not r[2]["experts.w1"].any() for r in results[1:])  # zero (not missing) grads
