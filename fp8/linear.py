@@ -218,6 +218,7 @@ class _Fp8Linear(torch.autograd.Function):
         return dx, no_weight_grad(ctx.weight_spec), None, None, None, None
 
 
+@torch.compiler.disable  # train.compile: the graph breaks here, the FP8 GEMMs and quantizations run eagerly
 def fp8_linear(x: Tensor, weight: Tensor, backend: GemmBackend, cache: str = "e4m3") -> Tensor:
     """``x @ weight.T`` through FP8 GEMMs (sec 3.3.1-3.3.3). x [..., K], weight the FP32 master [N, K].
 
@@ -257,6 +258,7 @@ class Fp8Linear(nn.Linear):
         new.train(linear.training)
         return new
 
+    @torch.compiler.disable  # as fp8_linear; here too, or the frame around it compiles once per weight shape
     def forward(self, x: Tensor) -> Tensor:
         y = fp8_linear(x, self.weight, self.backend, self.cache)
         return y if self.bias is None else y + self.bias.to(y.dtype)

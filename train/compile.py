@@ -11,8 +11,10 @@ unchanged, unlike wrapping in an ``OptimizedModule``):
 Not compiled: the routing and the routed experts (data-dependent shapes: the counts of the expert
 loads, per-expert slices; the graph would break there anyway), the embedding, head and losses.
 Applied last, after the FP8 swap, the pipeline split and the expert sharding (the torchtitan order).
-FP8 layers are not traced (their autograd functions hand weight gradients over through Python
-objects, fp8/wgrad.py): the config refuses ``train.compile`` with ``fp8.enabled``.
+FP8 linears are not traced (``fp8_linear`` is ``torch.compiler.disable``: their autograd functions hand
+weight gradients over through Python objects, fp8/wgrad.py, and share per-step quantizations through a
+memo): the graph breaks around each, which runs eagerly, and the norms, RoPE and attention between them
+are compiled (tests/unit/test_compile.py compares it with eager FP8).
 
 Measured on the CPU (docs/perf.md, ``python bench/train_throughput.py --compile-ours``): no gain on the
 bench shape (1.00x eager, within the noise of interleaved rounds), because the GEMMs dominate there

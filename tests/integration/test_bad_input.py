@@ -176,8 +176,6 @@ IN_PROCESS = {
     "contradictory model fields": (config("+conf=tiny", "model.topk_groups=5"),
                                    "model.topk_groups (5) must be <= model.n_expert_groups (2)"),
     "batch not a multiple of micro-batches": (config("+conf=tiny", "train.batch_size=10"), "train.batch_size (10)"),
-    "compile with FP8": (config("+conf=tiny", "train.compile=true", "fp8.enabled=true"),
-                         "train.compile=true does not trace the FP8 layers yet"),
     "unknown AdamW update": (config("+conf=tiny", "optim.update=fast"),
                              "optim.update ('fast') must be auto, fused, foreach or triton"),
     # parallel sizes
