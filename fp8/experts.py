@@ -1,7 +1,7 @@
 """The routed experts' SwiGLU through grouped FP8 GEMMs (report sec 3.3.1, 3.3.3).
 
 The rows reach the experts sorted by expert (``counts[e]`` rows for expert e, ``train/model.py``). Per
-projection (gate ``w1``, up ``w3``, down ``w2``):
+projection (gate ``w1`` and up ``w3`` stacked as one, ``StepGateUp``; down ``w2``):
 
 * Fprop and Dgrad are M-grouped GEMMs (``GemmBackend.grouped_gemm``): each expert's rows times its own
   weight, in one launch on the Triton backend. Activations in 1x128 tiles, weights in 128x128 blocks.
@@ -138,6 +138,35 @@ class StepExpertWeights(StepWeight):
         return transpose_expert_blocks(blocks, tuple(self.weight.shape))
 
 
+def stack_gate_up(gate: Quantized, up: Quantized, experts: int) -> Quantized:
+    """The stacks of ``quantize_experts(w1)`` and ``quantize_experts(w3)`` ([E * I_pad, D] each) as one
+    [E * 2 I_pad, D]: expert e's gate rows, then its up rows. Each keeps its own blocks (I_pad is a multiple
+    of 128, so no block holds both), so one GEMM gives [gate | up] with the numbers of two."""
+    def per_expert(t: Tensor) -> Tensor:
+        return t.view(experts, -1, t.shape[1])
+
+    data = torch.cat([per_expert(gate.data), per_expert(up.data)], dim=1)
+    scale = torch.cat([per_expert(gate.scale), per_expert(up.scale)], dim=1)
+    return Quantized(data.view(-1, data.shape[2]), scale.view(-1, scale.shape[2]), BLOCK, gate.fmt, gate.pow2)
+
+
+class StepGateUp(StepExpertWeights):
+    """The experts' gate ``w1`` and up ``w3`` [E, I, D] as one stack of FP8 blocks [E, 2 I_pad, D] for the
+    step (``stack_gate_up``): one grouped GEMM instead of two in Fprop (x times both), in Dgrad ([dgate |
+    dup] times both, K = 2 I_pad: no sum of two FP32 outputs) and in Wgrad (one K-grouped GEMM). The entry
+    is kept under w1 with w3 as its partner."""
+
+    memo_name = "fp8_expert_gate_up"
+
+    def quantize(self) -> Quantized:
+        (up,) = self.partners
+        return stack_gate_up(quantize_experts(self.weight), quantize_experts(up), self.weight.shape[0])
+
+    def transpose(self, blocks: Quantized) -> Quantized:
+        experts, inter, dim = self.weight.shape
+        return transpose_expert_blocks(blocks, (experts, 2 * _padded(inter), dim))
+
+
 def expert_gemm(backend: GemmBackend, a: Quantized, w: Quantized, n: int, counts: Tensor | list[int],
                 out_dtype: torch.dtype = torch.float32) -> Tensor:
     """[T, N] in ``out_dtype`` (fp32 sums): the rows of a [T, K] (1x128 tiles, sorted by expert) times their
@@ -172,22 +201,22 @@ class _Fp8ExpertFFN(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, w1: Tensor, w2: Tensor, w3: Tensor, rows: ExpertRows, backend: GemmBackend,
-                box: WeightGradBox, weights: Tensor, step_weights: tuple[StepExpertWeights, ...]) -> Tensor:
+                box: WeightGradBox, weights: Tensor, step_weights: tuple[StepGateUp, StepExpertWeights]) -> Tensor:
         out_dtype = _output_dtype(x)
         counts = rows.counts
         inter, dim = w1.shape[1], w2.shape[1]
+        padded = _padded(inter)  # gate at columns [0, I), up at [I_pad, I_pad + I) of the stacked output
+        gate_up_weights, down_weights = step_weights
         with _no_autocast(x):
-            blocks1, blocks2, blocks3 = (s.blocks() for s in step_weights)
             qx, x_t = rows.quantize(x)  # x in 128x1 tiles per expert: cached for Wgrad
-            gate = expert_gemm(backend, qx, blocks1, inter, counts)  # [T, I] fp32
-            up = expert_gemm(backend, qx, blocks3, inter, counts)
+            gate_up = expert_gemm(backend, qx, gate_up_weights.blocks(), 2 * padded, counts)  # [T, 2 I_pad] fp32
+            gate, up = gate_up[:, :inter], gate_up[:, padded:padded + inter]
             hidden = _swiglu_parts(gate, up)[2] * weights.float()[:, None]
-            out = expert_gemm(backend, _quantize(hidden, 1), blocks2, dim, counts, out_dtype)  # [T, D]
-            # Cache: the SwiGLU inputs in FP8 1x128 tiles, and x in 128x1 tiles per expert for Wgrad; the
-            # SwiGLU output is recomputed in backward.
-            q_gate, q_up = _quantize(gate, 1), _quantize(up, 1)
-        ctx.save_for_backward(q_gate.data, q_gate.scale, q_up.data, q_up.scale, w1, w2, w3, weights,
-                              x_t.data, x_t.scale)
+            out = expert_gemm(backend, _quantize(hidden, 1), down_weights.blocks(), dim, counts, out_dtype)  # [T, D]
+            # Cache: the SwiGLU inputs in FP8 1x128 tiles (one tensor; padding columns are zeros, which change
+            # no tile), and x in 128x1 tiles per expert for Wgrad; the SwiGLU output is recomputed in backward.
+            q_gate_up = _quantize(gate_up, 1)
+        ctx.save_for_backward(q_gate_up.data, q_gate_up.scale, w1, w2, w3, weights, x_t.data, x_t.scale)
         ctx.rows, ctx.backend, ctx.x_dtype, ctx.box, ctx.step_weights = rows, backend, x.dtype, box, step_weights
         ctx.weight_specs = [WeightSpec.of(w) for w in (w1, w2, w3)]
         return out
@@ -198,16 +227,17 @@ class _Fp8ExpertFFN(torch.autograd.Function):
         no_weight_grads = [no_weight_grad(spec) for spec in ctx.weight_specs]
         if box.is_replay():  # the W pass of a split backward: only the entry node's Wgrad is left
             return None, *no_weight_grads, None, None, None, None, None
-        gate_data, gate_scale, up_data, up_scale, w1, w2, w3, weights, x_data, x_scale = ctx.saved_tensors
+        gate_up_data, gate_up_scale, w1, w2, w3, weights, x_data, x_scale = ctx.saved_tensors
         rows: ExpertRows = ctx.rows
         backend = ctx.backend
-        step1, step2, step3 = ctx.step_weights
+        gate_up_weights, down_weights = ctx.step_weights
         inter, dim = w1.shape[1], w2.shape[1]
+        padded = _padded(inter)
         x_t = _rebuild(x_data, x_scale, 1, "e4m3", False)
         need_dx, need_w = ctx.needs_input_grad[0], any(ctx.needs_input_grad[1:4])
         with _no_autocast(dout):
-            gate = dequantize(_rebuild(gate_data, gate_scale, 1, "e4m3", False))
-            up = dequantize(_rebuild(up_data, up_scale, 1, "e4m3", False))
+            gate_up = dequantize(_rebuild(gate_up_data, gate_up_scale, 1, "e4m3", False))
+            gate, up = gate_up[:, :inter], gate_up[:, padded:padded + inter]
             act, sig, unweighted = _swiglu_parts(gate, up)  # recomputed from the FP8 cache
             row_weights = weights.float()[:, None]
             hidden = unweighted * row_weights
@@ -216,25 +246,25 @@ class _Fp8ExpertFFN(torch.autograd.Function):
             # split backward keeps them, in FP8, until its W pass instead of dout, h, dgate and dup.
             # Down projection: Dgrad dh = dout W2 (K = D); then through the gate weights.
             q_dout, dout_t = rows.quantize(dout, tokens=need_w)
-            dweighted = expert_gemm(backend, q_dout, step2.transposed(), inter, rows.counts)
+            dweighted = expert_gemm(backend, q_dout, down_weights.transposed(), inter, rows.counts)
             dweights = (dweighted * unweighted).sum(-1).to(weights.dtype) if ctx.needs_input_grad[7] else None
             dhidden = dweighted * row_weights
-            dgate = dhidden * up * sig * (1 + gate * (1 - sig))
-            dup = dhidden * act
-            q_dgate, dgate_t = rows.quantize(dgate, tiles=need_dx, tokens=need_w)
-            q_dup, dup_t = rows.quantize(dup, tiles=need_dx, tokens=need_w)
+            # [dgate | dup] laid out as the stacked gate/up output, for one Dgrad and one Wgrad GEMM
+            make = torch.empty if padded == inter else torch.zeros
+            dgate_up = make(dout.shape[0], 2 * padded, dtype=torch.float32, device=dout.device)
+            torch.mul(dhidden * up * sig, 1 + gate * (1 - sig), out=dgate_up[:, :inter])  # dgate
+            torch.mul(dhidden, act, out=dgate_up[:, padded:padded + inter])  # dup
+            q_dgate_up, dgate_up_t = rows.quantize(dgate_up, tiles=need_dx, tokens=need_w)
             dx = None
-            if need_dx:  # Dgrad of gate and up: K = I
-                dx = (expert_gemm(backend, q_dgate, step1.transposed(), dim, rows.counts)
-                      + expert_gemm(backend, q_dup, step3.transposed(), dim, rows.counts))
-                dx = dx.to(ctx.x_dtype)
+            if need_dx:  # Dgrad of gate and up together: K = 2 I_pad
+                dx = expert_gemm(backend, q_dgate_up, gate_up_weights.transposed(), dim, rows.counts, ctx.x_dtype)
             if not need_w:
                 return dx, None, None, None, None, None, None, dweights, None
             (h_t,) = rows.quantize_tokens(hidden)
 
-        def wgrad() -> tuple[Tensor, Tensor, Tensor]:  # dW2 = dout^T h, dW1 = dgate^T x, dW3 = dup^T x
-            return (expert_wgrad(backend, dgate_t, x_t, rows, w1), expert_wgrad(backend, dout_t, h_t, rows, w2),
-                    expert_wgrad(backend, dup_t, x_t, rows, w3))
+        def wgrad() -> tuple[Tensor, Tensor, Tensor]:  # dW2 = dout^T h; [dW1 | dW3] = [dgate | dup]^T x
+            dw13 = expert_wgrad(backend, dgate_up_t, x_t, rows, w1)  # [E, 2 I_pad, D]
+            return (dw13[:, :inter], expert_wgrad(backend, dout_t, h_t, rows, w2), dw13[:, padded:padded + inter])
 
         box.defer(wgrad)
         return dx, *no_weight_grads, None, None, None, dweights, None
@@ -258,7 +288,7 @@ def fp8_expert_ffn(x_sorted: Tensor, counts: Tensor | list[int], w1: Tensor, w2:
     if not counts.is_cuda and sum(counts.tolist()) != x_sorted.shape[0]:
         raise ValueError(f"counts ({sum(counts.tolist())} rows) do not match x_sorted {tuple(x_sorted.shape)}")
     box = WeightGradBox()
-    step_weights = tuple(StepExpertWeights.of(w) for w in (w1, w2, w3))
+    step_weights = StepGateUp.of(w1, w3), StepExpertWeights.of(w2)
     w1, w2, w3 = weight_entry(box, w1, w2, w3)
     if weights is None:
         weights = x_sorted.new_ones(x_sorted.shape[0], dtype=torch.float32)

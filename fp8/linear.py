@@ -113,10 +113,15 @@ class StepWeight:
     memo_name = "fp8_linear_weight"
     keep_transposed = True  # False: W^T's blocks are made from W's at each use (1 byte per parameter kept, not 2)
 
-    def __init__(self, weight: Tensor, keep: bool):
-        self.weight, self.version, self.keep = weight, weight._version, keep
+    def __init__(self, weight: Tensor, keep: bool, *partners: Tensor):
+        self.weight, self.partners, self.keep = weight, partners, keep  # partners: quantized with it (subclasses)
+        self.versions = self._versions(weight, partners)
         self._blocks: Quantized | None = None
         self._transposed: Quantized | None = None
+
+    @staticmethod
+    def _versions(weight: Tensor, partners: tuple[Tensor, ...]) -> tuple[int, ...]:
+        return (weight._version, *(p._version for p in partners))
 
     def quantize(self) -> Quantized:
         """W's blocks, made from the weight."""
@@ -143,12 +148,14 @@ class StepWeight:
         return transposed
 
     @classmethod
-    def of(cls, weight: Tensor) -> StepWeight:
-        """The step's entry for ``weight`` (a fresh one outside a step, or once the weight was changed)."""
+    def of(cls, weight: Tensor, *partners: Tensor) -> StepWeight:
+        """The step's entry for ``weight`` (and the ``partners`` a subclass quantizes with it): a fresh one
+        outside a step, or once one of them was changed or replaced."""
         memo = step_memo(cls.memo_name)
         entry = memo.get(weight) if memo is not None else None
-        if entry is None or entry.version != weight._version:
-            entry = cls(weight, keep=memo is not None)
+        if (entry is None or entry.versions != cls._versions(weight, partners)
+                or any(a is not b for a, b in zip(entry.partners, partners, strict=True))):
+            entry = cls(weight, memo is not None, *partners)
             if memo is not None:
                 memo[weight] = entry
         return entry

@@ -57,9 +57,11 @@ def activation_items(m: ModelConfig, layer_id: int, p: Precision) -> list[tuple[
                   ("shared experts' SwiGLU inputs", s * 2 * inter, "act", "NS"),
                   ("shared experts' SwiGLU output (w2 input)", s * inter, "gemm", "NS")]
     # routed experts: the gate weight scales the SwiGLU output (train/ops.py); FP8 caches the SwiGLU inputs
-    # in FP8 and recomputes its output (sec 3.3.3)
+    # in FP8 and recomputes its output (sec 3.3.3), as the output of the stacked gate/up GEMM, where each
+    # is padded to a multiple of 128 columns (fp8/experts.py StepGateUp; real configs need no padding)
+    stacked = -(-inter // FP8_TILE) * FP8_TILE if p.fp8 else inter
     items += [("routed: dispatched token per expert slot", k * m.dim, "gemm", "NS"),
-              ("routed: SwiGLU inputs", k * 2 * inter, "gemm", "NS"),
+              ("routed: SwiGLU inputs", k * 2 * stacked, "gemm", "NS"),
               ("routed: gate weight per slot", k, "fp32", "NS"),
               ("routed: weighted SwiGLU output (w2 input)", 0 if p.fp8 else k * inter, "act", "NS"),
               ("routed: slot order, token of each slot", 2 * k, "int64", "NS")]

@@ -126,11 +126,12 @@ def test_split_backward_runs_each_gemm_once_with_identical_grads(make, recompute
         assert plain["B"] == Counter(block=2 + 2 * recompute, wgrad=2)
         assert split["B"] == Counter(block=2 + 2 * recompute), split
         assert split["W"] == Counter(wgrad=2), split
-    else:  # grouped: Fprop gate/up/down 3, Dgrad down/gate/up 3; Wgrad one K-grouped GEMM per weight
-        assert plain["forward"] == Counter(grouped=3)
-        assert plain["B"] == Counter(grouped=3 + 3 * recompute, k_grouped=3)
-        assert split["B"] == Counter(grouped=3 + 3 * recompute), split
-        assert split["W"] == Counter(k_grouped=3), split
+    else:  # grouped, gate and up stacked as one (fp8/experts.py StepGateUp): Fprop gate-up and down 2, Dgrad
+        # down and gate-up 2; Wgrad one K-grouped GEMM for down, one for gate-up
+        assert plain["forward"] == Counter(grouped=2)
+        assert plain["B"] == Counter(grouped=2 + 2 * recompute, k_grouped=2)
+        assert split["B"] == Counter(grouped=2 + 2 * recompute), split
+        assert split["W"] == Counter(k_grouped=2), split
 
 
 @pytest.mark.parametrize("make", [linear_stack, expert_stack])
