@@ -5,7 +5,8 @@ Shapes of the report's model (hidden 7168, MoE expert projections 2048):
 * dense: tokens T in {4096, 8192, 16384} x K 7168 x N in {2048, 1536, 7168};
 * grouped (MoE experts): 256 experts, top-8 routing of T tokens (random scores, so each expert gets
   ~T * 8 / 256 rows, some more, some fewer), expert projection N 2048 x K 7168, stacked weights
-  [256 * 2048, 7168]; one grouped GEMM over all 8T rows.
+  [256 * 2048, 7168]; one grouped GEMM over all 8T rows. At the first T also N 4096: gate and up
+  stacked as one operand, as the FP8 experts run them.
 
 * wgrad (the experts' weight gradients, ``dW_e = dY_e^T X_e``): 8 local experts, top-2 routing of T
   tokens among them, dW [2048, 7168] each; one K-grouped GEMM (``k_grouped_gemm``) over the experts'
@@ -446,8 +447,10 @@ def main() -> None:
     if args.only in (None, "wgrad"):  # before the grouped shapes, the largest (a time limit cuts the end)
         bench_wgrad(tokens[0], 8, expert_n, expert_k, backends, device, args)
     if args.only in (None, "grouped"):
-        for t in tokens:
+        for i, t in enumerate(tokens):
             bench_grouped(t, experts, top_k, expert_n, expert_k, backends, device, args)
+            if i == 0:  # the experts' gate and up stacked as one GEMM (fp8/experts.py StepGateUp)
+                bench_grouped(t, experts, top_k, 2 * expert_n, expert_k, backends, device, args)
 
 
 if __name__ == "__main__":
