@@ -8,11 +8,14 @@ payload and scales written once) and the speed-up.
 
     python bench/fp8_quant.py --device cuda            # in bash bench/gpu_check.sh fp8
     python bench/fp8_quant.py --device cpu --quick     # the PyTorch operations only (the kernel needs a GPU)
+    TRITON_INTERPRET=1 python bench/fp8_quant.py --device cpu --quick   # the kernels in Triton's interpreter:
+                                                       # their bits checked, timings meaningless
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -73,9 +76,12 @@ def main(argv: list[str] | None = None) -> int:
     fused = None
     if device.type == "cuda":
         from fp8 import triton_quant as fused
+    elif args.quick and os.environ.get("TRITON_INTERPRET") == "1":  # a smoke test of the GPU path: bits only
+        from fp8 import triton_quant as fused
     dtype = getattr(torch, args.dtype)
     shapes = cases([256] if args.quick else [4096, 16384], 512 if args.quick else 7168, 256 if args.quick else 2048)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (PyTorch operations only)"
+    name = (torch.cuda.get_device_name(device) if device.type == "cuda" else
+            "cpu (PyTorch operations only)" if fused is None else "cpu, kernels in Triton's interpreter")
     print(f"FP8 E4M3 quantization on {name}, {args.dtype} input, median of {args.repeats}")
     print(f"{'case':<44} {'torch ops ms':>12} {'fused ms':>9} {'fused GB/s':>10} {'speed-up':>8}  bits")
     failures = 0

@@ -3,6 +3,7 @@ passing check, and a perturbed output makes its check, and the run, fail."""
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -82,6 +83,20 @@ def test_scaling_model_reproduces_the_planner_and_overlap_helps():
     bound = predict(cfg, cluster, Scenario(cluster.mfu, overlap=True, all_to_all=False))
     assert bound.step_s < on.step_s < off.step_s
     assert on.gpu_hours_per_trillion == pytest.approx(1e12 / on.tokens_per_gpu_s / 3600)
+
+
+def test_fp8_quant_bench_runs_the_kernels_in_the_interpreter():
+    """bench/fp8_quant.py's GPU path (the fused kernels, the bit comparison, the separate-kernel baselines)
+    run in Triton's interpreter on the CPU, so a GPU call does not find its bugs: every case's bits agree."""
+    pytest.importorskip("triton", reason="Triton is not installed (the gpu extra)")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "fp8_quant.py"), "--device", "cpu", "--quick",
+                             "--repeats", "1", "--warmup", "0"], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    rows = [line for line in result.stdout.splitlines() if line.startswith(("activation", "expert", "weight"))]
+    assert len(rows) == 6 and all(" same" in row for row in rows), result.stdout
+    assert sum("separate kernels:" in row for row in rows) == 2
 
 
 def test_fp8_quant_bench_times_the_pytorch_operations_on_the_cpu(capsys):
