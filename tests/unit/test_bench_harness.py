@@ -124,3 +124,34 @@ def test_fp8_quant_bench_times_the_pytorch_operations_on_the_cpu(capsys):
     assert len([line for line in lines if line.startswith(("activation", "expert", "weight"))]) == 6
     assert any(line.startswith("activation 256 x 512, 128x1 (transposed)") for line in lines)
     assert any(line.startswith("expert rows 256 x 512, both, aligned layout") for line in lines)
+
+
+def test_gpu_check_commands_match_the_scripts_they_call():
+    """bash bench/gpu_check.sh, read as text: every test file it runs exists, every flag it passes a bench
+    script is one that script's --help names, every benchmark name is the harness's, and every preset with
+    its --set overrides loads: a renamed flag or a bad override would otherwise spend a GPU call."""
+    import shlex
+
+    from train.config import load_config
+
+    text = (ROOT / "bench" / "gpu_check.sh").read_text().replace("\\\n", " ")
+    commands = [shlex.split(m.group(1)) for m in re.finditer(r"^\s*step \d+ \S+ (.*)$", text, re.M)]
+    assert len(commands) >= 10
+    helps: dict[str, str] = {}
+    for words in commands:
+        if words[0] == "$PYTEST":
+            assert all((ROOT / path).is_file() for path in words[1:]), words
+            continue
+        assert words[0] == "python3", words
+        script = words[1:3] if words[1] == "-m" else words[1:2]
+        if " ".join(script) not in helps:
+            helps[" ".join(script)] = subprocess.run([sys.executable, *script, "--help"], cwd=ROOT, capture_output=True,
+                                                     text=True, timeout=120).stdout
+        usage = helps[" ".join(script)]
+        args = words[len(script) + 1:]
+        assert all(a.split("=")[0] in usage for a in args if a.startswith("--")), (words, usage)
+        if script == ["-m", "bench"]:
+            assert all(a in BENCHMARKS for a in args if not a.startswith("--") and a != "cuda"), words
+        if "--preset" in args:
+            sets = [args[i + 1] for i, a in enumerate(args) if a == "--set" and "$" not in args[i + 1]]
+            load_config([f"+conf={args[args.index('--preset') + 1]}", *sets])
