@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from fp8.backend import EmulateBackend, ReferenceBackend
-from fp8.experts import ExpertRows, expert_wgrad, fp8_expert_ffn
+from fp8.experts import ExpertRows, StepGateUp, expert_wgrad, fp8_expert_ffn, quantize_experts
 from fp8.gemm import gemm_reference, k_grouped_gemm_reference
 from fp8.quant import BLOCK, dequantize_2d, quantize, quantize_act_transposed
 
@@ -113,6 +113,26 @@ def expert_problem(counts: list[int], dim: int, inter: int, seed: int):
           torch.randn(e, inter, dim, generator=g) * dim**-0.5]
     weights = torch.rand(sum(counts), generator=g) + 0.25
     return [x, *ws, weights], torch.randn(sum(counts), dim, generator=g)
+
+
+@pytest.mark.parametrize("inter", [96, 128])
+def test_stacked_gate_up_gives_each_projections_own_numbers(inter):
+    """``StepGateUp``: one GEMM on the stacked gate/up blocks gives, column for column, the reference
+    backend's products of each projection alone (exact per-group promotion: the same numbers whatever N),
+    zeros in the padding columns (I = 96 pads to 128); its Dgrad operand is the stack of the W^T blocks."""
+    counts = [40, 0, 150]
+    (x, w1, _, w3, _), _ = expert_problem(counts, dim=256, inter=inter, seed=4)
+    qx, stack = quantize(x, 1), StepGateUp(w1, False, w3)
+    padded = -(-inter // BLOCK) * BLOCK
+    both = REFERENCE.grouped_gemm(qx, stack.blocks(), counts)
+    assert both.shape == (sum(counts), 2 * padded)
+    assert torch.equal(both[:, :inter], REFERENCE.grouped_gemm(qx, quantize_experts(w1), counts)[:, :inter])
+    assert torch.equal(both[:, padded:padded + inter], REFERENCE.grouped_gemm(qx, quantize_experts(w3), counts)[:, :inter])
+    assert not both[:, inter:padded].any() and not both[:, padded + inter:].any()
+    pad = torch.zeros(len(counts), padded - inter, 256)
+    direct = quantize_experts(torch.cat([w1, pad, w3, pad], dim=1).transpose(1, 2))
+    made = stack.transposed()
+    assert torch.equal(made.scale, direct.scale) and torch.equal(made.data.view(torch.uint8), direct.data.view(torch.uint8))
 
 
 def run_ffn(backend, leaves: list[torch.Tensor], counts, dout: torch.Tensor):
