@@ -85,17 +85,22 @@ def test_scaling_model_reproduces_the_planner_and_overlap_helps():
     assert on.gpu_hours_per_trillion == pytest.approx(1e12 / on.tokens_per_gpu_s / 3600)
 
 
+def run_interpreted(script: str) -> str:
+    """``bench/<script> --device cpu --quick`` (one timed call per case) with Triton's interpreter: stdout."""
+    pytest.importorskip("triton", reason="Triton is not installed (the gpu extra)")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / script), "--device", "cpu", "--quick", "--repeats",
+                             "1", "--warmup", "0"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    return result.stdout
+
+
 def test_fp8_quant_bench_runs_the_kernels_in_the_interpreter():
     """bench/fp8_quant.py's GPU path (the fused kernels, the bit comparison, the separate-kernel baselines)
     run in Triton's interpreter on the CPU, so a GPU call does not find its bugs: every case's bits agree."""
-    pytest.importorskip("triton", reason="Triton is not installed (the gpu extra)")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, str(ROOT / "bench" / "fp8_quant.py"), "--device", "cpu", "--quick",
-                             "--repeats", "1", "--warmup", "0"], cwd=ROOT, env=env, capture_output=True, text=True,
-                            timeout=600)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    rows = [line for line in result.stdout.splitlines() if line.startswith(("activation", "expert", "weight"))]
-    assert len(rows) == 6 and all(" same" in row for row in rows), result.stdout
+    out = run_interpreted("fp8_quant.py")
+    rows = [line for line in out.splitlines() if line.startswith(("activation", "expert", "weight"))]
+    assert len(rows) == 6 and all(" same" in row for row in rows), out
     assert sum("separate kernels:" in row for row in rows) == 2
 
 
@@ -103,15 +108,10 @@ def test_fp8_gemm_bench_runs_the_triton_kernels_in_the_interpreter():
     """bench/fp8_gemm.py's Triton rows (dense, the experts' Wgrad and its loop, grouped and the stacked
     gate+up shape) in Triton's interpreter on the CPU: each within 1e-5 of the exact product of its FP8
     operands (its kernel's bound on a GPU is 1.3e-4 at K = 7168; here K = 512, seen 7e-8)."""
-    pytest.importorskip("triton", reason="Triton is not installed (the gpu extra)")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, str(ROOT / "bench" / "fp8_gemm.py"), "--quick", "--device", "cpu",
-                             "--repeats", "1", "--warmup", "0"], cwd=ROOT, env=env, capture_output=True, text=True,
-                            timeout=600)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    rows = [line.split() for line in result.stdout.splitlines() if line.startswith("  triton")]
-    assert len(rows) == 6, result.stdout
-    assert all(float(row[-2]) < 1e-5 for row in rows), result.stdout  # err_ref, then err_fp32
+    out = run_interpreted("fp8_gemm.py")
+    rows = [line.split() for line in out.splitlines() if line.startswith("  triton")]
+    assert len(rows) == 6, out
+    assert all(float(row[-2]) < 1e-5 for row in rows), out  # err_ref, then err_fp32
 
 
 def test_fp8_quant_bench_times_the_pytorch_operations_on_the_cpu(capsys):
