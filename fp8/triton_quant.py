@@ -3,14 +3,16 @@ sec 3.3.2; DeepSeek's own ``act_quant`` kernel is the model).
 
 Each program loads a tile, takes its max-abs, computes the scale, divides, clamps and stores the FP8
 payload and the scale: the numbers of ``fp8.quant.quantize`` (tested equal bit for bit), in one read and
-one write of the tensor. Three layouts:
+one write of the tensor. The layouts:
 
 * 1x128 tiles of x [R, K] (activations, gradients): ``quantize_rows``;
 * 128x128 blocks of W [N, K] (weights): ``quantize_blocks``;
 * 128x1 tiles of x [T, K], written as the 1x128 tiles of x^T [K, T] (the Wgrad operands):
   ``quantize_columns``; the transposition happens inside the kernel (no FP32 copy of x^T);
 * both of x's layouts at once (``quantize_rows_and_columns``): the linear's input and its output gradient
-  are each read by a GEMM in 1x128 tiles and by Wgrad in 128x1 tiles, so one read of x serves both.
+  are each read by a GEMM in 1x128 tiles and by Wgrad in 128x1 tiles, so one read of x serves both;
+  with a row index, the 128x1 tiles are those of a matrix built from x's rows and zero rows (the routed
+  experts' 128-aligned token layout, fp8/experts.py), which is never written.
 
 Only E4M3, from fp32/bf16/fp16, without the NaN check (the training path's ``check_finite=False``); E5M6
 and fp64 stay in ``fp8.quant``. ``fp8.quant.quantize`` calls these kernels itself for CUDA tensors on
