@@ -9,6 +9,8 @@ All three GEMMs of a linear layer run on FP8 operands (Figure 6), each quantized
 * Wgrad  ``dW = dy^T x``: reduction over tokens, so dy and x are both tiled 128x1 (per channel, per 128
   tokens), i.e. the 1x128 tiles of dy^T [N, T] and x^T [K, T].
 
+x and dy are each quantized in both of their layouts at once (``quantize_both_layouts``: one read on a GPU).
+
 Storage (sec 3.3.3): the weight stays the FP32 master (or its BF16 working copy), quantized online; within
 a training step its FP8 blocks are made once and shared by every micro-batch (``StepWeight``), gradients
 to it are fp32, and the activation is cached for Wgrad in FP8: x already
