@@ -72,12 +72,13 @@ def is_fp8(model: nn.Module) -> bool:
     return any(isinstance(m, Fp8Linear) or getattr(m, "fp8_ffn", None) is not None for m in model.modules())
 
 
-def convert_to_fp8(model: nn.Module, backend: str = "auto", device: torch.device | str | None = None
-                   ) -> Fp8ConversionReport:
+def convert_to_fp8(model: nn.Module, backend: str = "auto", device: torch.device | str | None = None,
+                   expert_weight_cache: bool = True) -> Fp8ConversionReport:
     """Swap ``model``'s attention and MLP linears for ``Fp8Linear`` and give its routed experts the FP8
     grouped SwiGLU (see the module docstring for what is kept). ``backend`` is a name for
     ``fp8.backend.get_backend``, resolved for ``device`` (default: the model's device; cuda/cpu for a
-    meta model). In place; returns the report."""
+    meta model). ``expert_weight_cache``: the experts' FP8 weight blocks made once per training step
+    (``fp8.expert_weight_cache``; fp8/experts.py). In place; returns the report."""
     if is_fp8(model):
         raise ValueError("model is already converted to FP8 (convert_to_fp8 was applied before)")
     gemm = get_backend(backend, device if device is not None else _default_device(model))
@@ -98,7 +99,7 @@ def convert_to_fp8(model: nn.Module, backend: str = "auto", device: torch.device
         elif isinstance(module, MLP):
             swap(module, prefix, MLP_LINEARS)
         elif isinstance(module, RoutedExperts):
-            module.fp8_ffn = functools.partial(fp8_expert_ffn, backend=gemm)
+            module.fp8_ffn = functools.partial(fp8_expert_ffn, backend=gemm, cache_weights=expert_weight_cache)
             report.experts.append(module_name)
 
     for module_name, module in model.named_modules():

@@ -271,7 +271,7 @@ class _Fp8ExpertFFN(torch.autograd.Function):
 
 
 def fp8_expert_ffn(x_sorted: Tensor, counts: Tensor | list[int], w1: Tensor, w2: Tensor, w3: Tensor,
-                   weights: Tensor | None = None, *, backend: GemmBackend) -> Tensor:
+                   weights: Tensor | None = None, *, backend: GemmBackend, cache_weights: bool = True) -> Tensor:
     """SwiGLU of each routed expert on its rows through grouped FP8 GEMMs (sec 3.3.1, 3.3.3), times the
     rows' gate ``weights`` [T] (fp32; None: ones).
 
@@ -288,7 +288,7 @@ def fp8_expert_ffn(x_sorted: Tensor, counts: Tensor | list[int], w1: Tensor, w2:
     if not counts.is_cuda and sum(counts.tolist()) != x_sorted.shape[0]:
         raise ValueError(f"counts ({sum(counts.tolist())} rows) do not match x_sorted {tuple(x_sorted.shape)}")
     box = WeightGradBox()
-    step_weights = StepGateUp.of(w1, w3), StepExpertWeights.of(w2)
+    step_weights = StepGateUp.of(w1, w3, share=cache_weights), StepExpertWeights.of(w2, share=cache_weights)
     w1, w2, w3 = weight_entry(box, w1, w2, w3)
     if weights is None:
         weights = x_sorted.new_ones(x_sorted.shape[0], dtype=torch.float32)

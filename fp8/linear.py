@@ -150,10 +150,10 @@ class StepWeight:
         return transposed
 
     @classmethod
-    def of(cls, weight: Tensor, *partners: Tensor) -> StepWeight:
+    def of(cls, weight: Tensor, *partners: Tensor, share: bool = True) -> StepWeight:
         """The step's entry for ``weight`` (and the ``partners`` a subclass quantizes with it): a fresh one
-        outside a step, or once one of them was changed or replaced."""
-        memo = step_memo(cls.memo_name)
+        outside a step (or with ``share`` False: nothing kept), or once one of them was changed or replaced."""
+        memo = step_memo(cls.memo_name) if share else None
         entry = memo.get(weight) if memo is not None else None
         if (entry is None or entry.versions != cls._versions(weight, partners)
                 or any(a is not b for a, b in zip(entry.partners, partners, strict=True))):

@@ -165,6 +165,7 @@ class FP8Config:
     enabled: bool = False  # FP8 GEMMs for attention projections, dense FFNs and experts (report sec 3.3; docs/fp8.md)
     backend: str = "auto"  # auto | emulate | reference | triton | torch | te (auto: triton on CUDA, else emulate)
     dispatch: bool = True  # with fp8.enabled and ep > 1: FP8 activations in the expert dispatch (combine stays BF16)
+    expert_weight_cache: bool = True  # routed experts' FP8 weight blocks made once per step (1 byte per expert weight)
 
 
 @dataclass

@@ -118,7 +118,7 @@ def stage_plans(cfg: Config, n_stages: int, p: Precision, boundaries: list[int] 
                 cast_expert += e
             else:  # quantized once per step and shared by the micro-batches (fp8/linear.py StepWeight)
                 fp8_dense += d - free
-                fp8_expert += e
+                fp8_expert += e if cfg.fp8.expert_weight_cache else 0
             moe += not is_dense(m, layer)
             length = t.seq_len if layer < m.n_layers else t.seq_len - (layer - m.n_layers + 1)
             if layer < m.n_layers:  # MTP blocks: in tail_activation_bytes

@@ -133,7 +133,8 @@ def _train(cfg: Config, runtime: Runtime, model: Transformer, log: MetricsLogger
         from fp8.dispatch import Fp8DispatchQuantizer
 
         try:
-            log.info(f"fp8: {convert_to_fp8(model, cfg.fp8.backend, runtime.device).summary()}")
+            report = convert_to_fp8(model, cfg.fp8.backend, runtime.device, cfg.fp8.expert_weight_cache)
+            log.info(f"fp8: {report.summary()}")
         except BackendUnavailable as err:  # a backend this machine cannot run: one line, what to use instead
             raise UserError(f"fp8.backend={cfg.fp8.backend}: {err}") from None
         if cfg.fp8.dispatch:

@@ -560,8 +560,9 @@ def test_fp8_expert_ffn_no_rows_and_autocast():
 def test_micro_batches_of_a_step_share_one_quantization_of_the_expert_weights(monkeypatch):
     """Inside a step the routed experts' weights are quantized once (``StepExpertWeights``) for every
     micro-batch's Fprop; each Dgrad transposes those blocks (1 byte kept per parameter, not 2) instead of
-    quantizing W^T from the master. Outside a step every use quantizes. Outputs and all gradients are
-    bit-identical either way; a weight changed in place is quantized again."""
+    quantizing W^T from the master. Outside a step, or with ``cache_weights`` off (``fp8.expert_weight_cache``),
+    every use quantizes. Outputs and all gradients are bit-identical either way; a weight changed in place is
+    quantized again."""
     import fp8.experts as fe
 
     calls = count_calls(monkeypatch, fe, quantize="quantize_experts", transpose="transpose_expert_blocks")
@@ -577,14 +578,19 @@ def test_micro_batches_of_a_step_share_one_quantization_of_the_expert_weights(mo
         with context:
             for x0, *_, dout in micro_batches:
                 x = x0.float().requires_grad_()
-                out = fp8_expert_ffn(x, torch.tensor(counts), *weights, gate_weights(counts).float(), backend=EMULATE)
+                out = fp8_expert_ffn(x, torch.tensor(counts), *weights, gate_weights(counts).float(), backend=EMULATE,
+                                     cache_weights=cache_weights)
                 out.backward(dout.float())
                 outs.append(out.detach())
                 dxs.append(x.grad)
         return dict(calls), outs, dxs, [w.grad.clone() for w in weights]
 
+    cache_weights = True
     alone, *plain = run(contextlib.nullcontext())
     shared, *step = run(shared_weight_casts())
+    cache_weights = False  # fp8.expert_weight_cache=false: inside a step too, each use quantizes
+    unshared, *uncached = run(shared_weight_casts())
+    assert unshared == alone and all(torch.equal(u, v) for a, b in zip(plain, uncached) for u, v in zip(a, b))
     # per micro-batch two Dgrad operands: the gate/up stack's blocks transposed, and the down projection's
     assert alone == {"quantize": 18, "transpose": 6} and shared == {"quantize": 3, "transpose": 6}
     for a, b in zip(plain, step):
