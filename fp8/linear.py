@@ -34,9 +34,8 @@ import torch
 from torch import Tensor, nn
 
 from fp8.backend import GemmBackend
-from fp8.quant import (BLOCK, Quantized, convert_tiles, pack_12bit, quantize, quantize_act_transposed, quantize_both_layouts,
-                      quantize_weight,
-                       unpack_12bit)
+from fp8.quant import (BLOCK, Quantized, convert_tiles, pack_12bit, quantize, quantize_act_transposed,
+                       quantize_both_layouts, quantize_weight, unpack_12bit)
 from fp8.wgrad import WeightGradBox, WeightSpec, no_weight_grad, weight_entry
 from train.ops import step_memo
 

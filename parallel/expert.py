@@ -459,8 +459,7 @@ class ExpertParallelExperts(RoutedExperts):
     # ---- forward
     def forward(self, x: Tensor, routing: Routing) -> Tensor:
         """Same semantics as RoutedExperts.forward: x [N, D] local tokens, GLOBAL expert ids; returns [N, D]."""
-        handle = self.dispatch(x, routing)
-        return self.combine(self.compute(handle.wait()), handle).wait()
+        return self.forward_beside(x, routing, lambda: None)[0]
 
     def forward_beside(self, x: Tensor, routing: Routing, beside: Callable[[], Tensor | None]
                        ) -> tuple[Tensor, Tensor | None]:
