@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from fp8.backend import GemmBackend
-from fp8.linear import (StepWeight, _no_autocast, _output_dtype, _quantize, _quantize_both, _quantize_t, _rebuild,
+from fp8.linear import (StepWeight, _no_autocast, _output_dtype, _quantize, _quantize_layouts, _rebuild,
                         wgrad_dtype)
 from fp8.quant import BLOCK, Quantized, dequantize
 from fp8.wgrad import WeightGradBox, WeightSpec, no_weight_grad, weight_entry
@@ -79,15 +79,12 @@ class ExpertRows:
         """x [T, K] (rows sorted by expert) in 1x128 tiles (a grouped GEMM's operand) if ``tiles``, and in
         128x1 tiles per expert (``quantize_tokens``) if ``tokens``, else None in its place. Both: one read of
         x on a GPU, the aligned layout built inside the kernel (``fp8.quant.quantize_both_layouts``)."""
-        if tiles and tokens:
-            return _quantize_both(x, row_index=self.sources())
-        return (_quantize(x, 1) if tiles else None), (self.quantize_tokens(x)[0] if tokens else None)
+        return _quantize_layouts(x, rows=tiles, columns=tokens, row_index=self.sources() if tokens else None)
 
     def quantize_tokens(self, *xs: Tensor) -> list[Quantized]:
         """Each x [T, K] (rows sorted by expert) in 128x1 tiles per expert: the Quantized of the aligned
         layout transposed, [K, padded_rows], with 1x128 tiles along the tokens."""
-        where = self.destinations()
-        return [_quantize_t(x.new_zeros(self.padded_rows, x.shape[1]).index_copy_(0, where, x)) for x in xs]
+        return [self.quantize(x, tiles=False)[1] for x in xs]
 
 
 def _padded(n: int) -> int:

@@ -34,8 +34,8 @@ import torch
 from torch import Tensor, nn
 
 from fp8.backend import GemmBackend
-from fp8.quant import (BLOCK, Quantized, convert_tiles, pack_12bit, quantize, quantize_act_transposed,
-                       quantize_both_layouts, quantize_weight, unpack_12bit)
+from fp8.quant import (BLOCK, Quantized, convert_tiles, pack_12bit, quantize, quantize_both_layouts,
+                       quantize_layouts, quantize_weight, unpack_12bit)
 from fp8.wgrad import WeightGradBox, WeightSpec, no_weight_grad, weight_entry
 from train.ops import step_memo
 
@@ -45,8 +45,8 @@ CACHE_FORMATS = ("e4m3", "e5m6")
 # non-finite value gives its tile a non-finite scale, reaches the loss, and the trainer's guard skips the
 # step (fp8/quant.py, ``check_finite``).
 _quantize = functools.partial(quantize, check_finite=False)
-_quantize_t = functools.partial(quantize_act_transposed, check_finite=False)
 _quantize_both = functools.partial(quantize_both_layouts, check_finite=False)
+_quantize_layouts = functools.partial(quantize_layouts, check_finite=False)
 _quantize_weight = functools.partial(quantize_weight, check_finite=False)
 
 
@@ -200,12 +200,7 @@ class _Fp8Linear(torch.autograd.Function):
             dy2d = dy.reshape(-1, n)
             # dy in 1x128 tiles for Dgrad (K of that GEMM is N) and 128x1 tiles for Wgrad (K = tokens), made
             # now from one read of dy: a split backward keeps the FP8 Wgrad operand for its W pass, not dy
-            if need_dx and need_dw:
-                q_dy, dy_t = _quantize_both(dy2d)
-            elif need_dx:
-                q_dy = _quantize(dy2d, 1)
-            elif need_dw:
-                dy_t = _quantize_t(dy2d)
+            q_dy, dy_t = _quantize_layouts(dy2d, rows=need_dx, columns=need_dw)
             if need_dx:
                 wt = ctx.step_weight.transposed()  # [K, N]: W's blocks transposed
                 dx = backend.gemm(q_dy, wt, ctx.x_dtype).reshape(ctx.x_shape)

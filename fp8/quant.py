@@ -399,12 +399,28 @@ def quantize_both_layouts(x: Tensor, fmt: str = "e4m3", pow2: bool = False, *, c
     fused = None if check_finite else _quantize_fused("rows_and_columns", x2d, fmt, pow2, row_index=row_index)
     if fused is not None:
         return fused
-    if row_index is not None:  # -1 picks the zero row appended at the end
-        x2d_rows, x2d = x2d, torch.cat([x2d, x2d.new_zeros(1, x2d.shape[1])])[row_index]
-    else:
-        x2d_rows = x2d
-    return (quantize(x2d_rows, 1, fmt, pow2, check_finite=check_finite),
-            quantize_act_transposed(x2d, fmt, pow2, check_finite=check_finite))
+    return (quantize(x2d, 1, fmt, pow2, check_finite=check_finite),
+            quantize_act_transposed(_rows_at(x2d, row_index), fmt, pow2, check_finite=check_finite))
+
+
+def quantize_layouts(x: Tensor, rows: bool = True, columns: bool = True, fmt: str = "e4m3", pow2: bool = False, *,
+                     check_finite: bool = True, row_index: Tensor | None = None
+                     ) -> tuple[Quantized | None, Quantized | None]:
+    """``quantize_both_layouts`` for the layouts asked for, None in place of the other: the 1x128 tiles
+    if ``rows``, the 128x1 tiles (of the rows ``row_index`` picks, if given) if ``columns``."""
+    if rows and columns:
+        return quantize_both_layouts(x, fmt, pow2, check_finite=check_finite, row_index=row_index)
+    x2d = x.reshape(-1, x.shape[-1])
+    return (quantize(x2d, 1, fmt, pow2, check_finite=check_finite) if rows else None,
+            quantize_act_transposed(_rows_at(x2d, row_index), fmt, pow2, check_finite=check_finite)
+            if columns else None)
+
+
+def _rows_at(x2d: Tensor, row_index: Tensor | None) -> Tensor:
+    """``x2d[row_index]`` with -1 giving a zero row (None: x2d itself)."""
+    if row_index is None:
+        return x2d
+    return torch.cat([x2d, x2d.new_zeros(1, x2d.shape[1])])[row_index]
 
 
 def convert_tiles(q: Quantized) -> Quantized:

@@ -23,7 +23,10 @@ fp8, so everything is sent as uint8; a forwarding rank passes the bytes on witho
 Split sizes come from one small all-gather of per-rank counts at dispatch (the only host sync): they also
 size every index list built from a mask (``nonzero_static``), so nothing else waits for the GPU.
 Autograd: a dispatch's backward is the combine-shaped route of the gradients, a combine's backward the
-dispatch-shaped route; both run synchronously. The asynchronous API (``dispatch`` -> ``wait`` ->
+dispatch-shaped route. The combine's runs synchronously; the dispatch's first all-to-all is left in flight
+by ``_Dispatched`` and waited for by ``_DispatchSent``, an identity recorded when the dispatch was issued,
+so autograd runs the work done between issue and wait in the forward (the shared experts) while the
+gradients travel (nodes run latest-recorded first). The asynchronous API (``dispatch`` -> ``wait`` ->
 ``compute`` -> ``combine`` -> ``wait``) lets a pipeline runtime overlap the first all-to-all of each
 exchange with other work; ``forward`` is built from it. The ``*_pieces`` generators go further: they yield
 at EVERY all-to-all in flight, forward and backward routes alike, so the pipeline's F&B chunk can run one
@@ -288,23 +291,58 @@ class _Route:
 
 
 # --------------------------------------------------------------------------------------------------
-# Autograd around the routes (backward is synchronous)
+# Autograd around the routes
+
+
+@dataclass
+class _GradientsReturning:
+    """The dispatch's gradients on their way back to the sources: left in flight by ``_Dispatched``'s
+    backward, finished by ``_DispatchSent``'s."""
+
+    pieces: Pieces[list[Tensor]] | None = None
+
+
+class _DispatchSent(torch.autograd.Function):
+    """Recorded when a dispatch is issued: the identity on (x, weights), whose backward waits for the
+    gradients ``_Dispatched.backward`` left travelling. Autograd runs the nodes recorded between the two
+    (the shared experts, computed while the tokens travelled) in between: they overlap the return too.
+    Where no ``_Dispatched`` ran (the pipeline's F&B sends the gradients itself), it passes its own through."""
+
+    @staticmethod
+    def forward(ctx, returning: _GradientsReturning, x: Tensor, weights: Tensor):
+        ctx.returning = returning
+        return x.view_as(x), weights.view_as(weights)
+
+    @staticmethod
+    def backward(ctx, grad_x: Tensor, grad_w: Tensor):
+        pieces, ctx.returning.pieces = ctx.returning.pieces, None
+        if pieces is not None:
+            grad_x, grad_w = run_to_end(pieces)
+        return None, grad_x, grad_w
 
 
 class _Dispatched(torch.autograd.Function):
-    """Finishes a dispatch; backward returns the gradients of the received rows to their sources."""
+    """Finishes a dispatch; backward issues the return of the received rows' gradients to their sources
+    (``_DispatchSent`` waits for them) and hands zeros of no size on to it."""
 
     @staticmethod
-    def forward(ctx, handle: DispatchHandle, x: Tensor, weights: Tensor):  # noqa: ARG004 (x, weights: autograd inputs)
-        ctx.route = handle.route
+    def forward(ctx, handle: DispatchHandle, x: Tensor, weights: Tensor):
+        ctx.route, ctx.returning = handle.route, handle.returning
+        ctx.sent = [(t.shape, t.dtype) for t in (x, weights)]
         x_recv, ids, w_recv = handle._finish()
         ctx.mark_non_differentiable(ids)
         return x_recv, ids, w_recv
 
     @staticmethod
     def backward(ctx, grad_x: Tensor, _grad_ids, grad_w: Tensor):
-        grad_x, grad_w = ctx.route.reduce([grad_x.contiguous(), grad_w.contiguous()], "dispatch_grad")
-        return None, grad_x, grad_w
+        pieces = ctx.route.reduce_pieces([grad_x.contiguous(), grad_w.contiguous()], "dispatch_grad")
+        try:
+            next(pieces)  # the first all-to-all is issued
+        except StopIteration as done:  # no all-to-all on the way: the gradients are home
+            return None, *done.value
+        ctx.returning.pieces = pieces
+        placeholders = [grad_x.new_zeros((), dtype=dtype).expand(shape) for shape, dtype in ctx.sent]
+        return None, *placeholders
 
 
 class _Combined(torch.autograd.Function):
@@ -342,8 +380,9 @@ class DispatchHandle:
     experts: ExpertParallelExperts
     route: _Route
     inflight: _InFlight
-    x: Tensor | None  # the autograd inputs, dropped once waited
+    x: Tensor | None  # the autograd inputs (``_DispatchSent``'s outputs), dropped once waited
     weights: Tensor | None
+    returning: _GradientsReturning
     fields: tuple[_Field, ...]  # of the packed rows: payload tensors, ids, weights
     dtype: torch.dtype  # the compute dtype (the autocast dtype at dispatch, else x's)
     counts: list[list[int]]  # per ep rank: rows to each ep rank, to each node, (token, expert) pairs to each ep rank
@@ -527,7 +566,9 @@ class ExpertParallelExperts(RoutedExperts):
         for step in steps[:-1]:
             packed = step.forward(packed, self.traffic, "dispatch").wait()  # local steps
         inflight = steps[-1].forward(packed, self.traffic, "dispatch")  # the first all-to-all, asynchronous
-        return DispatchHandle(self, route, inflight, x, weights, fields, x.dtype, counts)
+        returning = _GradientsReturning()
+        x, weights = _DispatchSent.apply(returning, x, weights)
+        return DispatchHandle(self, route, inflight, x, weights, returning, fields, x.dtype, counts)
 
     def _forwarding_steps(self, packed: Tensor, fields: tuple[_Field, ...], counts: list[list[int]]) -> list[_Step]:
         """Hierarchical, at the forwarding rank: hop 2 (NVLink) to the ranks of this node holding the

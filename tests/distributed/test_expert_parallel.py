@@ -99,12 +99,15 @@ def _ep_moe_rank(rank, world, model, xs, grads, mode, ranks_per_node):
     parallelize_experts(model, groups, mode)
     moe = model.moe_layers()[0]
     # what had been sent when the shared experts ran: they run while the dispatch travels, before the combine
-    seen_by_shared = []
-    moe.shared_experts.register_forward_pre_hook(lambda *_: seen_by_shared.append(moe.experts.traffic.as_dict()))
+    # and in backward: while the gradients of the dispatch travel back (its first all-to-all in flight)
+    seen_by_shared, seen_by_shared_backward = [], []
+    traffic = moe.experts.traffic
+    moe.shared_experts.register_forward_pre_hook(lambda *_: seen_by_shared.append(traffic.as_dict()))
+    moe.shared_experts.register_full_backward_pre_hook(lambda *_: seen_by_shared_backward.append(traffic.as_dict()))
     with HostReads() as reads:
         out, x_grad, param_grads, load = moe_forward_backward(moe, xs[rank], grads[rank])
-    return to_bytes((out, x_grad, param_grads, load, moe.experts.expert_offset, moe.experts.traffic.as_dict(),
-                     dict(reads.places), seen_by_shared))
+    return to_bytes((out, x_grad, param_grads, load, moe.experts.expert_offset, traffic.as_dict(),
+                     dict(reads.places), seen_by_shared, seen_by_shared_backward))
 
 
 CASES = {  # name: (config, world, ranks per node, dispatch, gate bias per expert, batch per rank)
@@ -142,10 +145,22 @@ def test_ep_moe_matches_single_device(case):
             assert_close(sum(r[2][name] for r in results), want, name)
     assert torch.equal(sum(r[3] for r in results), want_load)  # MoE's loads: global ids, summed by the trainer
     assert [r[6] for r in results] == [{}] * world  # no host reads but the counts' tolist (unseen on the CPU)
+    sent_inter_node_in_backward = 0
     for rank, r in enumerate(results):  # the shared experts ran between the dispatch and the combine
         (seen,) = r[7]
         assert seen["tokens"] == batches[rank] * seqlen
         assert seen["combine_inter_node_bytes"] == seen["combine_intra_node_bytes"] == 0
+        # backward: after the combine's gradients came (synchronous) and the dispatch's first all-to-all left
+        (seen,), final = r[8], r[5]
+        for key in ("combine_grad_inter_node_bytes", "combine_grad_intra_node_bytes"):
+            assert seen[key] == final[key], (rank, key)
+        if mode == "flat":  # one all-to-all each way
+            assert seen["dispatch_grad_inter_node_bytes"] == final["dispatch_grad_inter_node_bytes"]
+        else:  # hop 2 (in the node) first; hop 1 (between nodes) is issued only once it has arrived
+            assert seen["dispatch_grad_intra_node_bytes"] == final["dispatch_grad_intra_node_bytes"]
+            assert seen["dispatch_grad_inter_node_bytes"] == 0, rank
+            sent_inter_node_in_backward += final["dispatch_grad_inter_node_bytes"]
+    assert mode == "flat" or sent_inter_node_in_backward > 0  # the check above could not fail otherwise
     if case == "all tokens to rank 0":
         assert want_load[2:].sum() == 0
         assert all(not r[2]["experts.w1"].any() for r in results[1:])  # zero (not missing) grads
