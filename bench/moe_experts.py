@@ -2,17 +2,24 @@
 GEMM per projection) against a plain loop over the experts (for each expert: find its tokens with a mask,
 gather them, SwiGLU, scatter-add the weighted output), the way an eager MoE is usually first written.
 
-Same weights, same tokens, same routing (our gate on random hidden states); forward + backward of
-``out.sum()``. Rounds alternate between the implementations and the median is reported. Checked in the same
-run: outputs, input gradients and weight gradients of each implementation against the loop's, relative
-(Frobenius) difference within 1e-5 in fp32 (only the summation order differs) and 2e-2 in bf16.
+Same weights and tokens. The check routes them alike for all (our gate on random hidden states); the timed
+rounds give each implementation, in each round, the routing of other hidden states, so the experts' row
+counts change as they do from step to step and no implementation meets shapes another has just met (on
+the CPU, oneDNN's half-precision GEMMs build a kernel per new shape and cache it); the total of rows, and
+so the FLOPs, are the same for all. Forward + backward of ``out.sum()``. Rounds alternate between the implementations and the median is
+reported. Checked in the same run: outputs, input gradients and weight gradients of each implementation
+against the loop's, relative (Frobenius) difference within 1e-5 in fp32 (only the summation order differs)
+and 2e-2 in bf16.
 
-``model.expert_impl`` options timed: ``loop`` (the sorted slices; what ``auto`` runs on CPUs and for fp32) on
-every device, ``grouped_mm`` (``torch._grouped_mm``: what ``auto`` runs for bf16 on GPUs) on CUDA only (its
-CPU backward is not implemented in torch 2.13).
+``model.expert_impl`` options timed: ``loop`` (the sorted slices; what ``auto`` runs on CPUs in fp32) and
+``loop_padded`` (each expert's rows rounded up to a multiple of 32: what ``auto`` runs in half precision
+on CPUs, where oneDNN builds a kernel per new GEMM shape) on every device, ``grouped_mm``
+(``torch._grouped_mm``: what ``auto`` runs for bf16 on GPUs) on CUDA only (its CPU backward is not
+implemented in torch 2.13).
 
     python bench/moe_experts.py                        # CPU fp32: 64 experts top-6, 4096 tokens
-    python bench/moe_experts.py --device cuda          # bf16, loop and grouped_mm
+    python bench/moe_experts.py --dtype bfloat16       # CPU bf16
+    python bench/moe_experts.py --device cuda          # bf16, loop, loop_padded and grouped_mm
     python bench/moe_experts.py --tokens 512 --dim 128 --inter 64 --experts 16 --topk 4
 """
 
@@ -59,7 +66,8 @@ class ExpertsResult:
 
 
 def impls_for(device: torch.device) -> list[str]:
-    return ["loop", "grouped_mm"] if device.type == "cuda" and hasattr(torch, "_grouped_mm") else ["loop"]
+    grouped = device.type == "cuda" and hasattr(torch, "_grouped_mm")
+    return ["loop", "loop_padded", *(["grouped_mm"] if grouped else [])]
 
 
 def rel_diff(a: Tensor, b: Tensor) -> float:
@@ -68,20 +76,25 @@ def rel_diff(a: Tensor, b: Tensor) -> float:
 
 def compare(tokens: int = 4096, dim: int = 512, inter: int = 128, experts: int = 64, topk: int = 6,
             device: str = "cpu", rounds: int = 5, seed: int = 0,
-            perturb: float = 0.0) -> ExpertsResult:
+            perturb: float = 0.0, dtype: torch.dtype | None = None) -> ExpertsResult:
     """Time and check each ``impls_for(device)`` against ``plain_loop``. ``perturb`` scales our outputs by
-    (1 + perturb) before the check (to see the check fail; 0 in a real run)."""
+    (1 + perturb) before the check (to see the check fail; 0 in a real run). ``dtype``: None for bf16 on
+    CUDA and fp32 elsewhere."""
     dev = torch.device(device)
-    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    if dtype is None:
+        dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     cfg = ModelConfig(dim=dim, moe_inter_dim=inter, n_routed_experts=experts, n_activated_experts=topk,
                       n_expert_groups=1, topk_groups=1)
     g = torch.Generator().manual_seed(seed)
     gate = Gate(cfg)
     torch.nn.init.normal_(gate.weight, std=dim**-0.5, generator=g)
     x0 = torch.randn(tokens, dim, generator=g)
-    with torch.no_grad():
-        routing = gate(x0)
-    routing = Routing(*(t.to(dev) for t in (routing.weights, routing.indices, routing.scores)))
+    def route(x: Tensor) -> Routing:
+        with torch.no_grad():
+            r = gate(x)
+        return Routing(*(t.to(dev) for t in (r.weights, r.indices, r.scores)))
+
+    check_routing = route(x0)
     weights = [(torch.randn(experts, *shape, generator=g) * shape[-1] ** -0.5).to(dev, dtype)
                for shape in ((inter, dim), (dim, inter), (inter, dim))]
     x0 = x0.to(dev, dtype)
@@ -95,7 +108,7 @@ def compare(tokens: int = 4096, dim: int = 512, inter: int = 128, experts: int =
         modules[impl] = module.to(dtype)
     baseline_w = [w.clone().requires_grad_(True) for w in weights]
 
-    def run(impl: str) -> tuple[Tensor, list[Tensor]]:
+    def run(impl: str, routing: Routing = check_routing) -> tuple[Tensor, list[Tensor]]:
         x = x0.detach().requires_grad_(True)
         if impl == "baseline":
             params = baseline_w
@@ -109,16 +122,17 @@ def compare(tokens: int = 4096, dim: int = 512, inter: int = 128, experts: int =
         out.float().sum().backward()
         return out.detach(), [x.grad, *(p.grad for p in params)]
 
-    def timed(impl: str) -> float:
+    def timed(impl: str, routing: Routing) -> float:
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         t0 = time.perf_counter()
-        run(impl)
+        run(impl, routing)
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         return time.perf_counter() - t0
 
     names = ["baseline", *modules]
+    routings = [{name: route(torch.randn(tokens, dim, generator=g)) for name in names} for _ in range(rounds)]
     ref_out, ref_grads = run("baseline")
     rel_err = {}
     for impl in modules:
@@ -128,7 +142,7 @@ def compare(tokens: int = 4096, dim: int = 512, inter: int = 128, experts: int =
     times: dict[str, list[float]] = {name: [] for name in names}
     for r in range(rounds):  # alternate, starting with a different implementation each round
         for name in names[r % len(names):] + names[:r % len(names)]:
-            times[name].append(timed(name))
+            times[name].append(timed(name, routings[r][name]))
     return ExpertsResult(tokens=tokens, dtype=dtype, seconds={k: statistics.median(v) for k, v in times.items()},
                          rel_err=rel_err, tolerance=TOLERANCE[dtype])
 
@@ -142,8 +156,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--topk", type=int, default=6)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                    help="auto: bf16 on CUDA, fp32 elsewhere")
     args = ap.parse_args(argv)
-    r = compare(args.tokens, args.dim, args.inter, args.experts, args.topk, args.device, args.rounds)
+    r = compare(args.tokens, args.dim, args.inter, args.experts, args.topk, args.device, args.rounds,
+                dtype=None if args.dtype == "auto" else getattr(torch, args.dtype))
     print(f"{args.tokens} tokens, dim {args.dim}, {args.experts} experts x {args.inter} top-{args.topk}, {r.dtype}, "
           f"{args.device}, {torch.get_num_threads()} threads; forward + backward, median of {args.rounds} "
           "alternating rounds")

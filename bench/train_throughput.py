@@ -93,9 +93,12 @@ class Throughput:
 
 
 def compare(cfg: ModelConfig, device: torch.device, batch: int, seq: int, rounds: int, steps_per_round: int,
-            hf_experts: list[str], mtp: bool = False, compile: bool = False, compile_ours: bool = False) -> Throughput:
-    """Time ours against HF ``DeepseekV3ForCausalLM`` (one per experts implementation), rounds alternating."""
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+            hf_experts: list[str], mtp: bool = False, compile: bool = False, compile_ours: bool = False,
+            dtype: torch.dtype | None = None) -> Throughput:
+    """Time ours against HF ``DeepseekV3ForCausalLM`` (one per experts implementation), rounds alternating.
+    ``dtype``: the autocast dtype of both (None: bf16 on CUDA, fp32 elsewhere, as ``train.dtype=auto``)."""
+    if dtype is None:
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     cfg = dataclasses.replace(cfg, max_seq_len=max(cfg.max_seq_len, seq), original_seq_len=max(cfg.max_seq_len, seq))
     torch.manual_seed(0)
     ours = Transformer(dataclasses.replace(cfg, mtp_depth=1 if mtp else 0)).to(device)
@@ -171,12 +174,15 @@ def main() -> None:
                         help="also time a copy of ours compiled as train.compile=true does (train/compile.py)")
     parser.add_argument("--hf-experts", default="default",
                         help="comma list of HF experts implementations to time: default,eager,batched_mm,grouped_mm")
+    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                        help="both models' autocast dtype (auto: bf16 on CUDA, fp32 on the CPU)")
     args = parser.parse_args()
 
     device = torch.device(args.device)
     cfg = BENCH_MODEL if args.shape == "bench" else SMALL_MODEL
     result = compare(cfg, device, args.batch, args.seq, args.rounds, args.steps_per_round, args.hf_experts.split(","),
-                     mtp=args.mtp, compile=args.compile, compile_ours=args.compile_ours)
+                     mtp=args.mtp, compile=args.compile, compile_ours=args.compile_ours,
+                     dtype=None if args.dtype == "auto" else getattr(torch, args.dtype))
     counts = count_parameters(cfg)
     print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}), "
           f"threads {torch.get_num_threads()}, dtype {result.dtype}, torch {torch.__version__}")

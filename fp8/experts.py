@@ -38,6 +38,7 @@ from fp8.linear import (StepWeight, _no_autocast, _output_dtype, _quantize, _qua
                         wgrad_dtype)
 from fp8.quant import BLOCK, Quantized, dequantize
 from fp8.wgrad import WeightGradBox, WeightSpec, no_weight_grad, weight_entry
+from train.ops import rows_in_padded_layout
 
 
 @dataclass(frozen=True)
@@ -63,10 +64,7 @@ class ExpertRows:
 
     def destinations(self) -> Tensor:
         """int64 [rows]: the row of the aligned layout that each expert-sorted row goes to."""
-        c = self.counts
-        expert = torch.repeat_interleave(torch.arange(c.shape[0], device=c.device), c, output_size=self.rows)
-        first_row = torch.cumsum(c, 0) - c
-        return self.offsets[expert] + torch.arange(self.rows, device=c.device) - first_row[expert]
+        return rows_in_padded_layout(self.counts, self.offsets, self.rows)
 
     def sources(self) -> Tensor:
         """int64 [padded_rows]: the expert-sorted row at each row of the aligned layout, -1 for padding."""

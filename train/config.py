@@ -59,7 +59,7 @@ class ModelConfig:
     mscale_all_dim: float = 1.0  # YaRN: softmax scale times mscale(s, mscale_all_dim)^2
     norm_eps: float = 1e-6  # RMSNorm epsilon
     init_std: float = 0.006  # normal init of every matrix (report: 0.006)
-    expert_impl: str = "auto"  # auto | loop | grouped_mm  (grouped_mm needs CUDA)
+    expert_impl: str = "auto"  # auto | loop | loop_padded | grouped_mm  (grouped_mm needs CUDA)
 
 
 @dataclass
@@ -229,8 +229,8 @@ def validate(cfg: Config, world_size: int = 1) -> Config:
              f"model.n_expert_groups ({m.n_expert_groups}) leaves fewer than 2 experts per group; group scores "
              "sum the top-2 experts of a group")
     _require(m.rope_factor >= 1.0, f"model.rope_factor ({m.rope_factor}) must be >= 1 (1 = no YaRN)")
-    _require(m.expert_impl in ("auto", "loop", "grouped_mm"),
-             f"model.expert_impl ({m.expert_impl!r}) must be auto, loop or grouped_mm")
+    _require(m.expert_impl in ("auto", "loop", "loop_padded", "grouped_mm"),
+             f"model.expert_impl ({m.expert_impl!r}) must be auto, loop, loop_padded or grouped_mm")
     _require(m.init_std > 0, f"model.init_std ({m.init_std}) must be > 0")
 
     _require(t.seq_len > 0, f"train.seq_len ({t.seq_len}) must be > 0")

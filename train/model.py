@@ -21,7 +21,8 @@ from torch.utils.checkpoint import checkpoint
 
 from train.config import ModelConfig
 from train.losses import head_cross_entropy
-from train.ops import cast_weight, combine_rows, embedding, gate_scores, rms_norm, swiglu, to_compute_dtype
+from train.ops import (cast_weight, combine_rows, embedding, gate_scores, rms_norm, rows_in_padded_layout, swiglu,
+                       to_compute_dtype)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -243,6 +244,24 @@ def expert_ffn_loop(x_sorted: Tensor, counts: list[int], w1: Tensor, w2: Tensor,
     return torch.cat(outputs) if outputs else x_sorted.new_zeros(0, w2.shape[1])
 
 
+PADDED_ROWS = 32  # expert_ffn_padded's row multiple: 16, 32 and 64 measured alike (docs/perf.md)
+
+
+def expert_ffn_padded(x_sorted: Tensor, counts: list[int], w1: Tensor, w2: Tensor, w3: Tensor, weights: Tensor,
+                      multiple: int) -> Tensor:
+    """``expert_ffn_loop`` with each expert's rows followed by zero rows up to a multiple of ``multiple``.
+
+    For the CPU in BF16: oneDNN builds a kernel for each new GEMM shape (~0.6 ms on 2 cores, ten times a
+    256x256x128 product), and the experts' row counts change every step; rounded counts recur, so its
+    kernel cache serves them. A zero row computes zeros and adds nothing to any weight's gradient."""
+    padded = [-(-c // multiple) * multiple for c in counts]
+    where = rows_in_padded_layout(torch.tensor(counts, device=x_sorted.device),
+                                  torch.tensor([0, *padded], device=x_sorted.device).cumsum(0), x_sorted.shape[0])
+    x_padded = x_sorted.new_zeros(sum(padded), x_sorted.shape[1]).index_copy(0, where, x_sorted)
+    weights_padded = weights.new_zeros(sum(padded)).index_copy(0, where, weights)
+    return expert_ffn_loop(x_padded, padded, w1, w2, w3, weights_padded).index_select(0, where)
+
+
 def expert_ffn_grouped(x_sorted: Tensor, counts: Tensor, w1: Tensor, w2: Tensor, w3: Tensor,
                        weights: Tensor) -> Tensor:
     """The same SwiGLU as one grouped GEMM per projection (``torch._grouped_mm``, CUDA)."""
@@ -270,18 +289,25 @@ class RoutedExperts(nn.Module):
     def ffn(self, x_sorted: Tensor, counts: Tensor, weights: Tensor) -> Tensor:
         """SwiGLU of each local expert on its contiguous slice of the expert-sorted rows (``counts`` per
         expert), scaled by the rows' gate ``weights`` [N] (fp32), in the dtype of ``x_sorted``: FP8 when
-        converted, else a grouped GEMM or the loop."""
+        converted, else a grouped GEMM or the loop (on padded rows for half precision on the CPU)."""
         if self.fp8_ffn is not None:
             return self.fp8_ffn(x_sorted, counts, self.w1, self.w2, self.w3, weights)
         w1, w2, w3 = (cast_weight(w, x_sorted.dtype) for w in (self.w1, self.w2, self.w3))
         if self.use_grouped_mm(x_sorted):
             return expert_ffn_grouped(x_sorted, counts, w1, w2, w3, weights)
+        if self.use_padded_rows(x_sorted):
+            return expert_ffn_padded(x_sorted, counts.tolist(), w1, w2, w3, weights, PADDED_ROWS)
         return expert_ffn_loop(x_sorted, counts.tolist(), w1, w2, w3, weights)
 
     def use_grouped_mm(self, x: Tensor) -> bool:
         if self.impl == "auto":
             return x.is_cuda and x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
         return self.impl == "grouped_mm"
+
+    def use_padded_rows(self, x: Tensor) -> bool:
+        if self.impl == "auto":  # oneDNN's half-precision GEMMs on the CPU (expert_ffn_padded)
+            return x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16)
+        return self.impl == "loop_padded"
 
     def forward(self, x: Tensor, routing: Routing) -> Tensor:
         """x: [N, dim]. Tokens are sorted by expert, computed per expert, weighted and summed back."""

@@ -246,3 +246,11 @@ def combine_rows(rows: Tensor, index: Tensor, n_tokens: int) -> Tensor:
     if not torch.is_grad_enabled() or not rows.requires_grad:
         return combine_rows_reference(rows, index, out)
     return _CombineRows.apply(rows, index, out)
+
+
+def rows_in_padded_layout(counts: Tensor, offsets: Tensor, rows: int) -> Tensor:
+    """int64 [rows]: where each of ``rows`` expert-sorted rows (``counts`` [E] per expert) goes in a layout
+    where expert e's rows start at ``offsets[e]``."""
+    expert = torch.repeat_interleave(torch.arange(counts.shape[0], device=counts.device), counts, output_size=rows)
+    first_row = torch.cumsum(counts, 0) - counts
+    return offsets[expert] + torch.arange(rows, device=counts.device) - first_row[expert]

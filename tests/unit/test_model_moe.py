@@ -3,11 +3,14 @@ against per-token / per-sequence references written with explicit loops."""
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from train.model import MoE, Gate, RoutedExperts, Routing, count_per_expert, sequence_balance_loss
+from train.model import (PADDED_ROWS, MoE, Gate, RoutedExperts, Routing, count_per_expert, expert_ffn_loop,
+                         expert_ffn_padded, sequence_balance_loss)
 
 # All fp32. Gate weights and expert outputs are sums of a few products: the loop references differ only
 # in summation order, ~1e-7 relative; 1e-5 relative is far below any wrong selection or weighting
@@ -168,7 +171,7 @@ def _forward_backward(fn, x, params, weights, grad_out):
     return out.detach(), [t.grad.clone() for t in (x, weights, *params)]
 
 
-@pytest.mark.parametrize("impl", ["loop", "grouped_mm"])
+@pytest.mark.parametrize("impl", ["loop", "loop_padded", "grouped_mm"])
 def test_routed_experts_match_per_token_loop_with_gradients(tiny_cfg, impl):
     if impl == "grouped_mm" and not hasattr(torch, "_grouped_mm"):
         pytest.skip("torch._grouped_mm not available")
@@ -190,6 +193,57 @@ def test_routed_experts_match_per_token_loop_with_gradients(tiny_cfg, impl):
     for w_grad in grads[2:]:
         assert torch.all(w_grad[sorted(idle)] == 0)  # experts without tokens get exactly zero gradient
         assert torch.all(w_grad[[e for e in range(8) if e not in idle]].abs().sum(dim=(1, 2)) > 0)
+
+
+def test_padded_rows_change_nothing_but_the_shapes():
+    """expert_ffn_padded against expert_ffn_loop in fp64, gradients included: counts around the multiple
+    (0, 1, one short, exact, one over) and its shapes are all multiples of it. Tolerance 1e-12 relative:
+    fp64 products whose blocking may differ with the row count (~1e-16), far below a misplaced row (O(1))."""
+    torch.manual_seed(0)
+    m = PADDED_ROWS
+    counts = [0, 1, m - 1, m, m + 1, 3]
+    e, dim, inter = len(counts), 16, 8
+    w1, w3 = (torch.randn(e, inter, dim, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    w2 = torch.randn(e, dim, inter, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(sum(counts), dim, dtype=torch.float64, requires_grad=True)
+    weights = torch.rand(sum(counts), dtype=torch.float64, requires_grad=True)
+    grad = torch.randn(sum(counts), dim, dtype=torch.float64)
+    shapes = []
+    results = []
+    for fn in (expert_ffn_loop, expert_ffn_padded):
+        inputs = (x, weights, w1, w2, w3)
+        for t in inputs:
+            t.grad = None
+        with contextlib.nullcontext() if fn is expert_ffn_loop else _RecordMatmulRows(shapes):
+            out = fn(x, counts, w1, w2, w3, weights, *([m] if fn is expert_ffn_padded else []))
+        out.backward(grad)
+        results.append([out.detach(), *(t.grad for t in inputs)])
+    for name, got, want in zip(["out", "x", "weights", "w1", "w2", "w3"], results[1], results[0]):
+        assert (got - want).abs().max() <= 1e-12 * want.abs().max(), name
+    assert shapes and all(rows % m == 0 for rows in shapes)
+
+
+class _RecordMatmulRows(torch.overrides.TorchFunctionMode):
+    """Records the row count of every ``a @ b`` with a 2-D ``a``."""
+
+    def __init__(self, rows: list[int]):
+        super().__init__()
+        self.rows = rows
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") == "matmul" and args[0].dim() == 2:
+            self.rows.append(args[0].shape[0])
+        return func(*args, **(kwargs or {}))
+
+
+def test_auto_pads_expert_rows_only_for_half_precision_on_the_cpu(tiny_cfg):
+    experts = RoutedExperts(tiny_cfg(expert_impl="auto"))
+    assert experts.use_padded_rows(torch.zeros(2, 2, dtype=torch.bfloat16))
+    assert experts.use_padded_rows(torch.zeros(2, 2, dtype=torch.float16))
+    assert not experts.use_padded_rows(torch.zeros(2, 2))
+    assert not experts.use_padded_rows(torch.zeros(2, 2, dtype=torch.bfloat16, device="meta"))
+    experts.impl = "loop"
+    assert not experts.use_padded_rows(torch.zeros(2, 2, dtype=torch.bfloat16))
 
 
 def test_routed_experts_when_all_tokens_go_to_one_expert(tiny_cfg):
