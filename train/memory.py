@@ -9,6 +9,7 @@ the CPU included (no allocator statistics needed).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -55,7 +56,10 @@ def measured_activation_bytes(cfg: Any, lengths: tuple[int, ...], seed: int = 0,
     device_type = torch.device(device).type
     compute = torch.bfloat16 if cfg.train.dtype == "bfloat16" else torch.float32
     torch.manual_seed(seed)
-    model = Transformer(cfg.model).to(device)
+    # the experts as a GPU runs them: auto would pad their rows in BF16 on a CPU (model.expert_impl, up to
+    # PADDED_ROWS - 1 rows per expert and MoE block, a CPU-only choice the planner leaves out)
+    impl = "loop" if cfg.model.expert_impl == "auto" else cfg.model.expert_impl
+    model = Transformer(dataclasses.replace(cfg.model, expert_impl=impl)).to(device)
     model.init_weights(seed=seed)
     set_recompute(model, cfg.memory.recompute)
     if cfg.fp8.enabled:
