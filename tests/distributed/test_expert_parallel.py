@@ -26,7 +26,7 @@ from parallel.mesh import ProcessGroups, build_process_groups, plan_layout
 from tests.conftest import TINY
 from parallel.local_ranks import run_ranks
 from train.config import Config, ModelConfig
-from train.model import MoE, RoutedExperts, Routing, Transformer
+from train.model import MoE, RoutedExperts, Routing, Transformer, set_recompute
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 RTOL = 1e-5
@@ -252,6 +252,38 @@ def test_hierarchical_equals_flat_bitwise(variant):
     assert got.dtype == want.dtype  # under autocast the experts ran in bf16, as on one device
     tolerance = 2e-2 if autocast else RTOL  # bf16: a few roundings of the differently ordered adds
     assert (got.float() - want.float()).abs().max() <= tolerance * want.float().abs().max()
+
+
+def _recompute_rank(rank, world, model, tokens, ranks_per_node):
+    groups = process_groups(model.cfg, world, rank, ranks_per_node)
+    grads, dispatched = {}, {}
+    for mode in ("none", "full"):
+        copied = copy.deepcopy(model)
+        parallelize_experts(copied, groups, "hierarchical")
+        set_recompute(copied, mode)
+        logits = copied(tokens[rank]).logits
+        (logits * torch.linspace(-1, 1, logits.shape[-1])).sum().backward()
+        grads[mode] = {name: p.grad for name, p in copied.named_parameters() if p.grad is not None}
+        dispatched[mode] = [moe.experts.traffic.tokens for moe in copied.moe_layers()]
+    same = grads["none"].keys() == grads["full"].keys() and all(
+        torch.equal(grads["none"][name], grads["full"][name]) for name in grads["none"])
+    return to_bytes((same, len(grads["none"]), [f / n for f, n in zip(dispatched["full"], dispatched["none"])]))
+
+
+def test_full_recompute_repeats_the_exchanges_bitwise():
+    """memory.recompute=full rebuilds each block in backward, its dispatch and combine included (collectives
+    inside the recomputation, the dispatch's gradients overlapping the shared experts): 4 ranks on 2 nodes,
+    hierarchical, every gradient equal to the bit to that of storing everything."""
+    model = random_model(WIDE_CFG, seed=5)
+    tokens = [torch.randint(0, WIDE_CFG.vocab_size, (2, 8)) for _ in range(4)]
+    results = [from_bytes(r) for r in run_ranks(_recompute_rank, 4, model, tokens, 2)]
+    reference = copy.deepcopy(model)  # which parameters the loss reaches (not MTP's: only the main logits)
+    reference(tokens[0]).logits.sum().backward()
+    reached = sum(p.grad is not None for p in reference.parameters())
+    # full: each main block's dispatch ran again in backward; the MTP block's gets no gradient from this loss
+    main = sum(isinstance(block.ffn, MoE) for block in model.layers)
+    assert main == 2 and len(model.moe_layers()) == 3
+    assert reached > 30 and results == [(True, reached, [2.0, 2.0, 1.0])] * 4
 
 
 # --------------------------------------------------------------------------------------------------
