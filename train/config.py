@@ -59,7 +59,7 @@ class ModelConfig:
     mscale_all_dim: float = 1.0  # YaRN: softmax scale times mscale(s, mscale_all_dim)^2
     norm_eps: float = 1e-6  # RMSNorm epsilon
     init_std: float = 0.006  # normal init of every matrix (report: 0.006)
-    expert_impl: str = "auto"  # auto | loop | loop_padded | grouped_mm  (grouped_mm needs CUDA)
+    expert_impl: str = "auto"  # auto | loop | loop_padded (auto: half precision on a CPU) | grouped_mm (auto: BF16 on CUDA)
 
 
 @dataclass
