@@ -6,10 +6,10 @@ Same weights and tokens. The check routes them alike for all (our gate on random
 rounds give each implementation, in each round, the routing of other hidden states, so the experts' row
 counts change as they do from step to step and no implementation meets shapes another has just met (on
 the CPU, oneDNN's half-precision GEMMs build a kernel per new shape and cache it); the total of rows, and
-so the FLOPs, are the same for all. Forward + backward of ``out.sum()``. Rounds alternate between the implementations and the median is
-reported. Checked in the same run: outputs, input gradients and weight gradients of each implementation
-against the loop's, relative (Frobenius) difference within 1e-5 in fp32 (only the summation order differs)
-and 2e-2 in bf16.
+so the FLOPs, are the same for all. Forward + backward of ``out.sum()``. Rounds alternate between the
+implementations and the median is reported. Checked in the same run: outputs, input gradients and weight
+gradients of each implementation against the loop's, relative (Frobenius) difference within 1e-5 in fp32
+(only the summation order differs) and 2e-2 in bf16.
 
 ``model.expert_impl`` options timed: ``loop`` (the sorted slices; what ``auto`` runs on CPUs in fp32) and
 ``loop_padded`` (each expert's rows rounded up to a multiple of 32: what ``auto`` runs in half precision

@@ -247,19 +247,19 @@ def expert_ffn_loop(x_sorted: Tensor, counts: list[int], w1: Tensor, w2: Tensor,
 PADDED_ROWS = 32  # expert_ffn_padded's row multiple: 16, 32 and 64 measured alike (docs/perf.md)
 
 
-def expert_ffn_padded(x_sorted: Tensor, counts: list[int], w1: Tensor, w2: Tensor, w3: Tensor, weights: Tensor,
+def expert_ffn_padded(x_sorted: Tensor, counts: Tensor, w1: Tensor, w2: Tensor, w3: Tensor, weights: Tensor,
                       multiple: int) -> Tensor:
     """``expert_ffn_loop`` with each expert's rows followed by zero rows up to a multiple of ``multiple``.
 
-    For the CPU in BF16: oneDNN builds a kernel for each new GEMM shape (~0.6 ms on 2 cores, ten times a
+    For the CPU in BF16: oneDNN builds a kernel for each new GEMM shape (0.7-1.0 ms on 2 cores, ten times a
     256x256x128 product), and the experts' row counts change every step; rounded counts recur, so its
     kernel cache serves them. A zero row computes zeros and adds nothing to any weight's gradient."""
-    padded = [-(-c // multiple) * multiple for c in counts]
-    where = rows_in_padded_layout(torch.tensor(counts, device=x_sorted.device),
-                                  torch.tensor([0, *padded], device=x_sorted.device).cumsum(0), x_sorted.shape[0])
-    x_padded = x_sorted.new_zeros(sum(padded), x_sorted.shape[1]).index_copy(0, where, x_sorted)
-    weights_padded = weights.new_zeros(sum(padded)).index_copy(0, where, weights)
-    return expert_ffn_loop(x_padded, padded, w1, w2, w3, weights_padded).index_select(0, where)
+    padded = (counts + multiple - 1) // multiple * multiple
+    where = rows_in_padded_layout(counts, torch.cat([padded.new_zeros(1), padded.cumsum(0)]), x_sorted.shape[0])
+    sizes = padded.tolist()
+    x_padded = x_sorted.new_zeros(sum(sizes), x_sorted.shape[1]).index_copy(0, where, x_sorted)
+    weights_padded = weights.new_zeros(sum(sizes)).index_copy(0, where, weights)
+    return expert_ffn_loop(x_padded, sizes, w1, w2, w3, weights_padded).index_select(0, where)
 
 
 def expert_ffn_grouped(x_sorted: Tensor, counts: Tensor, w1: Tensor, w2: Tensor, w3: Tensor,
@@ -296,7 +296,7 @@ class RoutedExperts(nn.Module):
         if self.use_grouped_mm(x_sorted):
             return expert_ffn_grouped(x_sorted, counts, w1, w2, w3, weights)
         if self.use_padded_rows(x_sorted):
-            return expert_ffn_padded(x_sorted, counts.tolist(), w1, w2, w3, weights, PADDED_ROWS)
+            return expert_ffn_padded(x_sorted, counts, w1, w2, w3, weights, PADDED_ROWS)
         return expert_ffn_loop(x_sorted, counts.tolist(), w1, w2, w3, weights)
 
     def use_grouped_mm(self, x: Tensor) -> bool:

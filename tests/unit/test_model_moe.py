@@ -215,7 +215,8 @@ def test_padded_rows_change_nothing_but_the_shapes():
         for t in inputs:
             t.grad = None
         with contextlib.nullcontext() if fn is expert_ffn_loop else _RecordMatmulRows(shapes):
-            out = fn(x, counts, w1, w2, w3, weights, *([m] if fn is expert_ffn_padded else []))
+            out = (expert_ffn_loop(x, counts, w1, w2, w3, weights) if fn is expert_ffn_loop
+                   else expert_ffn_padded(x, torch.tensor(counts), w1, w2, w3, weights, m))
         out.backward(grad)
         results.append([out.detach(), *(t.grad for t in inputs)])
     for name, got, want in zip(["out", "x", "weights", "w1", "w2", "w3"], results[1], results[0]):
