@@ -145,6 +145,10 @@ class LoggingConfig:
     expert_load_every: int = 10  # log the full layers x experts load matrix every N steps (for the heatmap)
     dead_expert_window: int = 100  # warn about an expert that received no token for N steps in a row
     peak_tflops: float = 0.0  # dense BF16 peak per device for the MFU metric (0: known GPUs looked up, else no MFU)
+    # torch.profiler over these optimizer steps ([5,6]: one window), trace and table in RUN_DIR/profile (train/profiling.py)
+    profile_steps: list[int] = field(default_factory=list)
+    profile_ranks: list[int] = field(default_factory=list)  # the ranks that profile ([]: all)
+    profile_memory: bool = False  # the profiler also records allocations and input shapes (slower, larger traces)
 
 
 @dataclass
@@ -299,6 +303,10 @@ def validate(cfg: Config, world_size: int = 1) -> Config:
              "(0: look the GPU up)")
     for name in ("plot_every", "expert_load_every", "dead_expert_window"):
         _require(getattr(cfg.logging, name) >= 0, f"logging.{name} ({getattr(cfg.logging, name)}) must be >= 0")
+    _require(all(s >= 1 for s in cfg.logging.profile_steps),
+             f"logging.profile_steps ({list(cfg.logging.profile_steps)}) must be optimizer steps >= 1")
+    _require(all(r >= 0 for r in cfg.logging.profile_ranks),
+             f"logging.profile_ranks ({list(cfg.logging.profile_ranks)}) must be ranks >= 0")
     _require(cfg.checkpoint.verify in ("full", "size", "none"),
              f"checkpoint.verify ({cfg.checkpoint.verify!r}) must be full, size or none")
     _require(t.max_bad_steps >= 1, f"train.max_bad_steps ({t.max_bad_steps}) must be >= 1")

@@ -38,6 +38,7 @@ from train.model import Transformer, count_parameters, set_recompute
 from train.observe import DeadExpertMonitor, moe_layer_ids, moe_layer_ids_from_names, moe_metrics
 from train.plan import check_plan
 from train.preempt import StopRequest
+from train.profiling import StepProfiler
 from train.runtime import (Runtime, all_reduce_max, all_reduce_sum, autocast, available_memory_bytes,
                            choose_device, one_weight_cast_per_step, peak_memory_gib, release_process_groups,
                            rng_states, set_rng_states, setup_runtime)
@@ -233,9 +234,12 @@ def _train(cfg: Config, runtime: Runtime, model: Transformer, log: MetricsLogger
     state.last_saved = state.step
     history: list[dict[str, Any]] = []
     hooks = hooks or TrainHooks()
+    profiler = StepProfiler(cfg.logging.profile_steps, cfg.run.dir, runtime.rank, runtime.device,
+                            cfg.logging.profile_ranks, cfg.logging.profile_memory)
     try:
         with StopRequest() as stop:
             while not _finished(cfg, state.step, state.tokens):
+                profiler.before_step(state.step + 1)
                 t0 = time.perf_counter()
                 lr = schedules.learning_rate(state.step, state.tokens, cfg.optim)
                 batch = schedules.batch_size(state.tokens, cfg.train, quantum)
@@ -301,6 +305,8 @@ def _train(cfg: Config, runtime: Runtime, model: Transformer, log: MetricsLogger
                 if peak is not None:
                     record["mfu"] = model_flops_utilization(cfg.model, cfg.train.seq_len, record["tokens_per_s"],
                                                             peak, layout.world_size)
+                if profiler.profiling(state.step):
+                    record["profiled"] = True  # slower by the profiler's own cost
                 if ema is not None:
                     record["ema_update_s"] = ema_wait  # time the step spent on the EMA (the blend runs behind it)
                 if traffic:
@@ -314,6 +320,9 @@ def _train(cfg: Config, runtime: Runtime, model: Transformer, log: MetricsLogger
                     log.info(f"warning: {line}")
                 history.append(record)
                 log.step(record)
+                for path in profiler.after_step(state.step):
+                    if path.suffix == ".txt" and runtime.is_main:
+                        log.info(f"profile of steps {path.parent.name.removeprefix('steps_')}: {path.parent}")
                 if verdict.reason:
                     log.info(verdict_line(verdict, record, cfg))
 
@@ -340,6 +349,7 @@ def _train(cfg: Config, runtime: Runtime, model: Transformer, log: MetricsLogger
                              "run the same command to resume")
                     break
     finally:
+        profiler.close()  # a window the loop ended inside (train.steps reached, a stop, an error)
         writer.close()  # waits for (and publishes) a checkpoint still being written in the background
     if ema is not None:
         ema.close()

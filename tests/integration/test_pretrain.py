@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gzip
+import json
 import os
 import signal
 import subprocess
@@ -23,7 +25,7 @@ pytestmark = pytest.mark.slow
 def test_tiny_run_learns_and_writes_its_outputs(tmp_path, data_cache):
     run_dir = tmp_path / "run"
     result = run_pretrain(run_dir, data_cache, "train.steps=40", "checkpoint.every=20", "logging.wandb=offline",
-                          "logging.peak_tflops=0.5")
+                          "logging.peak_tflops=0.5", "logging.profile_steps=[3,4]")
     assert result.returncode == 0, failure_report(result)
     metrics = read_metrics(run_dir)
     assert [m["step"] for m in metrics] == list(range(1, 41))
@@ -45,6 +47,15 @@ def test_tiny_run_learns_and_writes_its_outputs(tmp_path, data_cache):
     assert [p.name for p in checkpoint.list_checkpoints(run_dir)] == ["step_00000020", "step_00000040"]
     assert list((run_dir / "wandb").glob("offline-run-*")), "wandb offline run missing"
     assert "step     40" in result.stdout and "| mfu " in result.stdout and " GiB" in result.stdout
+    # logging.profile_steps: one window over steps 3-4, its trace and table, those steps' records marked
+    profiled = run_dir / "profile" / "steps_3-4"
+    assert sorted(p.name for p in (run_dir / "profile").iterdir()) == ["steps_3-4"]
+    with gzip.open(profiled / "rank0.trace.json.gz", "rt") as f:
+        names = {event.get("name") for event in json.load(f)["traceEvents"]}
+    assert {"aten::mm", "Optimizer.step#AdamW.step"} <= names  # the forward/backward and the update are in it
+    assert "aten::mm" in (profiled / "rank0.txt").read_text()
+    assert [m["step"] for m in metrics if m.get("profiled")] == [3, 4]
+    assert f"profile of steps 3-4: {profiled}" in result.stdout
     # on a CPU the process's peak resident set: more than the weights and data, never falling
     peaks = [m["memory_gib"] for m in metrics]
     assert 0.05 < peaks[0] < 16 and peaks == sorted(peaks), peaks
