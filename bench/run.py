@@ -409,12 +409,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--verbose", "-v", action="store_true", help="show each benchmark's own output")
     ap.add_argument("--perturb", type=float, default=0.0, metavar="P",
                     help="scale our compared outputs by 1 + P before each check (to see the checks fail)")
+    ap.add_argument("--allocator", choices=["keep", "default"], default="keep",
+                    help="keep: glibc's malloc keeps freed memory, as the trainer sets it on the CPU "
+                         "(train.keep_freed_memory; both sides of every comparison run under it)")
     args = ap.parse_args(argv)
     unknown = [n for n in args.names if n not in BENCHMARKS]
     if unknown:
         ap.error(f"unknown benchmark(s) {', '.join(unknown)}; choose from {', '.join(BENCHMARKS)}")
     if args.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: no CUDA device here")
+    if args.allocator == "keep":
+        from train.runtime import keep_freed_host_memory
+
+        keep_freed_host_memory()
     opt = Options(quick=args.quick, device=args.device, perturb=args.perturb)
     rows: list[Row] = []
     for name in args.names or list(BENCHMARKS):
@@ -424,7 +431,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"--- output of {name} ---\n{output.rstrip()}\n---", file=sys.stderr)
     table = format_table(rows)
     device = device_description(args.device)
-    print(f"{device}; {'quick' if args.quick else 'full'} sizes\n{table}")
+    print(f"{device}; {'quick' if args.quick else 'full'} sizes; allocator {args.allocator}\n{table}")
     failed = list(dict.fromkeys(r.benchmark for r in rows if not r.check.passed))
     if args.record:
         record(table, shlex.join(["python", "-m", "bench", *argv]), device)

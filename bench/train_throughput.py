@@ -8,6 +8,7 @@ MTP layers; `--mtp` adds it to ours). Rounds alternate between the two so that m
 both alike; the median step time is reported.
 
     python bench/train_throughput.py                    # CPU, fp32
+    python bench/train_throughput.py --allocator default  # glibc's own malloc (HF pays page faults)
     python bench/train_throughput.py --device cuda      # bf16 autocast, grouped GEMM experts
 """
 
@@ -29,6 +30,7 @@ from train.hf import config_to_hf, to_hf_fused_experts, to_hf_state_dict
 from train.losses import cross_entropy, cross_entropy_reference
 from train.model import Transformer, count_parameters
 from train.optim import build_optimizer
+from train.runtime import keep_freed_host_memory
 
 BENCH_MODEL = ModelConfig(
     vocab_size=8192, dim=256, inter_dim=768, moe_inter_dim=128, n_layers=4, n_dense_layers=1, n_heads=8,
@@ -176,8 +178,14 @@ def main() -> None:
                         help="comma list of HF experts implementations to time: default,eager,batched_mm,grouped_mm")
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                         help="both models' autocast dtype (auto: bf16 on CUDA, fp32 on the CPU)")
+    parser.add_argument("--allocator", choices=["keep", "default"], default="keep",
+                        help="keep: glibc's malloc keeps freed memory for both models, as our trainer sets it on "
+                             "the CPU (train.keep_freed_memory); default: glibc's own, whose page faults cost "
+                             "HF's large temporaries far more than ours (docs/perf.md)")
     args = parser.parse_args()
 
+    if args.allocator == "keep":
+        keep_freed_host_memory()
     device = torch.device(args.device)
     cfg = BENCH_MODEL if args.shape == "bench" else SMALL_MODEL
     result = compare(cfg, device, args.batch, args.seq, args.rounds, args.steps_per_round, args.hf_experts.split(","),
@@ -185,7 +193,8 @@ def main() -> None:
                      dtype=None if args.dtype == "auto" else getattr(torch, args.dtype))
     counts = count_parameters(cfg)
     print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}), "
-          f"threads {torch.get_num_threads()}, dtype {result.dtype}, torch {torch.__version__}")
+          f"threads {torch.get_num_threads()}, dtype {result.dtype}, torch {torch.__version__}, "
+          f"allocator {args.allocator}")
     print(f"model: {counts.total / 1e6:.1f}M params ({counts.active / 1e6:.1f}M active), {cfg.n_layers} layers, "
           f"{cfg.n_routed_experts} experts top-{cfg.n_activated_experts}; batch {args.batch} x seq {args.seq}"
           f"{' ; ours with MTP' if args.mtp else ''}{' ; compiled' if args.compile else ''}")

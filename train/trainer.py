@@ -40,8 +40,8 @@ from train.plan import check_plan
 from train.preempt import StopRequest
 from train.profiling import StepProfiler
 from train.runtime import (Runtime, all_reduce_max, all_reduce_sum, autocast, available_memory_bytes,
-                           choose_device, one_weight_cast_per_step, peak_memory_gib, release_process_groups,
-                           rng_states, set_rng_states, setup_runtime)
+                           choose_device, keep_freed_host_memory, one_weight_cast_per_step, peak_memory_gib,
+                           release_process_groups, rng_states, set_rng_states, setup_runtime)
 from train.step_stats import (gather_stages, max_violation_over_stages, merged_monitor_state, traffic_totals,
                               verdict_line)
 
@@ -99,6 +99,8 @@ def _set_up_and_train(cfg: Config, log: MetricsLogger, hooks: TrainHooks | None)
     set_recompute(model, cfg.memory.recompute)
     print_model_summary(model, log)
     device = choose_device(cfg)
+    if device.type == "cpu" and cfg.train.keep_freed_memory:
+        keep_freed_host_memory()  # a process-wide malloc setting, made before the model's memory is allocated
     local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     per_process = available_memory_bytes(device) // (local if device.type == "cpu" else 1)  # CPU RAM is shared
     check_plan(cfg, world_size, per_process, device=device.type, ranks_per_node=cfg.parallel.ranks_per_node or local)
