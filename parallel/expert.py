@@ -48,7 +48,7 @@ from torch import Tensor
 from parallel.mesh import ProcessGroups
 from train.config import ModelConfig
 from train.model import RoutedExperts, Routing, Transformer, count_per_expert
-from train.ops import cast_weight, combine_rows, swiglu
+from train.ops import cast_weight, combine_rows, gather_rows, swiglu
 
 DISPATCH_MODES = ("flat", "hierarchical")
 
@@ -610,7 +610,7 @@ class ExpertParallelExperts(RoutedExperts):
         order = expert.argsort(stable=True)
         row_of, k_of = row[order], k[order]
         counts = count_per_expert(expert, self.n_local_experts)
-        x_sorted, weights = x[row_of], tokens.weights[row_of, k_of]
+        x_sorted, weights = gather_rows(x, row_of), tokens.weights[row_of, k_of]
         if row_of.numel() == 0:
             # no token for any local expert: an empty product still gives every weight a (zero) gradient
             w1, w2, w3 = (cast_weight(w, x.dtype) for w in (self.w1, self.w2, self.w3))

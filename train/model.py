@@ -21,8 +21,8 @@ from torch.utils.checkpoint import checkpoint
 
 from train.config import ModelConfig
 from train.losses import head_cross_entropy
-from train.ops import (cast_weight, combine_rows, embedding, gate_scores, rms_norm, rows_in_padded_layout, swiglu,
-                       to_compute_dtype)
+from train.ops import (cast_weight, combine_rows, embedding, gate_scores, gather_rows, rms_norm, rows_in_padded_layout,
+                       swiglu, to_compute_dtype)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -319,7 +319,7 @@ class RoutedExperts(nn.Module):
         order = flat_experts.argsort(stable=True)
         token_of = order // topk
         counts = count_per_expert(flat_experts, self.n_experts)
-        out = self.ffn(x[token_of], counts, routing.weights.flatten()[order])
+        out = self.ffn(gather_rows(x, token_of), counts, routing.weights.flatten()[order])
         return combine_rows(out, token_of, x.shape[0])
 
     def forward_beside(self, x: Tensor, routing: Routing, beside: Callable[[], Tensor | None]

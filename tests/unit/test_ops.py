@@ -4,7 +4,8 @@ Forward outputs must be bit-identical (same kernels on the same inputs). SwiGLU'
 same kernels as autograd on the reference, so its gradients are bit-identical too; RMSNorm's and the
 weighted SwiGLU's backward are written out, so their gradients agree to FP32 rounding (rtol 1e-5 in
 FP32; one BF16 ulp, 2^-8, where the gradient is returned in BF16), and gradcheck in float64 checks
-each against finite differences. Each keeps only its inputs for backward (the combine only its index).
+each against finite differences. Each keeps only its inputs for backward (the combine and the gather of
+rows only their index).
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ import pytest
 import torch
 
 from train.memory import saved_activation_bytes
-from train.ops import (combine_rows, combine_rows_reference, rms_norm, rms_norm_reference, swiglu, swiglu_reference,
-                       to_compute_dtype)
+from train.ops import (combine_rows, combine_rows_reference, gather_rows, rms_norm, rms_norm_reference, swiglu,
+                       swiglu_reference, to_compute_dtype)
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -96,6 +97,45 @@ def test_combine_rows_matches_the_reference_bit_for_bit(dtype):
     assert torch.equal(ours, ref) and torch.equal(ours_grad, ref_grad)
 
 
+def routing_like_index(tokens: int, topk: int, experts: int) -> torch.Tensor:
+    """Each token topk times, in expert order (as RoutedExperts gathers them): repeated, unsorted rows."""
+    order = torch.randint(0, experts, (tokens * topk,)).argsort(stable=True)
+    return order // topk
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gather_rows_is_indexing_with_an_index_add_backward(dtype):
+    torch.manual_seed(0)
+    x = torch.randn(24, 16).to(dtype)
+    index = routing_like_index(24, 4, 6)
+    grad_out = torch.randn(96, 16).to(dtype)
+    ours, (ours_grad,) = grads(lambda a: gather_rows(a, index), x, grad_out=grad_out)
+    ref, (ref_grad,) = grads(lambda a: a[index], x, grad_out=grad_out)
+    assert torch.equal(ours, ref)
+    assert torch.equal(ours_grad, torch.zeros_like(x).index_add_(0, index, grad_out))
+    # each row's 4 gradients summed: to rounding of the exact sum, at least as close as autograd's scatter
+    # (which in BF16 rounds after each addition; index_add_ adds in FP32 and rounds once)
+    exact = torch.zeros(24, 16, dtype=torch.float64).index_add_(0, index, grad_out.double())
+    torch.testing.assert_close(ours_grad.double(), exact, **tolerance(dtype))
+    assert (ours_grad.double() - exact).abs().max() <= (ref_grad.double() - exact).abs().max()
+
+
+def test_gather_rows_backward_is_the_same_every_run_with_threads():
+    """With 2 threads autograd's scatter for x[index] adds a row's gradients in a varying order (the bits of
+    the model's gradients then differ from run to run); gather_rows' backward gives the same bits each time."""
+    torch.manual_seed(0)
+    index = routing_like_index(2048, 4, 32)
+    grad_out = torch.randn(8192, 256)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        runs = [grads(lambda a: gather_rows(a, index), torch.randn(2048, 256), grad_out=grad_out)[1][0]
+                for _ in range(5)]
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(runs[0], r) for r in runs[1:])
+
+
 def test_each_keeps_only_its_inputs():
     """Saved bytes: RMSNorm x and one FP32 1/rms per row; SwiGLU gate and up (and the weights); the
     combine its index. The references keep FP32 copies and outputs besides."""
@@ -116,6 +156,7 @@ def test_each_keeps_only_its_inputs():
     index = torch.randint(0, 8, (64,))
     assert saved_activation_bytes(holder, lambda: combine_rows(x, index, 8))[0] == 64 * 8
     assert saved_activation_bytes(holder, lambda: combine_rows_reference(x, index, x.new_zeros(8, 32)))[0] > 64 * 8
+    assert saved_activation_bytes(holder, lambda: gather_rows(x, index))[0] == 64 * 8  # the gather: its index
 
 
 def test_to_compute_dtype_follows_autocast():
