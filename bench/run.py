@@ -434,7 +434,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{device}; {'quick' if args.quick else 'full'} sizes; allocator {args.allocator}\n{table}")
     failed = list(dict.fromkeys(r.benchmark for r in rows if not r.check.passed))
     if args.record:
-        record(table, shlex.join(["python", "-m", "bench", *argv]), device)
+        record(table, shlex.join(["python", "-m", "bench", *argv]), f"{device}; allocator {args.allocator}")
         print(f"appended to {PERF_MD.relative_to(ROOT)}")
     if failed:
         print(f"FAILED: {len(failed)} check(s): {', '.join(failed)}", file=sys.stderr)
