@@ -59,10 +59,15 @@ class _CrossEntropy(torch.autograd.Function):
         out = torch.empty_like(logits)
         minus_one = torch.full((min(rows, n), 1), -1.0, device=logits.device)
         for start in range(0, n, rows):
-            probs = (logits[start:start + rows].float() - lse[start:start + rows, None]).exp_()  # never in place:
-            # .float() of FP32 logits is the saved tensor itself
-            probs.scatter_add_(1, targets[start:start + rows, None], minus_one[:probs.shape[0]])
-            out[start:start + rows] = probs.mul_(scale)
+            chunk = slice(start, start + rows)
+            if logits.dtype == torch.float32:  # computed in the gradient's own rows (never in the saved logits)
+                probs = torch.sub(logits[chunk], lse[chunk, None], out=out[chunk]).exp_()
+            else:  # FP32 math on a chunk-sized temporary, rounded into the gradient
+                probs = (logits[chunk].float() - lse[chunk, None]).exp_()
+            probs.scatter_add_(1, targets[chunk, None], minus_one[:probs.shape[0]])
+            probs.mul_(scale)
+            if probs.data_ptr() != out[chunk].data_ptr():
+                out[chunk] = probs
         return out, None
 
 
