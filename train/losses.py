@@ -60,14 +60,13 @@ class _CrossEntropy(torch.autograd.Function):
         minus_one = torch.full((min(rows, n), 1), -1.0, device=logits.device)
         for start in range(0, n, rows):
             chunk = slice(start, start + rows)
-            if logits.dtype == torch.float32:  # computed in the gradient's own rows (never in the saved logits)
-                probs = torch.sub(logits[chunk], lse[chunk, None], out=out[chunk]).exp_()
-            else:  # FP32 math on a chunk-sized temporary, rounded into the gradient
-                probs = (logits[chunk].float() - lse[chunk, None]).exp_()
+            in_place = logits.dtype == torch.float32  # computed in the gradient's own rows (never in the logits)
+            probs = out[chunk] if in_place else torch.empty_like(logits[chunk], dtype=torch.float32)
+            torch.sub(logits[chunk], lse[chunk, None], out=probs).exp_()  # FP32 math (a temporary for BF16)
             probs.scatter_add_(1, targets[chunk, None], minus_one[:probs.shape[0]])
             probs.mul_(scale)
-            if probs.data_ptr() != out[chunk].data_ptr():
-                out[chunk] = probs
+            if not in_place:
+                out[chunk] = probs  # rounded into the gradient's dtype
         return out, None
 
 

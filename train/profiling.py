@@ -45,7 +45,6 @@ class StepProfiler:
         self.record_memory = record_memory
         self._active: profile | None = None
         self._window: tuple[int, int] | None = None
-        self.written: list[Path] = []  # the files of the windows closed so far
 
     def profiling(self, step: int) -> bool:
         """Whether ``step`` (1-based, the step about to run or just run) is inside a window."""
@@ -67,8 +66,8 @@ class StepProfiler:
         self._active.start()
 
     def after_step(self, step: int) -> list[Path]:
-        """Called once the step's metrics are logged; closes the window at its last step (or at ``step``
-        past it, after a rollback) and returns the files written."""
+        """Called once the step's metrics are logged; after the window's last step, closes it and returns the
+        files written (else [])."""
         if self._active is None or self._window is None or step < self._window[1]:
             return []
         return self.close()
@@ -88,5 +87,4 @@ class StepProfiler:
         table = prof.key_averages(group_by_input_shape=self.record_memory).table(sort_by=sort, row_limit=TABLE_ROWS)
         text = out / f"rank{self.rank}.txt"
         text.write_text(f"steps {first}-{last}, rank {self.rank}, {self.device}, sorted by {sort}\n{table}\n")
-        self.written += [trace, text]
         return [trace, text]
