@@ -78,12 +78,14 @@ class StepProfiler:
             return []
         prof, (first, last) = self._active, self._window
         self._active, self._window = None, None
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # the window's last kernels finish inside it
         prof.stop()
         out = self.run_dir / "profile" / f"steps_{first}-{last}"
         out.mkdir(parents=True, exist_ok=True)
         trace = out / f"rank{self.rank}.trace.json.gz"
         prof.export_chrome_trace(str(trace))
-        sort = "self_cuda_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
+        sort = "self_device_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
         table = prof.key_averages(group_by_input_shape=self.record_memory).table(sort_by=sort, row_limit=TABLE_ROWS)
         text = out / f"rank{self.rank}.txt"
         text.write_text(f"steps {first}-{last}, rank {self.rank}, {self.device}, sorted by {sort}\n{table}\n")
