@@ -56,6 +56,8 @@ from pathlib import Path
 
 import torch
 
+from bench import add_allocator_option, use_allocator
+
 ROOT = Path(__file__).resolve().parents[1]
 PERF_MD = ROOT / "docs" / "perf.md"
 
@@ -409,19 +411,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--verbose", "-v", action="store_true", help="show each benchmark's own output")
     ap.add_argument("--perturb", type=float, default=0.0, metavar="P",
                     help="scale our compared outputs by 1 + P before each check (to see the checks fail)")
-    ap.add_argument("--allocator", choices=["keep", "default"], default="keep",
-                    help="keep: glibc's malloc keeps freed memory, as the trainer sets it on the CPU "
-                         "(train.keep_freed_memory; both sides of every comparison run under it)")
+    add_allocator_option(ap)
     args = ap.parse_args(argv)
     unknown = [n for n in args.names if n not in BENCHMARKS]
     if unknown:
         ap.error(f"unknown benchmark(s) {', '.join(unknown)}; choose from {', '.join(BENCHMARKS)}")
     if args.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: no CUDA device here")
-    if args.allocator == "keep":
-        from train.runtime import keep_freed_host_memory
-
-        keep_freed_host_memory()
+    use_allocator(args.allocator)
     opt = Options(quick=args.quick, device=args.device, perturb=args.perturb)
     rows: list[Row] = []
     for name in args.names or list(BENCHMARKS):

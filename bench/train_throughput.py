@@ -18,19 +18,23 @@ import argparse
 import copy
 import dataclasses
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script: find bench.*
+
+from bench import add_allocator_option, use_allocator  # noqa: E402
 from train.compile import compile_model
 from train.config import ModelConfig, OptimConfig
 from train.hf import config_to_hf, to_hf_fused_experts, to_hf_state_dict
 from train.losses import cross_entropy, cross_entropy_reference
 from train.model import Transformer, count_parameters
 from train.optim import build_optimizer
-from train.runtime import keep_freed_host_memory
 
 BENCH_MODEL = ModelConfig(
     vocab_size=8192, dim=256, inter_dim=768, moe_inter_dim=128, n_layers=4, n_dense_layers=1, n_heads=8,
@@ -178,14 +182,10 @@ def main() -> None:
                         help="comma list of HF experts implementations to time: default,eager,batched_mm,grouped_mm")
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                         help="both models' autocast dtype (auto: bf16 on CUDA, fp32 on the CPU)")
-    parser.add_argument("--allocator", choices=["keep", "default"], default="keep",
-                        help="keep: glibc's malloc keeps freed memory for both models, as our trainer sets it on "
-                             "the CPU (train.keep_freed_memory); default: glibc's own, whose page faults cost "
-                             "HF's large temporaries far more than ours (docs/perf.md)")
+    add_allocator_option(parser)
     args = parser.parse_args()
 
-    if args.allocator == "keep":
-        keep_freed_host_memory()
+    use_allocator(args.allocator)
     device = torch.device(args.device)
     cfg = BENCH_MODEL if args.shape == "bench" else SMALL_MODEL
     result = compare(cfg, device, args.batch, args.seq, args.rounds, args.steps_per_round, args.hf_experts.split(","),
